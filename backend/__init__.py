@@ -1,0 +1,42 @@
+"""corral's backend: the model manager, usable from scripts, notebooks, the console and the server.
+
+    from corral.backend import LocalBackend
+    with LocalBackend() as backend:
+        print(backend.sync.text("gemma-3-270m", "Once upon a time", max_tokens=40))
+
+Names are imported on first use, so `import corral.backend.events` (the console does) never
+loads llama.cpp; only a backend that runs models does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+# A library does not print: without this, llama.cpp warnings routed into logging would reach
+# the terminal through logging's last-resort handler and corrupt the console.
+logging.getLogger("corral").addHandler(logging.NullHandler())
+
+_EXPORTS = {
+    "Backend": "api", "LocalBackend": "api", "SyncBackend": "api",
+    "Settings": "config", "load_settings": "config",
+    "Chunk": "generation", "RequestStats": "generation", "SamplingParams": "generation",
+    "CorralError": "errors", "Event": "events", "ModelInfo": "snapshot", "Status": "snapshot",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+if TYPE_CHECKING:
+    from .api import Backend, LocalBackend, SyncBackend
+    from .config import Settings, load_settings
+    from .errors import CorralError
+    from .events import Event
+    from .generation import Chunk, RequestStats, SamplingParams
+    from .snapshot import ModelInfo, Status

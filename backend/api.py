@@ -1,0 +1,263 @@
+"""The Backend protocol: the one interface the console, the server and notebooks use.
+
+`LocalBackend` runs the model manager in-process on a loop of its own, in a background
+thread. Callers on any loop (Textual's, uvicorn's, Jupyter's) await its methods; scripts use
+`backend.sync`. Manager work therefore never competes with a UI loop, and a notebook can block
+on a call without deadlocking its own loop. Streamed chunks travel from the engine thread
+straight to the caller's loop; only acquire/release cross to the backend loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+import weakref
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+from .config import Settings, load_settings
+from .events import Event, EventBus
+from .generation import Chunk, sampling_params
+from .snapshot import ModelInfo, Status
+from .telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from .manager import Lease, Manager
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every face of corral may do with a backend, local or remote."""
+
+    kind: str  # "local" or "remote"
+    label: str  # shown in the console header: "embedded" or the server URL
+
+    async def models(self) -> list[ModelInfo]: ...
+    async def status(self) -> Status: ...
+    async def load(self, name: str) -> ModelInfo: ...
+    async def evict(self, name: str, *, force: bool = False) -> ModelInfo: ...
+    async def pin(self, name: str, pinned: bool = True) -> ModelInfo: ...
+    def complete(self, model: str, prompt: str, **options: Any) -> AsyncIterator[Chunk]: ...
+    def chat(self, model: str, messages: list[dict[str, Any]], **options: Any) -> AsyncIterator[Chunk]: ...
+    def events(self, after_seq: int | None = None) -> AsyncIterator[Event]: ...
+    async def aclose(self) -> None: ...
+
+
+class LocalBackend:
+    """The in-process backend: a `Manager` on a private event loop thread."""
+
+    kind = "local"
+    label = "embedded"
+
+    def __init__(self, settings: Settings | None = None, *, config_path: str | None = None) -> None:
+        self.settings = settings if settings is not None else load_settings(config_path)
+        self.bus = EventBus()
+        self.telemetry = Telemetry()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="corral-backend", daemon=True)
+        self._thread.start()
+        self.manager: Manager = self._submit(self._create_manager()).result()
+        self._started: Future[None] = self._submit(self.manager.start())
+        self._closed = False
+        self.sync = SyncBackend(self)
+        _live.add(self)
+
+    async def _create_manager(self) -> Manager:
+        from .manager import Manager  # llama.cpp is loaded only by a backend that runs models
+
+        return Manager(self.settings, self.bus)
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the backend loop and await it from whichever loop we are on."""
+        if asyncio.get_running_loop() is self._loop:
+            return await coro
+        return await asyncio.wrap_future(self._submit(coro))
+
+    async def ready(self) -> None:
+        """Wait until the catalog is scanned (preloads go on in the background)."""
+        await asyncio.wrap_future(self._started)
+
+    # -- queries and actions ---------------------------------------------------------------
+
+    async def models(self) -> list[ModelInfo]:
+        await self.ready()
+        return await self._call(_sync_value(self.manager.models))
+
+    async def status(self) -> Status:
+        models = await self.models()
+        host = await asyncio.to_thread(self.telemetry.sample)
+        reserved = await self._call(_sync_value(self.manager.ram_reserved))
+        return Status(tuple(models), host, self.manager.ram_budget, reserved,
+                      self.settings.budgets.max_loaded)
+
+    async def load(self, name: str) -> ModelInfo:
+        await self.ready()
+        return await self._call(self.manager.load(name))
+
+    async def evict(self, name: str, *, force: bool = False) -> ModelInfo:
+        await self.ready()
+        return await self._call(self.manager.evict(name, force=force))
+
+    async def pin(self, name: str, pinned: bool = True) -> ModelInfo:
+        await self.ready()
+        return await self._call(self.manager.pin(name, pinned))
+
+    async def unload_all(self) -> None:
+        await self.ready()
+        await self._call(self.manager.unload_all())
+
+    async def rescan(self) -> list[ModelInfo]:
+        await self.ready()
+        return await self._call(self.manager.rescan())
+
+    # -- generation ------------------------------------------------------------------------
+
+    async def complete(self, model: str, prompt: str, *, request_id: str | None = None,
+                       session_id: str | None = None, keep_alive: float | None = None,
+                       **options: Any) -> AsyncIterator[Chunk]:
+        """Stream a plain-text completion of `prompt` (the model is loaded if needed)."""
+        params = sampling_params(options)
+        async with self._lease(model, keep_alive) as lease:
+            tokens = lease.engine.weights.tokenize(prompt, add_special=True)
+            async for chunk in lease.engine.stream(tokens, params, request_id=request_id,
+                                                   session_id=session_id):
+                yield chunk
+
+    async def chat(self, model: str, messages: list[dict[str, Any]], *, request_id: str | None = None,
+                   session_id: str | None = None, keep_alive: float | None = None,
+                   **options: Any) -> AsyncIterator[Chunk]:
+        """Stream the assistant's reply to `messages`, formatted with the model's chat template."""
+        params = sampling_params(options)
+        async with self._lease(model, keep_alive) as lease:
+            engine = lease.engine
+            assert engine.template is not None
+            prompt = engine.template.render(messages)
+            tokens = engine.weights.tokenize(prompt, add_special=False)
+            async for chunk in engine.stream(tokens, params, request_id=request_id, session_id=session_id):
+                yield chunk
+
+    def _lease(self, model: str, keep_alive: float | None) -> _LeaseScope:
+        return _LeaseScope(self, model, keep_alive)
+
+    def events(self, after_seq: int | None = None) -> AsyncIterator[Event]:
+        return self.bus.subscribe(after_seq)
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        """Unload every model, end event streams and stop the backend thread (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        _live.discard(self)
+        try:
+            self._submit(self.manager.close()).result(timeout=120)
+        finally:
+            self.bus.close()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self.telemetry.close()
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> LocalBackend:
+        await self.ready()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class _LeaseScope:
+    """Acquire on the backend loop; release without awaiting, so a cancelled or abandoned
+    stream still gives its model back."""
+
+    def __init__(self, backend: LocalBackend, model: str, keep_alive: float | None) -> None:
+        self.backend, self.model, self.keep_alive = backend, model, keep_alive
+        self.lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        await self.backend.ready()
+        self.lease = await self.backend._call(self.backend.manager.acquire(self.model, self.keep_alive))
+        return self.lease
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.lease is not None:
+            self.backend._submit(self.backend.manager.release(self.lease))
+
+
+async def _sync_value(fn: Any) -> Any:
+    """Read manager state on its own loop (it is not thread-safe)."""
+    return fn()
+
+
+class SyncBackend:
+    """Blocking twins of LocalBackend's methods for scripts (and notebooks that prefer them)."""
+
+    def __init__(self, backend: LocalBackend) -> None:
+        self._backend = backend
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._backend._submit(coro).result()
+
+    def models(self) -> list[ModelInfo]:
+        return self._run(self._backend.models())
+
+    def status(self) -> Status:
+        return self._run(self._backend.status())
+
+    def load(self, name: str) -> ModelInfo:
+        return self._run(self._backend.load(name))
+
+    def evict(self, name: str, *, force: bool = False) -> ModelInfo:
+        return self._run(self._backend.evict(name, force=force))
+
+    def pin(self, name: str, pinned: bool = True) -> ModelInfo:
+        return self._run(self._backend.pin(name, pinned))
+
+    def complete(self, model: str, prompt: str, **options: Any) -> Iterator[Chunk]:
+        return self._iterate(self._backend.complete(model, prompt, **options))
+
+    def chat(self, model: str, messages: list[dict[str, Any]], **options: Any) -> Iterator[Chunk]:
+        return self._iterate(self._backend.chat(model, messages, **options))
+
+    def text(self, model: str, prompt: str, **options: Any) -> str:
+        """The whole completion as one string."""
+        return "".join(chunk.text for chunk in self.complete(model, prompt, **options))
+
+    def _iterate(self, stream: AsyncIterator[Chunk]) -> Iterator[Chunk]:
+        try:
+            while True:
+                try:
+                    yield self._run(stream.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(stream.aclose())
+
+
+_live: weakref.WeakSet[LocalBackend] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_backends() -> None:
+    """Free llama.cpp contexts before the interpreter tears down the modules they use."""
+    for backend in list(_live):
+        try:
+            backend.close()
+        except Exception:
+            pass

@@ -1,0 +1,210 @@
+"""Typed settings: a TOML file, then CORRAL_* environment variables, then explicit overrides.
+
+Validation errors name the key, the value and the rule (a `ConfigError`), because a person
+editing a file over SSH needs to know exactly which line to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
+_DURATIONS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "ms": 0.001}
+
+
+def parse_bytes(value: Any) -> int:
+    """'8GiB', '512 MB', 1073741824 → bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as '8GiB' or a number of bytes")
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size; use e.g. '8GiB', '512MB' or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_duration(value: Any) -> float:
+    """'5m', '30s', '1h', 90, -1 (forever) → seconds; negative means never expire."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '5m' or seconds")
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*([a-z]*)\s*", str(value).lower())
+    if not match or match.group(2) not in _DURATIONS:
+        raise ValueError(f"{value!r} is not a duration; use e.g. '30s', '5m', '1h' or -1 for forever")
+    return float(match.group(1)) * _DURATIONS[match.group(2)]
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelDefaults(_Strict):
+    """Settings every model gets unless its own entry says otherwise."""
+
+    n_ctx: int = Field(4096, ge=64, le=1 << 20)
+    n_parallel: int = Field(4, ge=1, le=256)
+    n_batch: int = Field(512, ge=1, le=1 << 16)
+    n_threads: int = Field(0, ge=0, le=1024, description="0 = physical cores")
+    n_gpu_layers: int = Field(0, ge=-1)
+    keep_alive: Seconds = 300.0
+    flash_attn: bool = False
+    chat_format: str | None = None
+    max_queue: int = Field(64, ge=0, le=100_000)
+
+
+class ModelConfig(_Strict):
+    """An explicit `[[models]]` entry: a name for a file, and per-model overrides."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    path: Path
+    n_ctx: int | None = Field(None, ge=64, le=1 << 20)
+    n_parallel: int | None = Field(None, ge=1, le=256)
+    n_batch: int | None = Field(None, ge=1, le=1 << 16)
+    n_threads: int | None = Field(None, ge=0, le=1024)
+    n_gpu_layers: int | None = Field(None, ge=-1)
+    keep_alive: Seconds | None = None
+    flash_attn: bool | None = None
+    pinned: bool = False
+    chat_format: str | None = None
+    chat_template: str | None = None
+    max_queue: int | None = Field(None, ge=0, le=100_000)
+
+
+class Budgets(_Strict):
+    max_loaded: int = Field(3, ge=1, le=1000)
+    ram_bytes: Bytes | None = Field(None, ge=0, description="absolute RAM budget; wins over ram_fraction")
+    ram_fraction: float = Field(0.8, gt=0, le=1.0, description="of RAM available at start")
+    drain_timeout: Seconds = Field(30.0, ge=0)
+
+
+class Settings(_Strict):
+    """The whole configuration."""
+
+    model_dirs: list[Path] = Field(default_factory=list)
+    include_default_model: bool = True
+    preload: list[str] = Field(default_factory=list)
+    defaults: ModelDefaults = ModelDefaults()
+    budgets: Budgets = Budgets()
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        seen: set[str] = set()
+        for entry in self.models:
+            if entry.name in seen:
+                raise ValueError(f"models: name {entry.name!r} appears twice; names must be unique")
+            seen.add(entry.name)
+        return self
+
+    def model_config_for(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def effective(self, name: str) -> ModelDefaults:
+        """Defaults with the model's own overrides applied."""
+        entry = self.model_config_for(name)
+        if entry is None:
+            return self.defaults
+        overrides = {k: v for k, v in entry.model_dump().items()
+                     if k in ModelDefaults.model_fields and v is not None}
+        return self.defaults.model_copy(update=overrides)
+
+
+ENV_PREFIX = "CORRAL_"
+_ENV_KEYS = {
+    "MODEL_DIRS": ("model_dirs", lambda v: [p for p in v.split(os.pathsep) if p]),
+    "MAX_LOADED": ("budgets.max_loaded", int),
+    "RAM_BUDGET": ("budgets.ram_bytes", str),
+    "N_CTX": ("defaults.n_ctx", int),
+    "N_PARALLEL": ("defaults.n_parallel", int),
+    "N_THREADS": ("defaults.n_threads", int),
+    "KEEP_ALIVE": ("defaults.keep_alive", str),
+    "PRELOAD": ("preload", lambda v: [p for p in v.split(",") if p]),
+}
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    home = env.get("HOME") or str(Path.home())
+    return Path(env.get("XDG_CONFIG_HOME") or Path(home) / ".config") / "corral" / "config.toml"
+
+
+def load_settings(path: str | os.PathLike | None = None, *, env: dict[str, str] | None = None,
+                  overrides: dict[str, Any] | None = None) -> Settings:
+    """Read the TOML file (if it exists), then environment, then overrides; validate once."""
+    env = dict(os.environ) if env is None else env
+    data: dict[str, Any] = {}
+    explicit = path is not None or f"{ENV_PREFIX}CONFIG" in env
+    file = Path(path or env.get(f"{ENV_PREFIX}CONFIG") or default_config_path(env)).expanduser()
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    elif explicit:
+        raise ConfigError(f"{file}: config file not found; create it or drop --config")
+    from_env: dict[str, str] = {}
+    for key, (dotted, convert) in _ENV_KEYS.items():
+        name = f"{ENV_PREFIX}{key}"
+        if name in env:
+            try:
+                _set_dotted(data, dotted, convert(env[name]))
+            except ValueError:
+                raise ConfigError(f"environment {name}={env[name]!r}: not a valid value for {dotted}") from None
+            from_env[dotted] = f"environment {name}={env[name]!r}"
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return settings_from_dict(data, source=str(file), origins=from_env)
+
+
+def settings_from_dict(data: dict[str, Any], source: str = "config",
+                       origins: Mapping[str, str] | None = None) -> Settings:
+    """Validate `data`; `origins` names where a key came from when not from `source`."""
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_describe(err, source, origins or {}) for err in exc.errors())) from None
+    return _with_paths_expanded(settings)
+
+
+def _with_paths_expanded(settings: Settings) -> Settings:
+    return settings.model_copy(update={
+        "model_dirs": [p.expanduser() for p in settings.model_dirs],
+        "models": [m.model_copy(update={"path": m.path.expanduser()}) for m in settings.models],
+    })
+
+
+def _describe(err: Any, source: str, origins: Mapping[str, str]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    where = origins.get(key, source)
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{where}: {key}: unknown key (check its spelling)"
+    if err["type"] == "missing":
+        return f"{where}: {key}: required"
+    return f"{where}: {key} = {err.get('input')!r}: {message}"
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value

@@ -1,0 +1,572 @@
+"""One loaded model: its weights, a llama.cpp context, and the scheduler thread that owns it.
+
+Weights (`ModelWeights`) are kept apart from contexts (`Engine`) and reference-counted, so a
+later embeddings context or a virtual model can share them without another load.
+
+The scheduler thread drives llama-cpp-python's low-level API: every step it puts the next
+token of every running sequence, plus prompt chunks of newly admitted ones, into one batch,
+decodes once, samples every sequence and hands the results to the consumers' event loops in
+one hop per loop. Requests join between steps and a cancelled request frees its sequence at the
+next step. Nothing here touches an asyncio loop except through `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import ctypes
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import llama_cpp
+import numpy as np
+
+from . import llamalog
+from .chat import ChatTemplate, choose_template
+from .errors import BadRequest, Cancelled, LoadFailed, QueueFull
+from .generation import Chunk, RequestStats, SamplingParams
+from .events import EventBus, RequestFinished, RequestStarted
+
+log = logging.getLogger("corral.engine")
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    """Once per process: our log callback first, then llama.cpp's backend."""
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llamalog.install()
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    n_ctx: int = 4096
+    n_parallel: int = 4
+    n_batch: int = 512
+    n_threads: int = 1
+    flash_attn: bool = False
+    max_queue: int = 64
+
+
+ProgressFn = Callable[[float], None]
+
+
+class ModelWeights:
+    """A loaded `llama_model`, shared by reference count; freed when the last user releases it."""
+
+    def __init__(self, path: str, *, n_gpu_layers: int = 0, progress: ProgressFn | None = None) -> None:
+        _init_backend()
+        self.path = path
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.use_mmap = True
+
+        def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
+            if progress is not None:
+                try:
+                    progress(fraction)
+                except Exception:  # a UI callback must never abort a load
+                    log.exception("load progress callback failed")
+            return True
+
+        callback = llama_cpp.llama_progress_callback(on_progress)
+        params.progress_callback = callback
+        with llamalog.capture() as captured:
+            model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        if not model:
+            lines = captured.problems()
+            detail = "; ".join(lines) if lines else "llama.cpp gave no reason"
+            raise LoadFailed(f"{path}: llama.cpp could not load this file: {detail}")
+        self._model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos = llama_cpp.llama_vocab_eos(self.vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self._refs = 1
+        self._lock = threading.Lock()
+
+    @property
+    def handle(self) -> llama_cpp.llama_model_p:
+        return self._model
+
+    def retain(self) -> ModelWeights:
+        with self._lock:
+            if self._refs <= 0:
+                raise RuntimeError("weights already freed")
+            self._refs += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            free = self._refs == 0
+        if free:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if n < 0:
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def gguf_chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8", errors="replace") if raw else None
+
+    def chat_template(self, architecture: str, *, config_format: str | None = None,
+                      config_template: str | None = None) -> ChatTemplate:
+        special = lambda t: self.piece(t, special=True).decode("utf-8", "replace") if t >= 0 else ""  # noqa: E731
+        return choose_template(
+            gguf_template=self.gguf_chat_template(), architecture=architecture,
+            bos_token=special(self.bos), eos_token=special(self.eos),
+            config_format=config_format, config_template=config_template,
+        )
+
+
+class _Delivery:
+    """Where a request's chunks go: an asyncio queue on the consumer's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Chunk] = asyncio.Queue()
+
+
+@dataclass
+class _Request:
+    id: str
+    session_id: str | None
+    tokens: list[int]
+    params: SamplingParams
+    delivery: _Delivery
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+
+class _Sequence:
+    """A request occupying one llama.cpp sequence id while it runs."""
+
+    def __init__(self, request: _Request, seq_id: int, weights: ModelWeights, n_ctx: int) -> None:
+        self.request = request
+        self.seq_id = seq_id
+        self.n_past = 0  # tokens already in the KV cache
+        self.prompt_pos = 0  # prompt tokens already sent to decode
+        self.last_token: int | None = None
+        self.generated = 0
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.text = ""
+        self.emitted = 0  # chars of self.text already sent
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._weights = weights
+        self.max_tokens = min(request.params.max_tokens, n_ctx - len(request.tokens))
+        params = request.params
+        plain_greedy = params.greedy and params.repeat_penalty == 1.0
+        self.sampler = None if plain_greedy else _make_sampler(params)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prompt_pos < len(self.request.tokens)
+
+    def add_token(self, token: int) -> tuple[str, str | None]:
+        """Append a sampled token; returns (text to emit now, finish reason or None)."""
+        params = self.request.params
+        self.generated += 1
+        self.last_token = token
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if not params.ignore_eos and self._weights.is_eog(token):
+            return self._flush(), "stop"
+        self.text += self._decoder.decode(self._weights.piece(token))
+        if params.stop:
+            hit = _find_stop(self.text, params.stop, max(0, self.emitted - max(map(len, params.stop))))
+            if hit is not None:
+                self.text = self.text[:hit]
+                return self._flush(), "stop"
+        if self.generated >= self.max_tokens:
+            return self._flush(), "length"
+        safe = len(self.text) - _held_back(self.text, params.stop)
+        out = self.text[self.emitted:safe]
+        self.emitted = safe
+        return out, None
+
+    def _flush(self) -> str:
+        self.text += self._decoder.decode(b"", final=True)
+        out = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return out
+
+    def stats(self) -> RequestStats:
+        now = time.perf_counter()
+        return RequestStats(
+            prompt_tokens=len(self.request.tokens),
+            completion_tokens=self.generated,
+            queue_wait_s=self.started - self.request.submitted,
+            ttft_s=None if self.first_token_at is None else self.first_token_at - self.request.submitted,
+            duration_s=now - self.request.submitted,
+        )
+
+    def free(self) -> None:
+        if self.sampler is not None:
+            llama_cpp.llama_sampler_free(self.sampler)
+            self.sampler = None
+
+
+def _make_sampler(params: SamplingParams) -> llama_cpp.llama_sampler_p:
+    """A llama.cpp sampler chain; plain greedy requests skip it (numpy argmax is ~30x cheaper)."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+    if params.repeat_penalty != 1.0:
+        add(llama_cpp.llama_sampler_init_penalties(64, params.repeat_penalty, 0.0, 0.0))
+    if params.greedy:
+        add(llama_cpp.llama_sampler_init_greedy())
+        return chain
+    if params.top_k > 0:
+        add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+    add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0:
+        add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+    add(llama_cpp.llama_sampler_init_temp(params.temperature))
+    seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+    add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    return chain
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[-n:]):
+                longest = n
+                break
+    return longest
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What the engine is doing now: for /api/ps, the console's queue panel and admission."""
+
+    active: int
+    queued: int
+    slots: int
+    oldest_wait_s: float
+    tokens_per_s: float
+
+
+class Engine:
+    """A generation context over `weights` and the one thread allowed to touch it."""
+
+    _ids = itertools.count()
+
+    def __init__(self, weights: ModelWeights, settings: ContextSettings, *, model_name: str,
+                 bus: EventBus | None = None, template: ChatTemplate | None = None) -> None:
+        self.weights = weights.retain()
+        self.settings = settings
+        self.model_name = model_name
+        self.bus = bus
+        self.template = template
+        try:
+            self._ctx = self._new_context(settings)
+        except Exception:
+            self.weights.release()
+            raise
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
+        self._pending: deque[_Request] = deque()
+        self._running: dict[int, _Sequence] = {}
+        self._free_ids = list(range(settings.n_parallel))
+        self._cv = threading.Condition()
+        self._closing = False
+        self._recent_tokens: deque[tuple[float, int]] = deque(maxlen=256)
+        self._thread = threading.Thread(target=self._run, name=f"engine-{model_name}-{next(self._ids)}",
+                                        daemon=True)
+
+    def _new_context(self, s: ContextSettings) -> llama_cpp.llama_context_p:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = s.n_ctx
+        params.n_batch = s.n_batch
+        params.n_ubatch = s.n_batch
+        params.n_seq_max = s.n_parallel
+        params.n_threads = s.n_threads
+        params.n_threads_batch = s.n_threads
+        params.flash_attn_type = 1 if s.flash_attn else 0
+        params.swa_full = True  # full-size sliding-window cache: prefixes stay reusable
+        params.kv_unified = True  # all sequences share n_ctx instead of n_ctx / n_parallel each
+        params.no_perf = True
+        with llamalog.capture() as captured:
+            ctx = llama_cpp.llama_init_from_model(self.weights.handle, params)
+        if not ctx:
+            detail = "; ".join(captured.problems()) or "llama.cpp gave no reason"
+            raise LoadFailed(f"{self.weights.path}: could not create a context (n_ctx {s.n_ctx}): {detail}")
+        return ctx
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, warmup: bool = True) -> None:
+        """Warm up (one tiny decode, so the first request does not pay for page faults and
+        graph allocation) and start the scheduler thread. Blocking: call off the event loop."""
+        if warmup:
+            self._warmup()
+        self._thread.start()
+
+    def _warmup(self) -> None:
+        token = self.weights.bos if self.weights.bos >= 0 else 0
+        self._batch.n_tokens = 0
+        self._add(token, 0, 0, True)
+        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+        llama_cpp.llama_memory_clear(self._memory, True)
+        if rc != 0:
+            raise LoadFailed(f"{self.weights.path}: warmup decode failed (llama_decode returned {rc})")
+
+    def close(self) -> None:
+        """Cancel everything, stop the thread, free the context and release the weights."""
+        with self._cv:
+            if self._closing:
+                return
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+        else:
+            self._finish_all("cancelled", "model unloaded")
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        self._ctx = None
+        self.weights.release()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def submit(self, tokens: list[int], params: SamplingParams, *, request_id: str | None = None,
+               session_id: str | None = None) -> _Request:
+        """Queue a request; chunks arrive on the calling loop's queue. Raises QueueFull/BadRequest."""
+        params.validate()
+        if not tokens:
+            raise BadRequest("the prompt is empty after tokenization")
+        if len(tokens) >= self.n_ctx:
+            raise BadRequest(
+                f"model {self.model_name!r}: prompt is {len(tokens)} tokens but the context holds "
+                f"{self.n_ctx}; shorten the prompt or raise n_ctx"
+            )
+        request = _Request(request_id or uuid.uuid4().hex, session_id, tokens, params,
+                           _Delivery(asyncio.get_running_loop()))
+        with self._cv:
+            if self._closing:
+                raise Cancelled(f"model {self.model_name!r} is unloading")
+            if len(self._pending) >= self.settings.max_queue and not self._free_ids:
+                raise QueueFull(self.model_name, len(self._pending))
+            self._pending.append(request)
+            self._cv.notify()
+        return request
+
+    def cancel(self, request: _Request) -> None:
+        """Ask the scheduler to drop `request`; it frees its sequence at the next step."""
+        request.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    async def stream(self, tokens: list[int], params: SamplingParams, *, request_id: str | None = None,
+                     session_id: str | None = None) -> AsyncIterator[Chunk]:
+        """Submit and yield chunks; leaving the iterator early cancels the request."""
+        request = self.submit(tokens, params, request_id=request_id, session_id=session_id)
+        try:
+            while True:
+                chunk = await request.delivery.queue.get()
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            self.cancel(request)
+
+    def load(self) -> EngineLoad:
+        now = time.perf_counter()
+        with self._cv:
+            oldest = min((r.submitted for r in self._pending), default=now)
+            active, queued = len(self._running), len(self._pending)
+        window = [n for t, n in list(self._recent_tokens) if now - t <= 5.0]
+        return EngineLoad(active, queued, self.settings.n_parallel, now - oldest, sum(window) / 5.0)
+
+    # -- scheduler thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._closing and not self._pending and not self._running:
+                        self._cv.wait()
+                    if self._closing:
+                        break
+                    self._admit()
+                self._step()
+        except Exception as exc:  # a bug or a llama.cpp failure: fail requests, keep the process
+            log.exception("engine %s stopped", self.model_name)
+            self._finish_all("error", f"engine failure: {exc}")
+            return
+        self._finish_all("cancelled", "model unloaded")
+
+    def _admit(self) -> None:
+        """Move queued requests into free sequences (caller holds the lock)."""
+        while self._pending and self._free_ids:
+            request = self._pending.popleft()
+            if request.cancelled:
+                self._deliver([(request.delivery, Chunk("", "cancelled"))])
+                continue
+            seq = _Sequence(request, self._free_ids.pop(0), self.weights, self.n_ctx)
+            self._running[seq.seq_id] = seq
+            self._publish(RequestStarted(model=self.model_name, request_id=request.id,
+                                         session_id=request.session_id, prompt_tokens=len(request.tokens),
+                                         queue_wait_s=seq.started - request.submitted))
+
+    def _step(self) -> None:
+        out: list[tuple[_Delivery, Chunk]] = []
+        for seq in [s for s in self._running.values() if s.request.cancelled]:
+            self._end(seq, "cancelled", out)
+        saved = {seq: (seq.n_past, seq.prompt_pos) for seq in self._running.values()}
+        logits_at = self._fill_batch()
+        if self._batch.n_tokens:
+            rc = llama_cpp.llama_decode(self._ctx, self._batch)
+            if rc == 1:  # the unified KV cache is full: nothing was decoded; end the longest
+                for seq, (n_past, prompt_pos) in saved.items():
+                    seq.n_past, seq.prompt_pos = n_past, prompt_pos
+                self._end(max(saved, key=lambda s: s.n_past), "length", out)
+                self._deliver(out)
+                return
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            self._sample(logits_at, out)
+        self._deliver(out)
+
+    def _fill_batch(self) -> list[tuple[_Sequence, int]]:
+        """One token per generating sequence, then prompt chunks up to n_batch tokens."""
+        self._batch.n_tokens = 0
+        logits_at: list[tuple[_Sequence, int]] = []
+        budget = self.settings.n_batch
+        for seq in self._running.values():
+            if not seq.prefilling and seq.last_token is not None:
+                logits_at.append((seq, self._batch.n_tokens))
+                self._add(seq.last_token, seq.n_past, seq.seq_id, True)
+                seq.n_past += 1
+                budget -= 1
+        for seq in self._running.values():
+            if budget <= 0:
+                break
+            if seq.prefilling:
+                take = seq.request.tokens[seq.prompt_pos:seq.prompt_pos + budget]
+                for i, token in enumerate(take):
+                    last = seq.prompt_pos + i == len(seq.request.tokens) - 1
+                    if last:
+                        logits_at.append((seq, self._batch.n_tokens))
+                    self._add(token, seq.n_past, seq.seq_id, last)
+                    seq.n_past += 1
+                seq.prompt_pos += len(take)
+                budget -= len(take)
+        return logits_at
+
+    def _add(self, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        b, i = self._batch, self._batch.n_tokens
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq_id
+        b.logits[i] = logits
+        b.n_tokens = i + 1
+
+    def _sample(self, logits_at: list[tuple[_Sequence, int]], out: list[tuple[_Delivery, Chunk]]) -> None:
+        now = time.perf_counter()
+        for seq, index in logits_at:
+            if seq.sampler is None:
+                row = llama_cpp.llama_get_logits_ith(self._ctx, index)
+                token = int(np.argmax(np.ctypeslib.as_array(row, shape=(self.weights.n_vocab,))))
+            else:
+                token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, index)
+            text, finish = seq.add_token(token)
+            if finish is not None:
+                self._end(seq, finish, out, text)
+            elif text:
+                out.append((seq.request.delivery, Chunk(text)))
+        self._recent_tokens.append((now, len(logits_at)))
+
+    def _end(self, seq: _Sequence, reason: str, out: list[tuple[_Delivery, Chunk]], text: str = "",
+             error: str | None = None) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+        seq.free()
+        with self._cv:
+            del self._running[seq.seq_id]
+            self._free_ids.append(seq.seq_id)
+        stats = seq.stats()
+        out.append((seq.request.delivery, Chunk(text, reason, stats, error)))
+        self._publish(RequestFinished(
+            model=self.model_name, request_id=seq.request.id, session_id=seq.request.session_id,
+            finish_reason=reason, prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.completion_tokens, ttft_s=stats.ttft_s,
+            duration_s=stats.duration_s, tokens_per_s=stats.tokens_per_s, error=error,
+        ))
+
+    def _finish_all(self, reason: str, error: str) -> None:
+        out: list[tuple[_Delivery, Chunk]] = []
+        with self._cv:
+            for seq in list(self._running.values()):
+                self._end(seq, reason, out, error=error)
+            while self._pending:
+                request = self._pending.popleft()
+                out.append((request.delivery, Chunk("", reason, None, error)))
+        self._deliver(out)
+
+    @staticmethod
+    def _deliver(out: list[tuple[_Delivery, Chunk]]) -> None:
+        """One hop per consumer loop per step, however many streams it reads."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Delivery, Chunk]]] = {}
+        for delivery, chunk in out:
+            by_loop.setdefault(delivery.loop, []).append((delivery, chunk))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening
+                pass
+
+    def _publish(self, event: RequestStarted | RequestFinished) -> None:
+        if self.bus is not None:
+            self.bus.publish(event)
+
+
+def _put_all(items: list[tuple[_Delivery, Chunk]]) -> None:
+    for delivery, chunk in items:
+        delivery.queue.put_nowait(chunk)

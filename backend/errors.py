@@ -1,0 +1,131 @@
+"""Typed errors of the backend.
+
+Every failure a person can meet carries a message that names the thing (model, file,
+numbers) and says what to do, so the console, the HTTP API and a notebook can show it
+as-is. `http_status` lets the server map errors without a table of its own.
+"""
+
+from __future__ import annotations
+
+
+class CorralError(Exception):
+    """Base of every error the backend raises on purpose."""
+
+    http_status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(CorralError):
+    """The configuration is invalid; the message names the key, the value and the rule."""
+
+    http_status = 400
+    code = "invalid_config"
+
+
+class ModelNotFound(CorralError):
+    """A model name that the catalog does not know."""
+
+    http_status = 404
+    code = "model_not_found"
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        listing = ", ".join(sorted(known)) or "none"
+        super().__init__(
+            f"unknown model {name!r}; known models: {listing}. "
+            "Add a [[models]] entry or a GGUF file in a model directory."
+        )
+        self.name = name
+        self.known = sorted(known)
+
+
+class ModelFileError(CorralError):
+    """A model file that is missing, unreadable, not GGUF, or corrupt."""
+
+    http_status = 422
+    code = "model_file_invalid"
+
+    def __init__(self, path: str, reason: str, model: str | None = None) -> None:
+        who = f"model {model!r}: " if model else ""
+        super().__init__(f"{who}{path}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.model = model
+
+
+class ModelUnusable(CorralError):
+    """The catalog lists the model but it cannot be loaded (the reason is known upfront)."""
+
+    http_status = 422
+    code = "model_unusable"
+
+
+class LoadFailed(CorralError):
+    """llama.cpp refused to load a model; the message carries its own error lines."""
+
+    http_status = 500
+    code = "load_failed"
+
+
+class BudgetExceeded(CorralError):
+    """A load that cannot fit even after evicting every idle, unpinned model."""
+
+    http_status = 507
+    code = "insufficient_memory"
+
+    def __init__(self, message: str, needed: int, free: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.free = free
+
+
+class IllegalTransition(CorralError):
+    """A lifecycle change that the state machine does not allow (a bug, never user input)."""
+
+    code = "illegal_transition"
+
+
+class ModelBusy(CorralError):
+    """An operation that needs an idle model timed out while requests were still running."""
+
+    http_status = 409
+    code = "model_busy"
+
+
+class ModelPinned(CorralError):
+    """An evict of a pinned model without force."""
+
+    http_status = 409
+    code = "model_pinned"
+
+
+class QueueFull(CorralError):
+    """The model's request queue is at its bound; retry after `retry_after` seconds."""
+
+    http_status = 429
+    code = "queue_full"
+
+    def __init__(self, model: str, depth: int, retry_after: float = 1.0) -> None:
+        super().__init__(
+            f"model {model!r}: queue is full ({depth} waiting); retry after {retry_after:.0f} s"
+        )
+        self.model = model
+        self.depth = depth
+        self.retry_after = retry_after
+
+
+class BadRequest(CorralError):
+    """A request whose parameters are out of range or inconsistent."""
+
+    http_status = 400
+    code = "invalid_request"
+
+
+class Cancelled(CorralError):
+    """A request that was cancelled (client left, stop pressed, or shutdown)."""
+
+    http_status = 499
+    code = "cancelled"

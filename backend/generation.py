@@ -1,0 +1,91 @@
+"""What a generation request asks for and what it streams back.
+
+Kept apart from the engine so that the console, the server's schemas and the remote backend
+can use these types without importing llama.cpp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BadRequest
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; temperature 0 means greedy and deterministic."""
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens = {self.max_tokens}: must be at least 1"),
+            (0 <= self.temperature <= 100, f"temperature = {self.temperature}: must be between 0 and 100"),
+            (0 < self.top_p <= 1, f"top_p = {self.top_p}: must be in (0, 1]"),
+            (self.top_k >= 0, f"top_k = {self.top_k}: must be 0 (off) or more"),
+            (0 <= self.min_p <= 1, f"min_p = {self.min_p}: must be in [0, 1]"),
+            (0 < self.repeat_penalty <= 10, f"repeat_penalty = {self.repeat_penalty}: must be in (0, 10]"),
+            (len(self.stop) <= 16, f"stop: at most 16 strings, got {len(self.stop)}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop: every entry must be a non-empty string"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BadRequest(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    prompt_tokens: int
+    completion_tokens: int
+    queue_wait_s: float
+    ttft_s: float | None
+    duration_s: float
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed after the first token (TTFT is reported on its own)."""
+        if self.ttft_s is None or self.completion_tokens < 2:
+            return None
+        span = self.duration_s - self.ttft_s
+        return (self.completion_tokens - 1) / span if span > 0 else None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of streamed output; the last chunk of a request has `finish_reason` and `stats`."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    stats: RequestStats | None = None
+    error: str | None = None
+
+
+SAMPLING_OPTIONS = frozenset(SamplingParams.__dataclass_fields__)
+
+
+def sampling_params(options: dict[str, Any]) -> SamplingParams:
+    """Build validated sampling parameters from keyword options (unknown names are errors)."""
+    unknown = set(options) - SAMPLING_OPTIONS
+    if unknown:
+        raise BadRequest(f"unknown option(s): {', '.join(sorted(unknown))}; "
+                         f"allowed: {', '.join(sorted(SAMPLING_OPTIONS))}")
+    if isinstance(options.get("stop"), str):
+        options = {**options, "stop": (options["stop"],)}
+    elif options.get("stop") is not None:
+        options = {**options, "stop": tuple(options["stop"])}
+    params = SamplingParams(**options)
+    params.validate()
+    return params

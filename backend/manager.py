@@ -1,0 +1,486 @@
+"""The model manager: lifecycle state machine, admission under budgets, LRU eviction, TTLs.
+
+Everything here runs on one asyncio loop (the backend's); blocking llama.cpp work (loading,
+unloading) runs in a thread pool. Every state change goes through `_transition`, which
+enforces the lifecycle and publishes exactly one event.
+
+Lifecycle (DESIGN.md, Decisions):
+    available → loading → ready | failed;  ready ⇄ busy;  ready|busy → unloading → available;
+    failed → loading | available
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .catalog import Catalog, CatalogEntry, entry_for
+from .config import ModelDefaults, Settings
+from .engine import ContextSettings, Engine, ModelWeights
+from .errors import (BudgetExceeded, CorralError, IllegalTransition, LoadFailed, ModelBusy,
+                     ModelPinned, ModelUnusable)
+from .events import EventBus, LoadProgress, ModelLoaded, Notice, PinChanged, StateChanged
+from .ggufmeta import GGUFInfo
+from .memory import MemoryEstimate, default_ram_budget, estimate, format_bytes, process_rss
+from .snapshot import ModelInfo
+from .telemetry import physical_cores
+
+log = logging.getLogger("corral.manager")
+
+
+class State(str, Enum):
+    AVAILABLE = "available"
+    LOADING = "loading"
+    READY = "ready"
+    BUSY = "busy"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+ALLOWED: dict[State, frozenset[State]] = {
+    State.AVAILABLE: frozenset({State.LOADING}),
+    State.LOADING: frozenset({State.READY, State.FAILED}),
+    State.READY: frozenset({State.BUSY, State.UNLOADING}),
+    State.BUSY: frozenset({State.READY, State.UNLOADING}),
+    State.UNLOADING: frozenset({State.AVAILABLE}),
+    State.FAILED: frozenset({State.LOADING, State.AVAILABLE}),
+}
+RESIDENT = frozenset({State.LOADING, State.READY, State.BUSY, State.UNLOADING})
+
+
+@dataclass
+class Record:
+    """The manager's private, mutable view of one model (touched only on the manager's loop)."""
+
+    entry: CatalogEntry
+    settings: ModelDefaults
+    pinned: bool = False
+    state: State = State.AVAILABLE
+    error: str | None = None
+    estimate: MemoryEstimate | None = None
+    measured: int | None = None
+    load_seconds: float | None = None
+    load_percent: int | None = None
+    engine: Engine | None = None
+    load_task: asyncio.Task[None] | None = None
+    in_flight: int = 0
+    draining: bool = False
+    last_used: float | None = None
+    expires_at: float | None = None  # monotonic
+    keep_alive_override: float | None = None  # from the latest request, until unload
+    template_source: str | None = None
+    chat_format: str | None = None
+    chat_template: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def keep_alive(self) -> float:
+        return self.settings.keep_alive if self.keep_alive_override is None else self.keep_alive_override
+
+    @property
+    def reserved(self) -> int:
+        """What this model counts against the RAM budget: measured once known."""
+        if self.state not in RESIDENT:
+            return 0
+        if self.measured is not None:
+            return self.measured
+        return self.estimate.total if self.estimate else 0
+
+
+@dataclass
+class Lease:
+    """A request's hold on a loaded model: keeps it from eviction until released."""
+
+    record: Record
+    engine: Engine
+    released: bool = field(default=False)
+
+
+class Manager:
+    def __init__(self, settings: Settings, bus: EventBus, catalog: Catalog | None = None) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.catalog = catalog or Catalog(
+            settings.model_dirs, {m.name: m.path for m in settings.models}, settings.include_default_model
+        )
+        self.ram_budget = settings.budgets.ram_bytes or default_ram_budget(settings.budgets.ram_fraction)
+        self._records: dict[str, Record] = {}
+        self._admission = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._reaper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- setup -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Scan the catalog, start the idle reaper and the preload list (failures become events)."""
+        await self.rescan()
+        self._reaper = asyncio.create_task(self._reap_idle(), name="corral-ttl-reaper")
+        for name in self.settings.preload:
+            asyncio.create_task(self._preload(name))
+
+    async def rescan(self) -> list[ModelInfo]:
+        entries = await asyncio.to_thread(self.catalog.refresh)
+        for entry in entries:
+            record = self._records.get(entry.name)
+            if record is None:
+                self._records[entry.name] = self._new_record(entry)
+            elif record.state in (State.AVAILABLE, State.FAILED):
+                record.entry = entry
+                record.estimate = self._estimate(entry, record.settings)
+        return self.models()
+
+    def _new_record(self, entry: CatalogEntry) -> Record:
+        settings = self.settings.effective(entry.name)
+        explicit = self.settings.model_config_for(entry.name)
+        record = Record(entry=entry, settings=settings, pinned=bool(explicit and explicit.pinned),
+                        estimate=self._estimate(entry, settings))
+        if explicit is not None:
+            record.chat_format, record.chat_template = explicit.chat_format, explicit.chat_template
+        if record.chat_format is None:
+            record.chat_format = settings.chat_format
+        if not entry.usable:
+            record.error = entry.error
+        return record
+
+    @staticmethod
+    def _estimate(entry: CatalogEntry, s: ModelDefaults) -> MemoryEstimate | None:
+        if entry.info is None:
+            return None
+        return estimate(entry.info, n_ctx=s.n_ctx, n_parallel=s.n_parallel, n_ubatch=s.n_batch,
+                        flash_attn=s.flash_attn)
+
+    async def _preload(self, name: str) -> None:
+        try:
+            await self.load(name)
+        except CorralError as exc:
+            self.bus.publish(Notice(model=name, level="error", message=f"preload failed: {exc}"))
+
+    async def close(self) -> None:
+        """Unload every model (cancelling its requests) and stop background tasks."""
+        self._closed = True
+        if self._reaper:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for record in list(self._records.values()):
+            if record.load_task and not record.load_task.done():
+                with contextlib.suppress(Exception):
+                    await record.load_task
+            if record.state in (State.READY, State.BUSY):
+                await self._unload(record, "shutdown")
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def record(self, name: str) -> Record:
+        record = self._records.get(name)
+        if record is None:
+            self.catalog.get(name)  # raises ModelNotFound with the known names
+            raise AssertionError("catalog and manager disagree")  # pragma: no cover
+        return record
+
+    def models(self) -> list[ModelInfo]:
+        return [self.info(r) for r in sorted(self._records.values(), key=lambda r: r.name)]
+
+    def ram_reserved(self) -> int:
+        return sum(r.reserved for r in self._records.values())
+
+    def info(self, r: Record) -> ModelInfo:
+        meta = r.entry.info
+        load = r.engine.load() if r.engine is not None else None
+        ttl_left = None
+        if r.expires_at is not None and r.state == State.READY and not r.pinned:
+            ttl_left = max(0.0, r.expires_at - time.monotonic())
+        return ModelInfo(
+            name=r.name, state=r.state.value, source=r.entry.source,
+            path=str(r.entry.path) if r.entry.path else None, usable=r.entry.usable, error=r.error,
+            file_size=meta.file_size if meta else None,
+            architecture=meta.architecture if meta else None,
+            quantization=meta.file_type if meta else None,
+            parameters=meta.parameter_count if meta else None,
+            context_length=meta.context_length if meta else None,
+            n_ctx=r.settings.n_ctx, n_parallel=r.settings.n_parallel, pinned=r.pinned,
+            keep_alive_s=r.keep_alive, ttl_left_s=ttl_left, in_flight=r.in_flight,
+            active=load.active if load else 0, queued=load.queued if load else 0,
+            tokens_per_s=load.tokens_per_s if load else 0.0,
+            estimate_bytes=r.estimate.total if r.estimate else None,
+            estimate_detail=r.estimate.to_dict() if r.estimate else None,
+            measured_bytes=r.measured, load_seconds=r.load_seconds, load_percent=r.load_percent,
+            last_used=r.last_used, chat_template=r.template_source,
+        )
+
+    # -- state machine ---------------------------------------------------------------------
+
+    def _transition(self, r: Record, new: State, reason: str = "") -> None:
+        old = r.state
+        if new not in ALLOWED[old]:
+            raise IllegalTransition(f"model {r.name!r}: illegal transition {old.value} → {new.value}")
+        r.state = new
+        log.info("model %s: %s → %s %s", r.name, old.value, new.value, reason)
+        self.bus.publish(StateChanged(model=r.name, old=old.value, new=new.value, reason=reason))
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake everything waiting for a change (drains, the reaper, waiting loads)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self, timeout: float | None = None) -> None:
+        # asyncio.wait, not wait_for: on Python 3.11 a cancelled wait_for around Event.wait
+        # was seen to hang, which froze shutdown.
+        waiter = asyncio.ensure_future(self._changed.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=timeout)
+        finally:
+            waiter.cancel()
+
+    # -- loading ---------------------------------------------------------------------------
+
+    async def load(self, name: str) -> ModelInfo:
+        """Load `name` if it is not loaded (single-flight: concurrent callers share one load)."""
+        record = self.record(name)
+        await self._ensure_loaded(record)
+        return self.info(record)
+
+    async def _ensure_loaded(self, r: Record) -> None:
+        while True:
+            if self._closed:
+                raise CorralError("the backend is shutting down")
+            if r.state in (State.READY, State.BUSY) and not r.draining:
+                return
+            if r.state == State.UNLOADING or r.draining:
+                await self._wait_change(0.5)
+                continue
+            if r.load_task is None or r.load_task.done():
+                r.load_task = asyncio.get_running_loop().create_task(self._load(r), name=f"load-{r.name}")
+            await asyncio.shield(r.load_task)
+
+    async def _load(self, r: Record) -> None:
+        async with self._admission:  # one load at a time: admission sees settled numbers
+            info = await asyncio.to_thread(self._check_file, r)
+            r.estimate = self._estimate(r.entry, r.settings) if info is not None else r.estimate
+            if info is not None:
+                await self._make_room(r)
+            self._transition(r, State.LOADING)
+            r.error, r.load_percent, r.measured = None, 0, None
+            started, rss_before = time.perf_counter(), process_rss()
+            try:
+                if info is None:
+                    raise ModelUnusable(f"model {r.name!r} ({r.entry.path}): {r.entry.error}; fix or "
+                                        "replace the file (or its [[models]] entry), then load it again")
+                engine = await asyncio.to_thread(self._open, r)
+            except CorralError as exc:
+                self._fail(r, exc.message)
+                raise
+            except Exception as exc:  # a llama.cpp or Python failure: keep the process serving
+                log.exception("load of %s failed", r.name)
+                self._fail(r, f"model {r.name!r}: load failed: {exc}")
+                raise LoadFailed(r.error or str(exc)) from exc
+            r.engine = engine
+            r.load_seconds = time.perf_counter() - started
+            r.measured = max(process_rss() - rss_before, 0)
+            r.load_percent = 100
+            r.last_used = time.time()
+            self._set_expiry(r)
+            self._transition(r, State.READY, f"loaded in {r.load_seconds:.2f} s")
+            self.bus.publish(ModelLoaded(model=r.name, seconds=r.load_seconds,
+                                         estimate_bytes=r.estimate.total if r.estimate else 0,
+                                         measured_bytes=r.measured))
+
+    def _check_file(self, r: Record) -> GGUFInfo | None:
+        """Re-read the header (cached by mtime): the file may have been fixed, replaced or
+        removed since the scan. Returns the header when the model is usable."""
+        if r.entry.path is not None and (r.entry.info is None or r.entry.error is None):
+            r.entry = entry_for(r.name, r.entry.path, r.entry.source)
+        return r.entry.info if r.entry.usable else None
+
+    def _fail(self, r: Record, message: str) -> None:
+        r.error = message
+        r.load_percent = None
+        self._transition(r, State.FAILED, message)
+        self.bus.publish(Notice(model=r.name, level="error", message=message))
+
+    def _open(self, r: Record) -> Engine:
+        """Blocking: weights, context, warmup, scheduler thread. Runs in a worker thread."""
+        s = r.settings
+        last = [-1]
+
+        def progress(fraction: float) -> None:
+            percent = int(fraction * 100)
+            if percent > last[0]:
+                last[0] = percent
+                r.load_percent = percent
+                self.bus.publish(LoadProgress(model=r.name, percent=percent))
+
+        weights = ModelWeights(str(r.entry.path), n_gpu_layers=s.n_gpu_layers, progress=progress)
+        try:
+            template = weights.chat_template(r.entry.info.architecture if r.entry.info else "",
+                                             config_format=r.chat_format, config_template=r.chat_template)
+            engine = Engine(weights, ContextSettings(
+                n_ctx=s.n_ctx, n_parallel=s.n_parallel, n_batch=s.n_batch,
+                n_threads=s.n_threads or physical_cores(), flash_attn=s.flash_attn, max_queue=s.max_queue,
+            ), model_name=r.name, bus=self.bus, template=template)
+        finally:
+            weights.release()  # the engine holds its own reference
+        try:
+            engine.start(warmup=True)
+        except Exception:
+            engine.close()
+            raise
+        r.template_source = template.source
+        return engine
+
+    async def _make_room(self, r: Record) -> None:
+        """Evict least-recently-used idle, unpinned models until `r` fits, or refuse."""
+        need = r.estimate.total if r.estimate else 0
+        budgets = self.settings.budgets
+        if need > self.ram_budget:
+            raise self._refuse(r, need, f"needs {format_bytes(need)} but the whole RAM budget is "
+                                        f"{format_bytes(self.ram_budget)}")
+        while True:
+            resident = [x for x in self._records.values() if x is not r and x.state in RESIDENT]
+            free = self.ram_budget - sum(x.reserved for x in resident)
+            if len(resident) < budgets.max_loaded and need <= free:
+                return
+            idle = [x for x in resident if x.state == State.READY and x.in_flight == 0 and not x.pinned]
+            if not idle:
+                held = ", ".join(f"{x.name} ({'pinned' if x.pinned else x.state.value})" for x in resident)
+                why = (f"max_loaded = {budgets.max_loaded} reached" if len(resident) >= budgets.max_loaded
+                       else f"needs {format_bytes(need)} but only {format_bytes(free)} of the "
+                            f"{format_bytes(self.ram_budget)} RAM budget is free")
+                raise self._refuse(r, need, f"{why}; nothing can be evicted ({held})", free)
+            victim = min(idle, key=lambda x: x.last_used or 0.0)
+            await self._unload(victim, f"evicted (least recently used) to make room for {r.name}")
+
+    def _refuse(self, r: Record, need: int, why: str, free: int | None = None) -> BudgetExceeded:
+        message = (f"model {r.name!r} ({r.entry.path}): cannot load: {why}. Evict or unpin a model, "
+                   "raise budgets.ram_bytes / max_loaded, or lower n_ctx / n_parallel")
+        self.bus.publish(Notice(model=r.name, level="error", message=message))
+        return BudgetExceeded(message, needed=need, free=self.ram_budget if free is None else free)
+
+    # -- unloading -------------------------------------------------------------------------
+
+    async def evict(self, name: str, *, force: bool = False) -> ModelInfo:
+        """Operator's evict: a pinned model needs `force`; a busy model drains first."""
+        r = self.record(name)
+        if r.load_task and not r.load_task.done():
+            with contextlib.suppress(CorralError):
+                await asyncio.shield(r.load_task)
+        if r.state == State.FAILED:
+            r.error = None
+            self._transition(r, State.AVAILABLE, "cleared")
+            return self.info(r)
+        if r.state not in (State.READY, State.BUSY):
+            return self.info(r)
+        if r.pinned and not force:
+            raise ModelPinned(f"model {name!r} is pinned; unpin it first or evict with force")
+        await self._drain(r)
+        await self._unload(r, "evicted by operator" + (" (forced)" if force else ""))
+        return self.info(r)
+
+    async def _drain(self, r: Record) -> None:
+        """Wait for in-flight requests to finish; new ones wait until the unload is done."""
+        r.draining = True
+        deadline = time.monotonic() + self.settings.budgets.drain_timeout
+        try:
+            while r.in_flight > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ModelBusy(f"model {r.name!r}: {r.in_flight} request(s) still running after "
+                                    f"{self.settings.budgets.drain_timeout:.0f} s; try again or cancel them")
+                await self._wait_change(min(left, 0.5))
+        except BaseException:
+            r.draining = False
+            self._notify()
+            raise
+
+    async def _unload(self, r: Record, reason: str) -> None:
+        self._transition(r, State.UNLOADING, reason)
+        engine, r.engine = r.engine, None
+        try:
+            if engine is not None:
+                await asyncio.to_thread(engine.close)
+        finally:
+            r.draining = False
+            r.expires_at = None
+            r.keep_alive_override = None
+            r.load_percent = None
+            self._transition(r, State.AVAILABLE, reason)
+
+    async def unload_all(self) -> None:
+        for r in list(self._records.values()):
+            if r.state in (State.READY, State.BUSY):
+                await self.evict(r.name, force=True)
+
+    # -- pinning and TTL -------------------------------------------------------------------
+
+    async def pin(self, name: str, pinned: bool = True) -> ModelInfo:
+        r = self.record(name)
+        if r.pinned != pinned:
+            r.pinned = pinned
+            self._set_expiry(r)
+            self.bus.publish(PinChanged(model=name, pinned=pinned))
+            self._notify()
+        return self.info(r)
+
+    def _set_expiry(self, r: Record) -> None:
+        keep = r.keep_alive
+        r.expires_at = None if keep < 0 or r.pinned else time.monotonic() + keep
+
+    async def _reap_idle(self) -> None:
+        """Unload idle models whose keep-alive ran out; pinned and busy models never expire."""
+        while True:
+            now = time.monotonic()
+            for r in list(self._records.values()):
+                expired = r.expires_at is not None and r.expires_at <= now
+                if expired and r.state == State.READY and r.in_flight == 0 and not r.pinned:
+                    try:
+                        await self._unload(r, f"idle for {r.keep_alive:.0f} s (keep_alive)")
+                    except Exception:
+                        log.exception("idle unload of %s failed", r.name)
+            pending = [r.expires_at for r in self._records.values() if r.expires_at is not None]
+            delay = min([max(0.05, t - time.monotonic()) for t in pending] + [1.0])
+            await self._wait_change(delay)
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
+        """Hold `name` for one request, loading it first if needed (auto-load)."""
+        r = self.record(name)
+        await self._ensure_loaded(r)
+        if keep_alive is not None:
+            r.keep_alive_override = keep_alive
+        r.in_flight += 1
+        r.expires_at = None
+        if r.state == State.READY:
+            self._transition(r, State.BUSY)
+        return Lease(r, r.engine)
+
+    async def release(self, lease: Lease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        r = lease.record
+        r.in_flight -= 1
+        r.last_used = time.time()
+        if r.in_flight == 0 and r.state == State.BUSY:
+            self._set_expiry(r)
+            self._transition(r, State.READY)
+        else:
+            self._notify()
+
+    @contextlib.asynccontextmanager
+    async def lease(self, name: str, keep_alive: float | None = None) -> AsyncIterator[Lease]:
+        held = await self.acquire(name, keep_alive)
+        try:
+            yield held
+        finally:
+            await self.release(held)

@@ -1,0 +1,136 @@
+"""The `corral` command.
+
+Textual is imported only when the console opens, so headless commands never load the UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corral", description="Operations console and model manager for local GGUF LLMs.")
+    parser.add_argument("--config", help="TOML config file (default: ~/.config/corral/config.toml)")
+    parser.add_argument("--log-file", help="write the backend's log (llama.cpp lines included) here")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug-level logging")
+    sub = parser.add_subparsers(dest="command")
+
+    sub.add_parser("console", help="open the console on the embedded backend (the default)")
+
+    models = sub.add_parser("models", help="list the models corral knows and whether they can be used")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+
+    run = sub.add_parser("run", help="stream a completion from a model to stdout")
+    run.add_argument("model")
+    run.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")
+    run.add_argument("--chat", action="store_true", help="send the prompt as a chat message (uses the chat template)")
+    run.add_argument("--max-tokens", type=int, default=128)
+    run.add_argument("--temperature", type=float, default=0.8)
+    run.add_argument("--top-p", type=float, default=0.95)
+    run.add_argument("--top-k", type=int, default=40)
+    run.add_argument("--seed", type=int)
+    run.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    run.add_argument("--stats", action="store_true", help="print TTFT and tokens/s to stderr at the end")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging(args)
+    from corral.backend.errors import CorralError
+
+    try:
+        if args.command == "models":
+            return _models(args)
+        if args.command == "run":
+            return _run(args)
+        return _console(args)
+    except CorralError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """Logs go to a file when asked, else to stderr for headless commands; never to a TUI screen."""
+    level = logging.DEBUG if args.verbose else logging.INFO
+    root = logging.getLogger("corral")
+    root.setLevel(level)
+    if args.log_file:
+        handler: logging.Handler = logging.FileHandler(Path(args.log_file).expanduser())
+    elif args.command in ("models", "run") and args.verbose:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        return
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+
+
+def _backend(args: argparse.Namespace) -> Any:
+    from corral.backend import LocalBackend, load_settings
+
+    return LocalBackend(load_settings(args.config))
+
+
+def _models(args: argparse.Namespace) -> int:
+    import json
+
+    from corral.backend.memory import format_bytes
+
+    with _backend(args) as backend:
+        models = backend.sync.models()
+    if args.json:
+        print(json.dumps([m.to_dict() for m in models], indent=2))
+        return 0
+    header = f"{'NAME':<28} {'ARCH':<10} {'QUANT':<8} {'PARAMS':>8} {'SIZE':>10} {'CTX':>7} {'EST. MEM':>10}  STATUS"
+    print(header)
+    for m in models:
+        params = f"{m.parameters / 1e6:.0f}M" if m.parameters else "-"
+        status = m.state if m.usable else f"unusable: {m.error}"
+        print(f"{m.name:<28} {m.architecture or '-':<10} {m.quantization or '-':<8} {params:>8} "
+              f"{format_bytes(m.file_size):>10} {m.n_ctx:>7} {format_bytes(m.estimate_bytes):>10}  {status}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, stop=args.stop)
+    with _backend(args) as backend:
+        if args.chat:
+            stream = backend.sync.chat(args.model, [{"role": "user", "content": prompt}], **options)
+        else:
+            stream = backend.sync.complete(args.model, prompt, **options)
+        last = None
+        for chunk in stream:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            last = chunk
+        sys.stdout.write("\n")
+    if args.stats and last is not None and last.stats is not None:
+        s = last.stats
+        speed = f"{s.tokens_per_s:.1f} tok/s" if s.tokens_per_s else "n/a"
+        ttft = f"{s.ttft_s * 1000:.0f} ms" if s.ttft_s is not None else "n/a"
+        print(f"[{s.prompt_tokens} prompt + {s.completion_tokens} generated tokens, TTFT {ttft}, {speed}, "
+              f"finish: {last.finish_reason}]", file=sys.stderr)
+    return 0 if last is None or last.finish_reason != "error" else 1
+
+
+def _console(args: argparse.Namespace) -> int:
+    from corral.console.app import create_app
+
+    backend = _backend(args)
+    try:
+        create_app(backend).run()
+    finally:
+        backend.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Small one-line gauges for the host bar, and the number formats the console shares.
+
+A `Gauge` draws `LABEL ━━━━━━━━━━ VALUE` in whatever width it is given (the filled part
+in the bar colour, the rest dimmed). Its colours come
+from component classes styled in app.tcss with theme variables, so a theme switch restyles
+it. The bar turns to the warning and then the error colour above `warn_at` and `high_at`.
+"""
+
+from __future__ import annotations
+
+from rich.style import Style
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from corral.backend.memory import format_bytes
+
+BAR_FULL = "━"
+BAR_EMPTY = "━"
+NA = "–"
+
+
+def format_pair(used: int | float | None, total: int | float | None) -> str:
+    """`used/total` sharing the total's unit: "5.2/15.6 GiB"."""
+    if used is None or total is None:
+        return f"{format_bytes(used)}/{format_bytes(total)}"
+    number, unit = format_bytes(total).split(" ")
+    scale = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}[unit]
+    shown = f"{used / scale:.0f}" if unit == "B" else f"{used / scale:.1f}"
+    return f"{shown}/{number} {unit}"
+
+
+def format_duration(seconds: float | None) -> str:
+    """A short duration: 42s, 4m05s, 1h03m, 2d04h."""
+    if seconds is None:
+        return NA
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_ago(then: float | None, now: float) -> str:
+    """How long ago `then` was, relative to `now` (both unix seconds)."""
+    if then is None:
+        return "never"
+    delta = now - then
+    if delta < 1:
+        return "just now"
+    s = int(delta)
+    if s < 60:
+        return f"{s}s ago"
+    if s < 3600:
+        return f"{s // 60}m ago"
+    if s < 86400:
+        return f"{s // 3600}h ago"
+    return f"{s // 86400}d ago"
+
+
+def component_style(widget: Widget, component: str) -> Style:
+    """A component class's text style for use inside the widget's own background.
+
+    Textual's partial component styles drop a colour's alpha, so `$foreground-muted` would
+    come out as full foreground; the full style has the colour blended over the background,
+    and we keep that colour and the text attributes but not the background itself.
+    """
+    full = widget.get_component_rich_style(component)
+    return Style(color=full.color) + full.without_color
+
+
+class Gauge(Widget):
+    """`LABEL ━━━━━━━━ VALUE`: a fraction in [0, 1] (or None for n/a) with its text."""
+
+    COMPONENT_CLASSES = {
+        "gauge--label",
+        "gauge--bar",
+        "gauge--bar-warn",
+        "gauge--bar-high",
+        "gauge--empty",
+        "gauge--value",
+    }
+
+    fraction: reactive[float | None] = reactive(None)
+    value_text: reactive[str] = reactive(NA)
+
+    def __init__(self, label: str, *, warn_at: float = 0.75, high_at: float = 0.9,
+                 value_width: int = 0, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.label = label
+        self.warn_at = warn_at
+        self.high_at = high_at
+        self.value_width = value_width
+
+    def set(self, fraction: float | None, text: str) -> None:
+        self.fraction = None if fraction is None else min(1.0, max(0.0, fraction))
+        self.value_text = text
+
+    def render(self) -> Text:
+        width = self.content_size.width
+        value = self.value_text.rjust(self.value_width)
+        label = f"{self.label} "
+        bar_width = width - len(label) - len(value) - 1
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append(label, component_style(self, "gauge--label"))
+        if bar_width >= 4:
+            fraction = self.fraction
+            filled = 0 if fraction is None else round(fraction * bar_width)
+            component = "gauge--bar"
+            if fraction is not None and fraction >= self.high_at:
+                component = "gauge--bar-high"
+            elif fraction is not None and fraction >= self.warn_at:
+                component = "gauge--bar-warn"
+            empty_style = component_style(self, "gauge--empty")
+            text.append(BAR_FULL * filled, component_style(self, component))
+            text.append(BAR_EMPTY * (bar_width - filled), empty_style)
+            text.append(" ")
+        text.append(value, component_style(self, "gauge--value"))
+        return text

@@ -1,0 +1,196 @@
+"""The models table: one row per model the backend knows, refreshed in place.
+
+`update_models` takes a fresh list of `ModelInfo` (from each status poll) and changes only
+the cells whose text changed, so a 1 Hz refresh neither flickers nor moves the cursor; rows
+are keyed by model name, so the cursor stays on the same model when rows come and go.
+States are coloured through component classes that app.tcss styles with theme variables.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from rich.text import Text
+from textual.widgets import DataTable
+from textual.widgets.data_table import CellDoesNotExist, RowDoesNotExist
+
+from .gauges import NA, component_style, format_ago, format_bytes, format_duration
+
+if TYPE_CHECKING:
+    from corral.backend.snapshot import ModelInfo
+
+STATES = ("available", "loading", "ready", "busy", "unloading", "failed")
+
+# (key, header, fixed width or None for auto)
+COLUMNS: tuple[tuple[str, str, int | None], ...] = (
+    ("name", "model", None),
+    ("state", "state", 11),
+    ("size", "size", 9),
+    ("quant", "quant", 7),
+    ("memory", "mem est/meas", 17),
+    ("pinned", "pin", 3),
+    ("ttl", "TTL left", 8),
+    ("load", "act/q", 5),
+    ("tps", "tok/s", 6),
+    ("last_used", "last used", 9),
+)
+COLUMN_KEYS = tuple(key for key, _, _ in COLUMNS)
+
+_UNITS = (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
+
+
+def format_memory(estimate: int | None, measured: int | None) -> str:
+    """`est/measured UNIT` in the larger figure's unit; `~est` before a load is measured."""
+    if estimate is None and measured is None:
+        return NA
+    if measured is None:
+        return f"~{format_bytes(estimate)}"
+    if estimate is None:
+        return format_bytes(measured)
+    largest = max(estimate, measured)
+    for unit, scale in _UNITS:
+        if largest >= scale:
+            return f"{estimate / scale:.1f}/{measured / scale:.1f} {unit}"
+    return f"{estimate}/{measured} B"
+
+
+def state_label(model: ModelInfo) -> str:
+    if model.state == "loading" and model.load_percent is not None:
+        return f"loading {model.load_percent}%"
+    return model.state
+
+
+class ModelsTable(DataTable[Text]):
+    """A DataTable of `ModelInfo`, keyed by model name."""
+
+    COMPONENT_CLASSES = DataTable.COMPONENT_CLASSES | {
+        *(f"models-table--{state}" for state in STATES),
+        "models-table--muted",
+        "models-table--pinned",
+        "models-table--name",
+    }
+
+    def __init__(self, *, clock: Callable[[], float] = time.time, id: str | None = None,
+                 classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes, cursor_type="row", zebra_stripes=True)
+        self.clock = clock
+        self._models: dict[str, ModelInfo] = {}
+        self._cells: dict[str, dict[str, Text]] = {}
+
+    def on_mount(self) -> None:
+        for key, header, width in COLUMNS:
+            self.add_column(header, key=key, width=width)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def models(self) -> list[ModelInfo]:
+        """The models in row order."""
+        return list(self._models.values())
+
+    @property
+    def selected(self) -> ModelInfo | None:
+        """The model under the cursor, or None when the table is empty."""
+        if not self._models or self.row_count == 0:
+            return None
+        try:
+            row_key, _ = self.coordinate_to_cell_key(self.cursor_coordinate)
+        except CellDoesNotExist:
+            return None
+        return self._models.get(str(row_key.value))
+
+    def cell_text(self, name: str, column: str) -> str:
+        """The plain text shown in one cell (for tests and the help screen)."""
+        return self._cells[name][column].plain
+
+    def select(self, name: str) -> None:
+        """Move the cursor to the row of model `name`."""
+        try:
+            self.move_cursor(row=self.get_row_index(name), animate=False)
+        except RowDoesNotExist:
+            pass
+
+    # -- updating ----------------------------------------------------------------------------
+
+    def update_models(self, models: Iterable[ModelInfo]) -> None:
+        """Show `models`: changed cells are updated in place; the cursor follows its model."""
+        models = list(models)
+        names = [m.name for m in models]
+        if names != list(self._models):
+            self._rebuild(models)
+            return
+        for model in models:
+            self._models[model.name] = model
+            self._render_row(model)
+
+    def patch(self, name: str, **changes: Any) -> None:
+        """Change fields of one row before the next poll brings the backend's word on it
+        (load progress arrives as events, a poll would be slower)."""
+        model = self._models.get(name)
+        if model is None:
+            return
+        model = replace(model, **changes)
+        self._models[name] = model
+        self._render_row(model)
+
+    def restyle(self) -> None:
+        """Render every row again (after a theme change, or to move 'last used' on)."""
+        self._rich_style_cache.clear()
+        for model in self._models.values():
+            self._render_row(model, force=True)
+
+    def _rebuild(self, models: list[ModelInfo]) -> None:
+        selected = self.selected
+        keep = selected.name if selected is not None else None
+        self.clear()
+        self._models = {m.name: m for m in models}
+        self._cells = {}
+        for model in models:
+            cells = self._cells_for(model)
+            self._cells[model.name] = cells
+            self.add_row(*(cells[key] for key in COLUMN_KEYS), key=model.name)
+        if keep is not None and keep in self._models:
+            self.select(keep)
+
+    def _render_row(self, model: ModelInfo, *, force: bool = False) -> None:
+        old = self._cells.get(model.name, {})
+        new = self._cells_for(model)
+        self._cells[model.name] = new
+        for key in COLUMN_KEYS:
+            if force or old.get(key) != new[key]:
+                self.update_cell(model.name, key, new[key])
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def _style(self, component: str) -> Any:
+        return component_style(self, f"models-table--{component}")
+
+    def _cells_for(self, m: ModelInfo) -> dict[str, Text]:
+        muted = self._style("muted")
+        loaded = m.state in ("ready", "busy")
+        state_style = self._style(m.state) if m.state in STATES else muted
+        if m.ttl_left_s is not None:
+            ttl = Text(format_duration(m.ttl_left_s))
+        elif loaded and (m.pinned or m.keep_alive_s < 0):
+            ttl = Text("∞", muted)
+        else:
+            ttl = Text(NA, muted)
+        load = Text(f"{m.active}/{m.queued}") if loaded else Text(NA, muted)
+        tps = Text(f"{m.tokens_per_s:.1f}") if m.tokens_per_s else Text(NA, muted)
+        memory_style = None if m.measured_bytes is not None else muted
+        return {
+            "name": Text(m.name, self._style("name")),
+            "state": Text(state_label(m), state_style),
+            "size": Text(format_bytes(m.file_size) if m.file_size is not None else NA),
+            "quant": Text(m.quantization or NA),
+            "memory": Text(format_memory(m.estimate_bytes, m.measured_bytes), memory_style),
+            "pinned": Text("●" if m.pinned else "", self._style("pinned")),
+            "ttl": ttl,
+            "load": load,
+            "tps": tps,
+            "last_used": Text(format_ago(m.last_used, self.clock()),
+                              None if m.last_used is not None else muted),
+        }

@@ -1,0 +1,281 @@
+"""An in-memory Backend for console tests: deterministic models, events and host stats.
+
+`FakeBackend` implements the `Backend` protocol of corral.backend.api without llama.cpp:
+- `load()` walks a model through available → loading (progress events every 5 %) → ready,
+  yielding to the event loop between steps, so a UI sees every stage;
+- a model named in `failures` ("broken" by default) fails its load half-way: it ends in
+  state failed with the reason kept in `ModelInfo.error`, and `load()` raises LoadFailed;
+- `evict()`, `pin()` and `unload_all()` follow the manager's rules (a pinned model needs
+  force, evicting a failed model clears it);
+- `complete()` / `chat()` stream a few fixed chunks and publish request events;
+- `events()` is an async iterator fed by an asyncio.Queue per subscriber, with a replay
+  ring for `after_seq`;
+- `status()` returns fixed HostStats (no GPU, gpu_note "no GPU (test)").
+
+Every timestamp it makes is `now` (a fixed instant by default), so nothing depends on the
+wall clock. `calls` records what was asked of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
+from typing import Any
+
+from corral.backend.engine import Chunk, RequestStats
+from corral.backend.errors import LoadFailed, ModelNotFound, ModelPinned
+from corral.backend.events import (
+    Event,
+    LoadProgress,
+    ModelLoaded,
+    PinChanged,
+    RequestFinished,
+    RequestStarted,
+    StateChanged,
+)
+from corral.backend.snapshot import ModelInfo, Status
+from corral.backend.telemetry import GPUStats, HostStats
+
+FIXED_NOW = 1_750_000_000.0  # 2025-06-15 15:06:40 UTC
+MiB = 1024**2
+GiB = 1024**3
+BROKEN_REASON = "llama_model_load: error loading model: tensor 'blk.0.attn_q.weight' data is out of bounds"
+
+
+def model_info(name: str, **fields: Any) -> ModelInfo:
+    """A ModelInfo with plausible defaults for every field not given."""
+    values: dict[str, Any] = dict(
+        name=name, state="available", source="dir", path=f"/models/{name}.gguf", usable=True,
+        error=None, file_size=100 * MiB, architecture="llama", quantization="Q4_K_M",
+        parameters=100_000_000, context_length=4096, n_ctx=4096, n_parallel=4, pinned=False,
+        keep_alive_s=300.0, ttl_left_s=None, in_flight=0, active=0, queued=0, tokens_per_s=0.0,
+        estimate_bytes=150 * MiB, estimate_detail=None, measured_bytes=None, load_seconds=None,
+        load_percent=None, last_used=None, chat_template=None,
+    )
+    values.update(fields)
+    return ModelInfo(**values)
+
+
+def default_models(now: float = FIXED_NOW) -> list[ModelInfo]:
+    return [
+        model_info("gemma-3-270m", state="ready", source="default", file_size=253_000_000,
+                   architecture="gemma3", parameters=268_000_000, context_length=32768,
+                   n_parallel=8, pinned=True, tokens_per_s=61.3, estimate_bytes=372 * MiB,
+                   measured_bytes=390 * MiB, load_seconds=0.84, last_used=now - 42,
+                   chat_template="fallback:gemma"),
+        model_info("qwen2.5-0.5b-instruct", state="ready", file_size=531_000_000,
+                   architecture="qwen2", quantization="Q8_0", parameters=494_000_000,
+                   ttl_left_s=187.0, estimate_bytes=702 * MiB, measured_bytes=688 * MiB,
+                   load_seconds=1.31, last_used=now - 113, chat_template="gguf"),
+        model_info("tiny-llama", file_size=634_000, quantization="F32", parameters=150_000,
+                   estimate_bytes=3_300_000),
+        model_info("broken", file_size=1_200_000, quantization="F16", estimate_bytes=4 * MiB),
+    ]
+
+
+def fixed_host(now: float = FIXED_NOW, gpus: tuple[GPUStats, ...] = (),
+               gpu_note: str = "no GPU (test)") -> HostStats:
+    return HostStats(ts=now, cpu_percent=23.0, cpu_count=16, physical_cores=8,
+                     ram_used=int(6.2 * GiB), ram_total=int(31.3 * GiB),
+                     ram_available=int(25.1 * GiB), process_rss=812 * MiB, gpus=gpus,
+                     gpu_note="" if gpus else gpu_note)
+
+
+class FakeBackend:
+    """The Backend protocol in memory; see the module docstring."""
+
+    kind = "fake"
+
+    def __init__(self, models: Iterable[ModelInfo] | None = None, *, label: str = "embedded",
+                 now: float = FIXED_NOW, host: HostStats | None = None,
+                 failures: dict[str, str] | None = None, ram_budget: int = 8 * GiB,
+                 max_loaded: int = 3, step_delay: float = 0.0) -> None:
+        self.label = label
+        self.now = now
+        self.host = host if host is not None else fixed_host(now)
+        self.failures = {"broken": BROKEN_REASON} if failures is None else dict(failures)
+        self.ram_budget = ram_budget
+        self.max_loaded = max_loaded
+        self.step_delay = step_delay
+        self._models: dict[str, ModelInfo] = {
+            m.name: m for m in (default_models(now) if models is None else models)}
+        self._seq = 0
+        self._ring: list[Event] = []
+        self._subscribers: list[asyncio.Queue[Event | None]] = []
+        self.calls: list[tuple[Any, ...]] = []
+        self.closed = False
+
+    # -- test helpers -----------------------------------------------------------------------
+
+    def clock(self) -> float:
+        return self.now
+
+    def info(self, name: str) -> ModelInfo:
+        return self._get(name)
+
+    def publish(self, event: Event) -> Event:
+        """Stamp `event` (seq, ts = now) and hand it to every subscriber."""
+        self._seq += 1
+        stamped = replace(event, seq=self._seq, ts=self.now)
+        self._ring.append(stamped)
+        for queue in list(self._subscribers):
+            queue.put_nowait(stamped)
+        return stamped
+
+    def set_in_flight(self, name: str, count: int) -> ModelInfo:
+        """Pretend `count` requests are running or queued on `name` (busy when > 0)."""
+        m = self._get(name)
+        active = min(count, m.n_parallel)
+        state = m.state
+        if m.loaded:
+            state = "busy" if count else "ready"
+        changes = dict(in_flight=count, active=active, queued=count - active)
+        if state != m.state:  # ready ⇄ busy is announced only when it flips
+            return self._transition(name, state, **changes)
+        return self._set(name, **changes)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    # -- the Backend protocol ----------------------------------------------------------------
+
+    async def models(self) -> list[ModelInfo]:
+        return list(self._models.values())
+
+    async def status(self) -> Status:
+        models = tuple(self._models.values())
+        reserved = sum((m.measured_bytes or m.estimate_bytes or 0) for m in models
+                       if m.state in ("loading", "ready", "busy", "unloading"))
+        return Status(models, self.host, self.ram_budget, reserved, self.max_loaded)
+
+    async def load(self, name: str) -> ModelInfo:
+        self.calls.append(("load", name))
+        m = self._get(name)
+        while m.state in ("loading", "unloading"):
+            await asyncio.sleep(0)
+            m = self._get(name)
+        if m.loaded:
+            return m
+        self._transition(name, "loading", error=None, load_percent=0, measured_bytes=None)
+        reason = self.failures.get(name)
+        for percent in range(0, 101, 5):
+            if reason is not None and percent > 40:
+                self._transition(name, "failed", reason, error=reason, load_percent=None)
+                raise LoadFailed(f"model {name!r}: {reason}")
+            self._set(name, load_percent=percent)
+            self.publish(LoadProgress(model=name, percent=percent))
+            await asyncio.sleep(self.step_delay)
+        m = self._get(name)
+        estimate = m.estimate_bytes or 0
+        measured = estimate + estimate // 16
+        self._set(name, measured_bytes=measured, load_seconds=1.25, load_percent=None,
+                  last_used=self.now, ttl_left_s=None if m.pinned else m.keep_alive_s)
+        self.publish(ModelLoaded(model=name, seconds=1.25, estimate_bytes=estimate,
+                                 measured_bytes=measured))
+        return self._transition(name, "ready")
+
+    async def evict(self, name: str, *, force: bool = False) -> ModelInfo:
+        self.calls.append(("evict", name, force))
+        m = self._get(name)
+        if m.state == "failed":
+            return self._transition(name, "available", "cleared", error=None)
+        if not m.loaded:
+            return m
+        if m.pinned and not force:
+            raise ModelPinned(f"model {name!r} is pinned; unpin it first or evict with force")
+        reason = "evicted by operator" + (" (forced)" if force else "")
+        self._transition(name, "unloading", reason)
+        await asyncio.sleep(0)
+        return self._transition(name, "available", reason, measured_bytes=None,
+                                load_seconds=None, ttl_left_s=None, in_flight=0, active=0,
+                                queued=0, tokens_per_s=0.0)
+
+    async def pin(self, name: str, pinned: bool = True) -> ModelInfo:
+        self.calls.append(("pin", name, pinned))
+        m = self._get(name)
+        if m.pinned == pinned:
+            return m
+        ttl = None if pinned or not m.state == "ready" else m.keep_alive_s
+        m = self._set(name, pinned=pinned, ttl_left_s=ttl)
+        self.publish(PinChanged(model=name, pinned=pinned))
+        return m
+
+    async def unload_all(self) -> None:
+        self.calls.append(("unload_all",))
+        for m in list(self._models.values()):
+            if m.loaded:
+                await self.evict(m.name, force=True)
+
+    async def complete(self, model: str, prompt: str, **options: Any) -> AsyncIterator[Chunk]:
+        self.calls.append(("complete", model, prompt))
+        await self.load(model)
+        request_id = options.get("request_id") or f"req-{self._seq + 1:04d}"
+        self.set_in_flight(model, self._get(model).in_flight + 1)
+        self.publish(RequestStarted(model=model, request_id=request_id, prompt_tokens=4,
+                                    queue_wait_s=0.0))
+        pieces = ["Once", " upon", " a", " time"]
+        try:
+            for piece in pieces[:-1]:
+                yield Chunk(piece)
+                await asyncio.sleep(0)
+            stats = RequestStats(prompt_tokens=4, completion_tokens=len(pieces), queue_wait_s=0.0,
+                                 ttft_s=0.01, duration_s=0.1)
+            yield Chunk(pieces[-1], finish_reason="length", stats=stats)
+        finally:
+            self.set_in_flight(model, max(0, self._get(model).in_flight - 1))
+            self._set(model, last_used=self.now)
+            self.publish(RequestFinished(model=model, request_id=request_id, finish_reason="length",
+                                         prompt_tokens=4, completion_tokens=len(pieces),
+                                         ttft_s=0.01, duration_s=0.1, tokens_per_s=33.3))
+
+    async def chat(self, model: str, messages: list[dict[str, Any]],
+                   **options: Any) -> AsyncIterator[Chunk]:
+        prompt = "\n".join(str(m.get("content", "")) for m in messages)
+        async for chunk in self.complete(model, prompt, **options):
+            yield chunk
+
+    async def events(self, after_seq: int | None = None) -> AsyncIterator[Event]:
+        queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        backlog = [e for e in self._ring if after_seq is not None and e.seq > after_seq]
+        self._subscribers.append(queue)
+        try:
+            last = after_seq or 0
+            for event in backlog:
+                last = event.seq
+                yield event
+            while True:
+                event = await queue.get()
+                if event is None:
+                    return
+                if event.seq > last:
+                    last = event.seq
+                    yield event
+        finally:
+            if queue in self._subscribers:
+                self._subscribers.remove(queue)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        for queue in self._subscribers:
+            queue.put_nowait(None)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _get(self, name: str) -> ModelInfo:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise ModelNotFound(name, list(self._models)) from None
+
+    def _set(self, name: str, **changes: Any) -> ModelInfo:
+        m = replace(self._get(name), **changes)
+        self._models[name] = m
+        return m
+
+    def _transition(self, name: str, new: str, reason: str = "", **changes: Any) -> ModelInfo:
+        old = self._get(name).state
+        m = self._set(name, state=new, **changes)
+        self.publish(StateChanged(model=name, old=old, new=new, reason=reason))
+        return m

@@ -1,0 +1,480 @@
+"""Console tests: Pilot drives the real app over FakeBackend (tests/fake_backend.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+from textual.pilot import Pilot
+
+from corral.backend.events import LoadProgress, Notice
+from corral.backend.telemetry import GPUStats
+from corral.console.app import CorralApp, create_app
+from corral.console.commands import COMMANDS, bindings_for
+from corral.console.screens import ConfirmScreen, DashboardScreen, HelpScreen
+from corral.console.widgets import EventLog, ModelsTable
+from corral.themes import THEMES
+from fake_backend import FIXED_NOW, GiB, FakeBackend, fixed_host
+
+SIZE = (120, 40)
+
+
+def make_app(backend: FakeBackend | None = None, **kw: object) -> tuple[CorralApp, FakeBackend]:
+    backend = backend if backend is not None else FakeBackend()
+    return create_app(backend, clock=backend.clock, **kw), backend  # type: ignore[arg-type]
+
+
+async def wait_for(pilot: Pilot, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Let the app run until `predicate()` holds (the backend works in workers)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the console")
+        await pilot.pause(0.01)
+
+
+def table(app: CorralApp) -> ModelsTable:
+    return app.screen.query_one(ModelsTable)
+
+
+def state(app: CorralApp, name: str) -> str:
+    return table(app).cell_text(name, "state")
+
+
+async def ready(pilot: Pilot) -> CorralApp:
+    """Wait for the dashboard to show the first status."""
+    app = pilot.app
+    assert isinstance(app, CorralApp)
+    await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen) and table(app).row_count > 0)
+    return app
+
+
+async def select(pilot: Pilot, name: str) -> None:
+    """Move the cursor to `name` with the arrow keys, as an operator would."""
+    app = pilot.app
+    assert isinstance(app, CorralApp)
+    target = table(app).get_row_index(name)
+    while table(app).cursor_row != target:
+        await pilot.press("down" if table(app).cursor_row < target else "up")
+    assert table(app).selected is not None and table(app).selected.name == name
+
+
+def log_text(app: CorralApp) -> str:
+    return "\n".join(strip.text for strip in app.screen.query_one(EventLog).lines)
+
+
+def notifications(app: CorralApp) -> list[str]:
+    return [f"{n.title}: {n.message}" for n in app._notifications]
+
+
+# -- the table ------------------------------------------------------------------------------
+
+
+async def test_table_shows_the_fake_models() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        t = table(app)
+        assert [m.name for m in t.models] == ["gemma-3-270m", "qwen2.5-0.5b-instruct", "tiny-llama", "broken"]
+        assert state(app, "gemma-3-270m") == "ready"
+        assert state(app, "tiny-llama") == "available"
+        assert t.cell_text("gemma-3-270m", "quant") == "Q4_K_M"
+        assert t.cell_text("gemma-3-270m", "memory") == "372.0/390.0 MiB"
+        assert t.cell_text("tiny-llama", "memory") == "~3.1 MiB"
+        assert t.cell_text("gemma-3-270m", "pinned") == "●"
+        assert t.cell_text("qwen2.5-0.5b-instruct", "ttl") == "3m07s"
+        assert t.cell_text("gemma-3-270m", "tps") == "61.3"
+        assert t.cell_text("gemma-3-270m", "last_used") == "42s ago"
+        assert t.cell_text("tiny-llama", "last_used") == "never"
+        assert app.sub_title == "embedded"
+        assert "GPU: no GPU (test)" in str(app.screen.query_one("#gpu-note").render())
+
+
+async def test_header_shows_a_remote_url() -> None:
+    app, _ = make_app(FakeBackend(label="http://10.0.0.5:8000"))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert (app.title, app.sub_title) == ("corral", "http://10.0.0.5:8000")
+
+
+async def test_load_moves_the_selected_model_to_ready() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await select(pilot, "tiny-llama")
+        await pilot.press("l")
+        await wait_for(pilot, lambda: state(app, "tiny-llama") == "ready")
+        assert backend.calls == [("load", "tiny-llama")]
+        assert table(app).selected.name == "tiny-llama"  # the cursor stayed on its model
+        # the state came with its event; the measured memory comes with the next poll
+        await wait_for(pilot, lambda: table(app).cell_text("tiny-llama", "memory") == "3.1/3.3 MiB")
+        log = log_text(app)
+        assert "tiny-llama  available → loading" in log
+        assert "loading → ready" in log
+        assert "loaded in 1.25 s  memory est. 3.1 MiB, measured 3.3 MiB" in log
+        # progress arrives every 5 %; the log keeps 0/25/50/75/100 only
+        shown = [p for p in range(0, 101, 5) if f"loading {p}%" in log]
+        assert shown == [0, 25, 50, 75, 100]
+
+
+async def test_evict_asks_first_n_keeps_y_evicts() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await select(pilot, "qwen2.5-0.5b-instruct")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        await pilot.pause(0.05)
+        assert backend.calls == []
+        assert state(app, "qwen2.5-0.5b-instruct") == "ready"
+
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: state(app, "qwen2.5-0.5b-instruct") == "available")
+        assert backend.calls == [("evict", "qwen2.5-0.5b-instruct", False)]
+        assert "ready → unloading  (evicted by operator)" in log_text(app)
+
+
+async def test_evicting_a_pinned_model_says_so_and_forces() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await select(pilot, "gemma-3-270m")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "pinned" in str(app.screen.query_one("#confirm-detail").render())
+        await pilot.press("y")
+        await wait_for(pilot, lambda: state(app, "gemma-3-270m") == "available")
+        assert backend.calls == [("evict", "gemma-3-270m", True)]
+
+
+async def test_evict_of_a_model_that_is_not_loaded_only_warns() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await select(pilot, "tiny-llama")
+        await pilot.press("e")
+        await pilot.pause(0.05)
+        assert isinstance(app.screen, DashboardScreen)
+        assert backend.calls == []
+        assert any("tiny-llama is not loaded" in n for n in notifications(app))
+
+
+async def test_p_toggles_pin() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await select(pilot, "qwen2.5-0.5b-instruct")
+        await pilot.press("p")
+        await wait_for(pilot, lambda: table(app).cell_text("qwen2.5-0.5b-instruct", "pinned") == "●")
+        assert backend.info("qwen2.5-0.5b-instruct").pinned
+        assert table(app).cell_text("qwen2.5-0.5b-instruct", "ttl") == "∞"
+        await pilot.press("p")
+        await wait_for(pilot, lambda: table(app).cell_text("qwen2.5-0.5b-instruct", "pinned") == "")
+        assert backend.calls == [("pin", "qwen2.5-0.5b-instruct", True),
+                                 ("pin", "qwen2.5-0.5b-instruct", False)]
+        assert "qwen2.5-0.5b-instruct  pinned" in log_text(app)
+        assert "qwen2.5-0.5b-instruct  unpinned" in log_text(app)
+
+
+async def test_failed_load_notifies_with_the_reason_and_shows_failed() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await select(pilot, "broken")
+        await pilot.press("l")
+        await wait_for(pilot, lambda: state(app, "broken") == "failed")
+        await wait_for(pilot, lambda: any("load broken failed" in n for n in notifications(app)))
+        [note] = [n for n in notifications(app) if "load broken failed" in n]
+        assert backend.failures["broken"] in note
+        assert backend.info("broken").error == backend.failures["broken"]
+        assert "loading → failed  (llama_model_load: error loading model" in log_text(app)
+        # evict on a failed model clears it without asking (nothing is lost)
+        await pilot.press("e")
+        await wait_for(pilot, lambda: state(app, "broken") == "available")
+        assert backend.calls[-1] == ("evict", "broken", False)
+
+
+async def test_unload_all_asks_then_unloads_every_loaded_model() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("u")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: all(state(app, m.name) == "available" for m in table(app).models))
+        assert ("unload_all",) in backend.calls
+
+
+async def test_t_cycles_the_themes() -> None:
+    app, _ = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        names = [theme.name for theme in THEMES]
+        assert app.theme == "corral-dark" == names[0]
+        seen = []
+        for _ in names:
+            await pilot.press("t")
+            await pilot.pause()
+            seen.append(app.theme)
+        assert seen == names[1:] + names[:1]
+
+
+async def test_a_theme_switch_recolours_the_table() -> None:
+    app, _ = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        before = table(app)._cells["gemma-3-270m"]["state"].style
+        await pilot.press("t")
+        await wait_for(pilot, lambda: table(app)._cells["gemma-3-270m"]["state"].style != before)
+
+
+def test_unknown_theme_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown theme 'nope'.*corral-contrast"):
+        create_app(FakeBackend(), theme="nope")  # type: ignore[arg-type]
+
+
+async def test_app_starts_with_the_theme_asked_for() -> None:
+    app, _ = make_app(theme="corral-light")
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert app.theme == "corral-light"
+
+
+async def test_help_lists_the_command_table() -> None:
+    app, _ = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+        help_table = app.screen.query_one("#help-table")
+        rows = [help_table.get_row(command.id) for command in COMMANDS]
+        assert [str(row[1]).rstrip("…") for row in rows] == [c.description for c in COMMANDS]
+        assert [str(row[0]) for row in rows] == ["l", "e", "p", "u", "r", "t", "?", "q"]
+        assert str(help_table.get_row("corral.evict")[1]) == "Evict…"  # it asks first
+        assert str(help_table.get_row("corral.load")[1]) == "Load"
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen))
+
+
+async def test_keymap_remaps_a_command_by_id() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        app.set_keymap({"corral.load": "L"})
+        await select(pilot, "tiny-llama")
+        await pilot.press("l")
+        await pilot.pause(0.05)
+        assert backend.calls == []
+        await pilot.press("L")
+        await wait_for(pilot, lambda: state(app, "tiny-llama") == "ready")
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+        assert str(app.screen.query_one("#help-table").get_row("corral.load")[0]) == "L"
+
+
+def test_one_command_table_feeds_the_bindings() -> None:
+    ids = [binding.id for binding in bindings_for("dashboard")]
+    assert ids == [command.id for command in COMMANDS]
+    keys = {command.id: command.key for command in COMMANDS}
+    assert keys == {
+        "corral.load": "l", "corral.evict": "e", "corral.pin": "p", "corral.unload_all": "u",
+        "corral.refresh": "r", "corral.help": "question_mark", "corral.quit": "q",
+        "corral.theme": "t",
+    }
+    assert CorralApp.BINDINGS == []  # no single-letter key at app level: screens scope them
+
+
+async def test_quit_without_requests_exits_at_once() -> None:
+    app, _ = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("q")
+        await wait_for(pilot, lambda: not app.is_running)
+
+
+async def test_quit_with_a_request_in_flight_asks_first() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        backend.set_in_flight("gemma-3-270m", 2)
+        await wait_for(pilot, lambda: state(app, "gemma-3-270m") == "busy")
+        await pilot.press("q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "2 request(s) in flight (gemma-3-270m)" in str(app.screen.query_one("#confirm-question").render())
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        assert app.is_running
+        await pilot.press("q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not app.is_running)
+
+
+async def test_streamed_requests_show_in_the_log() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        text = "".join([c.text async for c in backend.complete("gemma-3-270m", "hi", request_id="req-7")])
+        assert text == "Once upon a time"
+        await wait_for(pilot, lambda: "request req-7 length" in log_text(app))
+        assert "4+4 tokens, 33.3 tok/s, 0.10 s" in log_text(app)
+        backend.publish(Notice(model="gemma-3-270m", level="warning", message="queue is filling up"))
+        await wait_for(pilot, lambda: "queue is filling up" in log_text(app))
+
+
+async def test_progress_that_jumps_is_logged_at_each_quarter_crossed() -> None:
+    app, _ = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        log = app.screen.query_one(EventLog)
+        written = [log.add_event(LoadProgress(model="m", percent=p)) for p in (0, 3, 60, 61, 74, 75, 100)]
+        assert written == [True, False, True, False, False, True, True]
+        assert log.add_event(LoadProgress(model="m", percent=0))  # a new load starts over
+
+
+async def test_gpu_panel_shows_each_gpu() -> None:
+    gpu = GPUStats(index=0, name="NVIDIA H100 80GB HBM3", uuid="GPU-1", util_percent=37.0,
+                   mem_used=12 * GiB, mem_total=80 * GiB, temperature_c=46.0, power_w=182.0,
+                   power_limit_w=700.0)
+    app, _ = make_app(FakeBackend(host=fixed_host(gpus=(gpu,))))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await wait_for(pilot, lambda: bool(app.screen.query(".gpu-row")))
+        await pilot.pause(0.05)
+        row = app.screen.query_one(".gpu-row")
+        assert "GPU0 NVIDIA H100 80GB HBM3" in str(row.query_one(".gpu-name").render())
+        assert row.query_one(".gpu-vram").value_text == "12.0/80.0 GiB"
+        assert row.query_one(".gpu-util").value_text == "37%"
+        assert "46°C" in str(row.query_one(".gpu-extra").render())
+        assert not app.screen.query_one("#gpu-note").display
+
+
+async def test_a_failing_status_poll_is_reported_once_and_recovers() -> None:
+    backend = FakeBackend()
+    real_status = backend.status
+    failures = {"left": 3}
+
+    async def flaky_status():
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("server at http://x:8000 is not answering")
+        return await real_status()
+
+    backend.status = flaky_status  # type: ignore[method-assign]
+    app, _ = make_app(backend, poll_interval=0.01)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        errors = [n for n in notifications(app) if "status unavailable" in n]
+        assert errors == ["status unavailable: ConnectionError: server at http://x:8000 is not answering"]
+
+
+async def test_a_broken_event_stream_is_reported_and_resubscribed() -> None:
+    backend = FakeBackend()
+    real_events = backend.events
+    calls: list[int | None] = []
+
+    def flaky_events(after_seq: int | None = None):
+        calls.append(after_seq)
+        if len(calls) == 1:
+            async def broken():
+                raise ConnectionError("SSE stream closed by peer")
+                yield  # pragma: no cover - makes this an async generator
+            return broken()
+        return real_events(after_seq)
+
+    backend.events = flaky_events  # type: ignore[method-assign]
+    app, _ = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await wait_for(pilot, lambda: backend.subscribers == 1)
+        assert calls == [0, 0]
+        assert "event stream lost: ConnectionError: SSE stream closed by peer" in notifications(app)
+        await select(pilot, "tiny-llama")
+        await pilot.press("l")
+        await wait_for(pilot, lambda: "loading → ready" in log_text(app))
+
+
+async def test_works_at_80x24() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        # the table's header and all four models fit, inside its border
+        await wait_for(pilot, lambda: table(app).region.height >= 7)
+        screen = app.screen
+        for widget in ("#host", "#models", "#events", "Footer"):
+            region = screen.query_one(widget).region
+            assert region.height > 0 and region.bottom <= 24 and region.right <= 80, widget
+        assert screen.query_one("#events").region.height >= 5
+        await select(pilot, "tiny-llama")
+        await pilot.press("l")
+        await wait_for(pilot, lambda: state(app, "tiny-llama") == "ready")
+        await pilot.press("question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+        box = app.screen.query_one("#help-box").region
+        assert box.right <= 80 and box.bottom <= 24
+
+
+def test_dashboard_snapshot(snap_compare: Callable[..., bool], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard at 120x40 after one load: fixed models, host stats, clock and time zone."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    app, backend = make_app()
+
+    async def load_one(pilot: Pilot) -> None:
+        await ready(pilot)
+        await select(pilot, "tiny-llama")
+        await pilot.press("l")
+        await wait_for(pilot, lambda: state(app, "tiny-llama") == "ready")
+        # and the poll after it (measured memory), so the picture never catches it half-way
+        await wait_for(pilot, lambda: table(app).cell_text("tiny-llama", "memory") == "3.1/3.3 MiB")
+        await pilot.press("up", "up")
+        await pilot.pause()
+
+    try:
+        assert snap_compare(app, terminal_size=SIZE, run_before=load_one)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_importing_the_console_does_not_import_llama_cpp() -> None:
+    code = (
+        "import sys\n"
+        "import corral.console.app\n"
+        "bad = sorted(m for m in sys.modules if m == 'llama_cpp' or m.startswith('llama_cpp.')"
+        " or m in ('corral.backend.engine', 'corral.backend.manager', 'corral.backend.llamalog'))\n"
+        "print(','.join(bad))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_fake_backend_is_deterministic() -> None:
+    import asyncio
+
+    async def run() -> list[tuple[str, int, float]]:
+        backend = FakeBackend()
+        stream = backend.events(after_seq=0)
+        await backend.load("tiny-llama")
+        events = []
+        async for event in stream:
+            events.append((event.type, event.seq, event.ts))
+            if event.type == "state" and event.new == "ready":
+                break
+        await backend.aclose()
+        return events
+
+    from corral.backend.api import Backend
+
+    assert isinstance(FakeBackend(), Backend)
+    first, second = asyncio.run(run()), asyncio.run(run())
+    assert first == second
+    assert {ts for _, _, ts in first} == {FIXED_NOW}

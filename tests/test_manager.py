@@ -1,0 +1,349 @@
+"""The model manager against real llama.cpp loads of tiny random-weight GGUFs."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.backend.config import settings_from_dict
+from corral.backend.generation import SamplingParams
+from corral.backend.errors import (BudgetExceeded, CorralError, IllegalTransition, ModelNotFound,
+                                   ModelPinned)
+from corral.backend.events import Event, EventBus, LoadProgress, ModelLoaded, StateChanged
+from corral.backend.manager import ALLOWED, Manager, State
+from ggufs import write_bad_magic, write_tiny_llama, write_truncated
+
+
+def make_settings(model_dir: Path | None, **sections: Any) -> Any:
+    data: dict[str, Any] = {
+        "include_default_model": False,
+        "model_dirs": [str(model_dir)] if model_dir else [],
+        "defaults": {"n_ctx": 256, "n_parallel": 2, "n_threads": 1, "keep_alive": -1},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return settings_from_dict(data)
+
+
+class Recorder:
+    """Collects every event the bus publishes, in order."""
+
+    def __init__(self, bus: EventBus) -> None:
+        self.events: list[Event] = []
+        self._task = asyncio.create_task(self._run(bus))
+
+    async def _run(self, bus: EventBus) -> None:
+        async for event in bus.subscribe():
+            self.events.append(event)
+
+    def states(self, model: str) -> list[tuple[str, str]]:
+        return [(e.old, e.new) for e in self.events if isinstance(e, StateChanged) and e.model == model]
+
+    def reasons(self, model: str) -> list[str]:
+        return [e.reason for e in self.events if isinstance(e, StateChanged) and e.model == model]
+
+    async def settle(self) -> None:
+        """Let published events reach the recorder (they hop through call_soon_threadsafe)."""
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        async def poll() -> None:
+            while not predicate():
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(poll(), timeout)
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[Callable[..., Any]]:
+    """Start managers for a test and always close them (models unloaded, threads joined)."""
+    started: list[tuple[Manager, Recorder]] = []
+
+    async def start(settings: Any) -> tuple[Manager, Recorder]:
+        bus = EventBus()
+        recorder = Recorder(bus)
+        await asyncio.sleep(0)  # let the recorder subscribe before anything is published
+        manager = Manager(settings, bus)
+        await manager.start()
+        started.append((manager, recorder))
+        return manager, recorder
+
+    yield start
+    for manager, recorder in started:
+        await manager.close()
+        recorder.close()
+
+
+async def generate(manager: Manager, name: str, prompt: str = "Once upon a time", **params: Any) -> str:
+    async with manager.lease(name) as lease:
+        tokens = lease.engine.weights.tokenize(prompt, add_special=True)
+        sampling = SamplingParams(**{"max_tokens": 8, "temperature": 0.0, **params})
+        return "".join([c.text async for c in lease.engine.stream(tokens, sampling)])
+
+
+def state(manager: Manager, name: str) -> str:
+    return manager.info(manager.record(name)).state
+
+
+# -- lifecycle ---------------------------------------------------------------------------
+
+
+async def test_every_lifecycle_transition_is_one_event(model_dir: Path, running: Any) -> None:
+    manager, events = await running(make_settings(model_dir))
+    await manager.load("tiny-a")
+    lease = await manager.acquire("tiny-a")
+    assert state(manager, "tiny-a") == "busy"
+    await manager.release(lease)
+    await manager.evict("tiny-a")
+    await events.settle()
+    assert events.states("tiny-a") == [
+        ("available", "loading"), ("loading", "ready"), ("ready", "busy"),
+        ("busy", "ready"), ("ready", "unloading"), ("unloading", "available"),
+    ]
+
+
+async def test_failed_load_then_retry_then_clear(tmp_path: Path, running: Any) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    bad = write_bad_magic(models / "flaky.gguf")
+    manager, events = await running(make_settings(models))
+
+    with pytest.raises(CorralError) as failure:
+        await manager.load("flaky")
+    assert str(bad) in str(failure.value) and "not a GGUF file" in str(failure.value)
+    info = manager.info(manager.record("flaky"))
+    assert info.state == "failed" and "not a GGUF file" in (info.error or "")
+
+    write_tiny_llama(bad, name="flaky")  # the operator fixes the file: failed → loading works
+    await manager.load("flaky")
+    assert state(manager, "flaky") == "ready"
+
+    write_bad_magic(models / "broken.gguf")
+    await manager.rescan()
+    with pytest.raises(CorralError):
+        await manager.load("broken")
+    await manager.evict("broken")  # evicting a failed model clears it
+    await events.settle()
+    assert events.states("flaky") == [("available", "loading"), ("loading", "failed"),
+                                      ("failed", "loading"), ("loading", "ready")]
+    assert events.states("broken")[-1] == ("failed", "available")
+
+
+async def test_illegal_transition_raises_and_changes_nothing(model_dir: Path, running: Any) -> None:
+    manager, _ = await running(make_settings(model_dir))
+    record = manager.record("tiny-a")
+    with pytest.raises(IllegalTransition, match="available → ready"):
+        manager._transition(record, State.READY)
+    assert record.state == State.AVAILABLE
+    assert all(State.AVAILABLE not in targets for s, targets in ALLOWED.items() if s != State.UNLOADING
+               and s != State.FAILED)
+
+
+async def test_load_progress_and_loaded_event(model_dir: Path, running: Any) -> None:
+    manager, events = await running(make_settings(model_dir))
+    info = await manager.load("tiny-a")
+    await events.settle()
+    percents = [e.percent for e in events.events if isinstance(e, LoadProgress)]
+    assert percents and percents[-1] == 100 and percents == sorted(set(percents))
+    loaded = [e for e in events.events if isinstance(e, ModelLoaded)]
+    assert len(loaded) == 1 and loaded[0].estimate_bytes == info.estimate_bytes
+    assert info.measured_bytes is not None and info.load_seconds is not None
+    assert info.chat_template == "fallback:llama2"
+
+
+# -- single flight and auto-load ---------------------------------------------------------
+
+
+async def test_single_flight_for_concurrent_cold_requests(model_dir: Path, running: Any) -> None:
+    manager, events = await running(make_settings(model_dir, defaults={"n_parallel": 4}))
+    texts = await asyncio.gather(*[generate(manager, "tiny-b") for _ in range(12)])
+    await events.settle()
+    assert events.states("tiny-b").count(("available", "loading")) == 1
+    assert len(set(texts)) == 1 and texts[0]  # greedy: every request got the same real text
+    assert state(manager, "tiny-b") == "ready"
+    assert manager.record("tiny-b").in_flight == 0
+
+
+async def test_unknown_model_names_the_known_ones(model_dir: Path, running: Any) -> None:
+    manager, _ = await running(make_settings(model_dir))
+    with pytest.raises(ModelNotFound) as err:
+        await manager.acquire("nope")
+    assert "tiny-a, tiny-b, tiny-c" in str(err.value)
+
+
+# -- budgets and eviction ----------------------------------------------------------------
+
+
+async def test_lru_eviction_by_max_loaded(model_dir: Path, running: Any) -> None:
+    manager, events = await running(make_settings(model_dir, budgets={"max_loaded": 2}))
+    await manager.load("tiny-a")
+    await manager.load("tiny-b")
+    await generate(manager, "tiny-a")  # a is now more recently used than b
+    await manager.load("tiny-c")
+    assert [state(manager, n) for n in ("tiny-a", "tiny-b", "tiny-c")] == ["ready", "available", "ready"]
+    await events.settle()
+    assert "evicted (least recently used) to make room for tiny-c" in events.reasons("tiny-b")
+
+
+def kv_heavy_dir(root: Path) -> Path:
+    """Models whose KV cache (64 MiB at n_ctx 16384) dwarfs everything else, so the measured
+    resident memory of a load is large and stable."""
+    for seed, name in enumerate(("big-a", "big-b", "big-c")):
+        write_tiny_llama(root / f"{name}.gguf", name=name, seed=seed, n_layer=4, n_embd=256, n_head=4,
+                         n_kv_head=4, n_ff=256, context_length=16384)
+    return root
+
+
+async def test_lru_eviction_by_ram_budget(tmp_path: Path, running: Any) -> None:
+    models = kv_heavy_dir(tmp_path / "models")
+    probe, _ = await running(make_settings(models, defaults={"n_ctx": 16384}))
+    one = await probe.load("big-a")
+    await probe.close()
+    assert one.measured_bytes and one.measured_bytes > 48 * 2**20, one
+    # Room for one model plus half of another: every second load must evict.
+    budget = one.estimate_bytes + one.measured_bytes // 2
+    manager, events = await running(make_settings(models, defaults={"n_ctx": 16384},
+                                                  budgets={"ram_bytes": budget, "max_loaded": 10}))
+    await manager.load("big-a")
+    await manager.load("big-b")
+    assert state(manager, "big-a") == "available" and state(manager, "big-b") == "ready"
+    assert manager.ram_reserved() <= budget
+    await events.settle()
+    assert any("to make room for big-b" in r for r in events.reasons("big-a"))
+
+
+async def test_pinned_model_survives_pressure(model_dir: Path, running: Any) -> None:
+    manager, _ = await running(make_settings(model_dir, budgets={"max_loaded": 2}))
+    await manager.load("tiny-a")
+    await manager.pin("tiny-a")
+    await manager.load("tiny-b")
+    await manager.load("tiny-c")  # a is least recently used but pinned: b goes
+    assert [state(manager, n) for n in ("tiny-a", "tiny-b", "tiny-c")] == ["ready", "available", "ready"]
+    with pytest.raises(ModelPinned):
+        await manager.evict("tiny-a")
+    await manager.evict("tiny-a", force=True)
+    assert state(manager, "tiny-a") == "available"
+
+
+async def test_busy_model_is_never_evicted_and_refusal_names_numbers(model_dir: Path, running: Any) -> None:
+    manager, _ = await running(make_settings(model_dir, budgets={"max_loaded": 1}))
+    lease = await manager.acquire("tiny-a")
+    with pytest.raises(BudgetExceeded) as refused:
+        await manager.load("tiny-b")
+    message = str(refused.value)
+    assert "max_loaded = 1" in message and "tiny-a (busy)" in message and "tiny-b" in message
+    assert state(manager, "tiny-a") == "busy" and state(manager, "tiny-b") == "available"
+    await manager.release(lease)
+    await manager.load("tiny-b")  # now a is idle and goes
+    assert state(manager, "tiny-a") == "available" and state(manager, "tiny-b") == "ready"
+
+
+async def test_model_larger_than_budget_is_refused_with_bytes(model_dir: Path, running: Any) -> None:
+    manager, _ = await running(make_settings(model_dir, budgets={"ram_bytes": "1MiB"}))
+    with pytest.raises(BudgetExceeded) as refused:
+        await manager.load("tiny-a")
+    assert refused.value.needed > 2**20
+    assert "MiB" in str(refused.value) and "RAM budget is 1.0 MiB" in str(refused.value)
+    assert state(manager, "tiny-a") == "available"
+
+
+async def test_operator_evict_of_busy_model_drains_first(model_dir: Path, running: Any) -> None:
+    manager, events = await running(make_settings(model_dir))
+    lease = await manager.acquire("tiny-a")
+    evicting = asyncio.create_task(manager.evict("tiny-a"))
+    await asyncio.sleep(0.2)
+    assert not evicting.done() and state(manager, "tiny-a") == "busy"
+    await manager.release(lease)
+    await asyncio.wait_for(evicting, 5)
+    assert state(manager, "tiny-a") == "available"
+
+
+# -- keep-alive --------------------------------------------------------------------------
+
+
+async def test_idle_ttl_unloads(model_dir: Path, running: Any) -> None:
+    manager, events = await running(make_settings(model_dir, defaults={"keep_alive": 0.3}))
+    await generate(manager, "tiny-a")
+    assert manager.info(manager.record("tiny-a")).ttl_left_s is not None
+    await events.wait_for(lambda: state(manager, "tiny-a") == "available", timeout=5)
+    assert any("keep_alive" in r for r in events.reasons("tiny-a"))
+
+
+async def test_per_request_keep_alive_overrides_model_ttl(model_dir: Path, running: Any) -> None:
+    manager, events = await running(make_settings(model_dir))  # default: keep forever
+    async with manager.lease("tiny-a", keep_alive=0.2):
+        pass
+    await manager.load("tiny-b")
+    await events.wait_for(lambda: state(manager, "tiny-a") == "available", timeout=5)
+    await asyncio.sleep(0.5)
+    assert state(manager, "tiny-b") == "ready"
+
+
+async def test_pinned_model_does_not_expire(model_dir: Path, running: Any) -> None:
+    manager, _ = await running(make_settings(model_dir, defaults={"keep_alive": 0.1}))
+    await manager.load("tiny-a")
+    await manager.pin("tiny-a")
+    await asyncio.sleep(0.5)
+    assert state(manager, "tiny-a") == "ready"
+
+
+# -- start-up and bad files --------------------------------------------------------------
+
+
+async def test_preload_at_start(model_dir: Path, running: Any) -> None:
+    manager, events = await running(make_settings(model_dir, preload=["tiny-c", "missing-model"]))
+    await events.wait_for(lambda: state(manager, "tiny-c") == "ready")
+    await events.wait_for(lambda: any("preload failed" in getattr(e, "message", "") for e in events.events))
+
+
+@pytest.mark.parametrize("breakage", ["missing", "truncated", "not-gguf", "unknown-arch"])
+async def test_bad_file_fails_with_reason_and_others_keep_serving(
+        tmp_path: Path, running: Any, breakage: str) -> None:
+    models = tmp_path / "models"
+    good = write_tiny_llama(models / "good.gguf", name="good")
+    bad = tmp_path / "bad.gguf"
+    if breakage == "truncated":
+        write_truncated(good, bad)
+    elif breakage == "not-gguf":
+        write_bad_magic(bad)
+    elif breakage == "unknown-arch":
+        from ggufs import write_unknown_arch
+        write_unknown_arch(bad)
+    manager, _ = await running(make_settings(models, models=[{"name": "bad", "path": str(bad)}]))
+    before = await generate(manager, "good")
+    lease = await manager.acquire("good")  # a request in flight on another model
+    with pytest.raises(CorralError) as failure:
+        await manager.load("bad")
+    message = str(failure.value)
+    assert "'bad'" in message and str(bad) in message
+    expected = {"missing": "file not found", "truncated": "truncated", "not-gguf": "not a GGUF file",
+                "unknown-arch": "architecture 'notanarch'"}[breakage]
+    assert expected in message
+    info = manager.info(manager.record("bad"))
+    assert info.state == "failed" and expected in (info.error or "")
+    assert state(manager, "good") == "busy"
+    await manager.release(lease)
+    assert await generate(manager, "good") == before
+
+
+async def test_file_removed_after_scan_fails_cleanly(tmp_path: Path, running: Any, tiny_gguf: Any) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_gguf("vanishing"), models / "vanishing.gguf")
+    manager, _ = await running(make_settings(models))
+    (models / "vanishing.gguf").unlink()
+    with pytest.raises(CorralError, match="file not found"):
+        await manager.load("vanishing")
+    assert state(manager, "vanishing") == "failed"
