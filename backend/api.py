@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import threading
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -161,6 +162,8 @@ class LocalBackend:
         self._closed = True
         _live.discard(self)
         try:
+            with contextlib.suppress(Exception):
+                self._started.result(timeout=120)  # never close under a start still running
             self._submit(self.manager.close()).result(timeout=120)
         finally:
             self.bus.close()

@@ -308,9 +308,11 @@ class Engine:
         except Exception:
             self.weights.release()
             raise
+        # llama.cpp may round n_ctx up and clamp n_batch to it: plan with what it chose.
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch = llama_cpp.llama_n_batch(self._ctx)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._pending: deque[_Request] = deque()
         self._running: dict[int, _Sequence] = {}
         self._free_ids = list(range(settings.n_parallel))
@@ -478,7 +480,7 @@ class Engine:
         """One token per generating sequence, then prompt chunks up to n_batch tokens."""
         self._batch.n_tokens = 0
         logits_at: list[tuple[_Sequence, int]] = []
-        budget = self.settings.n_batch
+        budget = self.n_batch
         for seq in self._running.values():
             if not seq.prefilling and seq.last_token is not None:
                 logits_at.append((seq, self._batch.n_tokens))

@@ -1,0 +1,108 @@
+"""LocalBackend: the in-process Backend, from plain code and from inside a running loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.backend.api import Backend, LocalBackend
+from corral.backend.config import settings_from_dict
+from corral.backend.errors import BadRequest, ModelNotFound
+from corral.backend.events import StateChanged
+
+
+def tiny_settings(model_dir: Path) -> object:
+    return settings_from_dict({
+        "include_default_model": False, "model_dirs": [str(model_dir)],
+        "defaults": {"n_ctx": 256, "n_parallel": 2, "n_threads": 1, "keep_alive": -1},
+    })
+
+
+@pytest.fixture
+def backend(model_dir: Path) -> Iterator[LocalBackend]:
+    with LocalBackend(tiny_settings(model_dir)) as local:
+        yield local
+
+
+def test_it_implements_the_protocol(backend: LocalBackend) -> None:
+    assert isinstance(backend, Backend) and backend.kind == "local"
+
+
+def test_sync_use_from_a_plain_script(backend: LocalBackend) -> None:
+    assert [m.name for m in backend.sync.models()] == ["tiny-a", "tiny-b", "tiny-c"]
+    text = backend.sync.text("tiny-a", "Once upon a time", max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert text and backend.sync.text("tiny-a", "Once upon a time", max_tokens=6, temperature=0.0,
+                                      ignore_eos=True) == text
+    chunks = list(backend.sync.chat("tiny-a", [{"role": "user", "content": "hi"}], max_tokens=4,
+                                    temperature=0.0, ignore_eos=True))
+    assert chunks[-1].finish_reason == "length" and chunks[-1].stats.completion_tokens == 4
+    status = backend.sync.status()
+    assert status.host.ram_total > 0 and status.host.gpu_note
+    assert {m.name: m.state for m in status.models}["tiny-a"] == "ready"
+    assert status.ram_reserved > 0 and status.ram_budget > status.ram_reserved
+
+
+async def test_async_use_inside_a_running_loop(backend: LocalBackend) -> None:
+    """What a notebook does: await from the loop that is already running."""
+    await backend.load("tiny-b")
+    pinned = await backend.pin("tiny-b")
+    assert pinned.pinned and pinned.state == "ready"
+    pieces = [c.text async for c in backend.complete("tiny-b", "the time", max_tokens=5, temperature=0.0,
+                                                     ignore_eos=True)]
+    assert "".join(pieces)
+    assert [m.name for m in backend.sync.models()]  # blocking calls work here too
+    evicted = await backend.evict("tiny-b", force=True)
+    assert evicted.state == "available"
+
+
+async def test_events_show_state_changes(backend: LocalBackend) -> None:
+    events = backend.events()
+    await backend.load("tiny-c")
+    seen: list[tuple[str, str]] = []
+
+    async def read() -> None:
+        async for event in events:
+            if isinstance(event, StateChanged) and event.model == "tiny-c":
+                seen.append((event.old, event.new))
+                if event.new == "ready":
+                    return
+
+    await asyncio.wait_for(read(), 5)
+    assert seen == [("available", "loading"), ("loading", "ready")]
+
+
+async def test_abandoned_stream_gives_the_model_back(backend: LocalBackend) -> None:
+    stream = backend.complete("tiny-a", "Once upon a time", max_tokens=200, temperature=0.0, ignore_eos=True)
+    async for _ in stream:
+        break
+    await stream.aclose()
+
+    async def idle() -> None:
+        while (await backend.models())[0].in_flight:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(idle(), 5)
+    assert (await backend.models())[0].state == "ready"
+
+
+def test_bad_requests_are_typed_errors_and_do_not_hurt(backend: LocalBackend) -> None:
+    with pytest.raises(BadRequest, match="unknown option"):
+        backend.sync.text("tiny-a", "hi", temprature=0.5)
+    with pytest.raises(ModelNotFound, match="known models: tiny-a, tiny-b, tiny-c"):
+        backend.sync.text("nope", "hi")
+    with pytest.raises(BadRequest, match="messages"):
+        list(backend.sync.chat("tiny-a", []))
+    assert backend.sync.text("tiny-a", "hi", max_tokens=2, ignore_eos=True)
+
+
+def test_close_unloads_and_stops_the_backend_thread(model_dir: Path) -> None:
+    local = LocalBackend(tiny_settings(model_dir))
+    local.sync.load("tiny-a")
+    local.close()
+    assert not local._thread.is_alive()
+    assert not [t for t in threading.enumerate() if t.name.startswith("engine-tiny-a")]
+    local.close()  # idempotent

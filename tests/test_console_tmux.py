@@ -1,0 +1,260 @@
+"""Smoke test: the real `corral` binary in a real terminal (tmux), driven by keys.
+
+Pilot tests (test_console.py) drive the app object in-process; this one runs the installed
+console script in a tmux pane of 120x40, presses keys with `send-keys` and reads the screen
+with `capture-pane`, as a person at a terminal would. It covers what Pilot cannot see: the
+CLI wiring, the embedded backend loading a real (tiny) GGUF through llama.cpp, and that no
+llama.cpp log line ever reaches the terminal. Besides the captured screens, every byte the
+program writes to the pane is recorded with `pipe-pane`, so a log line that Textual paints
+over a moment later is still caught.
+
+Isolation: a config TOML in tmp_path (no default model, a model dir of three tiny GGUFs),
+passed with CORRAL_CONFIG; HOME and XDG_CONFIG_HOME point at empty tmp dirs; every other
+CORRAL_* variable is dropped. tmux runs on its own socket (`tmux -L <unique>`) with its own
+config file (`-f`), so a user's tmux server and ~/.tmux.conf are never touched, and the
+server is killed in the fixture's teardown whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+WIDTH, HEIGHT = 120, 40
+SESSION = "corral"
+START_TIMEOUT_S = 20.0
+ACTION_TIMEOUT_S = 20.0
+QUIT_TIMEOUT_S = 15.0
+POLL_S = 0.1
+MODELS = ("tiny-a", "tiny-b", "tiny-c")
+
+# Text that only a llama.cpp / ggml log line would put on the terminal.
+LEAK_MARKERS = ("llama_", "load_tensors", "print_info", "ggml_", "llm_load", "load_backend",
+                "gguf_init")
+LEAK_RE = re.compile("|".join(re.escape(m) for m in LEAK_MARKERS))
+
+
+def _leaks(text: str) -> list[str]:
+    """The lines of `text` that look like llama.cpp log lines."""
+    return [line.strip() for line in text.splitlines() if LEAK_RE.search(line)]
+
+
+class Tmux:
+    """One tmux server on a private socket, holding one session that runs a command."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
+        self.socket = f"corral-pytest-{os.getpid()}-{secrets.token_hex(4)}"
+        self.env = env
+        self.conf = tmp_path / "tmux.conf"
+        # status off: the pane gets all 40 rows; remain-on-exit: after the program ends the
+        # pane stays (dead) so its exit status and anything printed after the TUI can be read.
+        self.conf.write_text("set -g status off\nset -g remain-on-exit on\nset -g history-limit 5000\n")
+        self.raw_log = tmp_path / "pane-output.raw"
+        self.screens: list[str] = []  # every screen captured, for the leak check
+
+    def tmux(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["tmux", "-u", "-L", self.socket, "-f", str(self.conf), *args],
+                              env=self.env, capture_output=True, text=True, timeout=15,
+                              check=check)
+
+    def start(self, command: list[str], cwd: Path) -> None:
+        # pipe-pane is chained in the same tmux invocation, so it is in place before the
+        # server reads the program's first output.
+        self.tmux("new-session", "-d", "-s", SESSION, "-x", str(WIDTH), "-y", str(HEIGHT),
+                  "-c", str(cwd),
+                  *(arg for key in ("CORRAL_CONFIG", "HOME", "XDG_CONFIG_HOME")
+                    for arg in ("-e", f"{key}={self.env[key]}")),
+                  shlex.join(command),
+                  ";", "pipe-pane", "-o", "-t", SESSION, f"cat >> {shlex.quote(str(self.raw_log))}")
+
+    def kill(self) -> None:
+        try:
+            self.tmux("kill-server", check=False)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def send(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", SESSION, *keys)
+
+    def pane(self, fmt: str) -> str:
+        return self.tmux("display-message", "-p", "-t", SESSION, fmt).stdout.strip()
+
+    def capture(self) -> str:
+        """The visible screen, as text."""
+        screen = self.tmux("capture-pane", "-p", "-t", SESSION).stdout
+        self.screens.append(screen)
+        return screen
+
+    def raw_output(self) -> str:
+        """Everything the program wrote to the terminal so far (escape sequences included)."""
+        try:
+            return self.raw_log.read_bytes().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, what: str | Callable[[str], bool], timeout: float = ACTION_TIMEOUT_S,
+                 description: str | None = None) -> str:
+        """Poll the screen until it contains `what` (or `what(screen)` is true); return it.
+        On timeout, fail with the last screen so the failure can be read in the report."""
+        check = (lambda screen: what in screen) if isinstance(what, str) else what
+        label = description or (repr(what) if isinstance(what, str) else getattr(what, "__name__", "condition"))
+        deadline = time.monotonic() + timeout
+        screen = ""
+        while True:
+            screen = self.capture()
+            if check(screen):
+                return screen
+            if time.monotonic() > deadline:
+                break
+            if self.pane("#{pane_dead}") == "1":
+                status = self.pane("#{pane_dead_status}")
+                pytest.fail(f"corral exited (status {status}) while waiting for {label}; "
+                            f"last screen:\n{self.capture()}")
+            time.sleep(POLL_S)
+        pytest.fail(f"timed out after {timeout:.0f} s waiting for {label}; last screen:\n{screen}")
+
+
+# -- reading the models table off the screen ------------------------------------------------
+
+
+def _cells(line: str) -> str:
+    return line.strip().strip("│").strip()
+
+
+def model_row(screen: str, name: str) -> str | None:
+    """The models-table line of `name` (event-log lines start with a time, not the name)."""
+    for line in screen.splitlines():
+        if _cells(line).startswith(name + " "):
+            return line
+    return None
+
+
+def model_state(screen: str, name: str) -> str | None:
+    row = model_row(screen, name)
+    return _cells(row).split()[1] if row is not None else None
+
+
+def pin_cell(screen: str, name: str) -> str | None:
+    """The text under the table's `pin` header in the row of `name`."""
+    header = next((line for line in screen.splitlines() if "mem est/meas" in line and " pin " in line), None)
+    row = model_row(screen, name)
+    if header is None or row is None:
+        return None
+    start = header.index(" pin ") + 1
+    return row[start:start + 3].strip()
+
+
+def states(screen: str) -> dict[str, str | None]:
+    return {name: model_state(screen, name) for name in MODELS}
+
+
+def state_is(name: str, state: str) -> Callable[[str], bool]:
+    def check(screen: str) -> bool:
+        return model_state(screen, name) == state
+
+    check.__name__ = f"{name} to show state {state!r}"
+    return check
+
+
+# -- the test -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def console(tmp_path: Path, model_dir: Path) -> Iterator[Tmux]:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux not installed: apt-get install tmux")
+    corral = Path(sys.executable).with_name("corral")
+    if not corral.exists():
+        pytest.fail(f"no `corral` console script next to {sys.executable}: is the project installed (pip install -e .)?")
+
+    home = tmp_path / "home"
+    xdg = tmp_path / "xdg-config"
+    home.mkdir()
+    xdg.mkdir()
+    config = tmp_path / "corral.toml"
+    config.write_text(
+        "include_default_model = false\n"
+        f"model_dirs = [{json.dumps(str(model_dir))}]\n"  # a JSON string is a TOML basic string
+        "\n[defaults]\nn_ctx = 256\nn_parallel = 2\nn_threads = 1\n",
+        encoding="utf-8",
+    )
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("CORRAL_") and key not in ("TMUX", "TMUX_PANE")}
+    env.update(CORRAL_CONFIG=str(config), HOME=str(home), XDG_CONFIG_HOME=str(xdg),
+               LANG="C.UTF-8", LC_ALL="C.UTF-8")
+
+    tmux = Tmux(tmp_path, env)
+    try:
+        tmux.start([str(corral)], cwd=tmp_path)
+        yield tmux
+    finally:
+        tmux.kill()
+
+
+def test_console_in_a_real_terminal(console: Tmux) -> None:
+    # 1. The dashboard comes up with the three models, all available.
+    screen = console.wait_for(lambda s: all(v == "available" for v in states(s).values()),
+                              timeout=START_TIMEOUT_S, description="tiny-a/b/c to show 'available'")
+    assert "corral" in screen and "models" in screen
+    assert pin_cell(screen, "tiny-a") == "", screen
+
+    # 2. `l` loads the model under the cursor (the first row).
+    console.send("l")
+    screen = console.wait_for(state_is("tiny-a", "ready"))
+    assert model_state(screen, "tiny-b") == "available", screen
+    assert model_state(screen, "tiny-c") == "available", screen
+
+    # 3. `p` pins it: the pin column gets its mark.
+    console.send("p")
+    pinned = console.wait_for(lambda s: pin_cell(s, "tiny-a") not in ("", None),
+                              description="the pin column of tiny-a to change")
+    assert pin_cell(pinned, "tiny-a") == "●", pinned
+
+    # 4. `e` asks first; `y` evicts it (forced, since it is pinned).
+    console.send("e")
+    dialog = console.wait_for(lambda s: "Evict tiny-a?" in s and "Evict (y)" in s,
+                              description="the evict confirmation dialog")
+    assert "pinned" in dialog, dialog  # the dialog says the pin is overridden
+    assert model_state(dialog, "tiny-a") == "ready", dialog  # nothing happens before the answer
+    console.send("y")
+    screen = console.wait_for(lambda s: model_state(s, "tiny-a") == "available" and "Evict tiny-a?" not in s,
+                              description="tiny-a back to 'available' and the dialog gone")
+
+    # 5. Load a second model, so quitting also has to close a live llama.cpp context.
+    console.send("Down")
+    time.sleep(0.3)  # let the cursor move before the key that acts on it
+    console.send("l")
+    console.wait_for(state_is("tiny-b", "ready"))
+    assert model_state(console.capture(), "tiny-a") == "available"
+
+    # 6. `q` quits: the process ends, with status 0, within a bounded time.
+    console.send("q")
+    deadline = time.monotonic() + QUIT_TIMEOUT_S
+    while console.pane("#{pane_dead}") != "1":
+        if time.monotonic() > deadline:
+            pytest.fail(f"corral still running {QUIT_TIMEOUT_S:.0f} s after `q`; screen:\n{console.capture()}")
+        time.sleep(POLL_S)
+    after = console.capture()  # the normal screen, after the TUI left the alternate one
+    status = console.pane("#{pane_dead_status}")
+    assert status == "0", f"corral exited with status {status}; screen:\n{after}"
+    assert "Traceback" not in after, after
+
+    # 7. No llama.cpp log line reached the terminal: not on any screen captured, and not in
+    #    the raw bytes written to the pane (which also holds what was painted over).
+    leaked = [line for s in console.screens for line in _leaks(s)]
+    assert not leaked, "llama.cpp log lines reached the terminal:\n" + "\n".join(dict.fromkeys(leaked))
+    raw = console.raw_output()
+    assert raw, "pipe-pane recorded nothing: the raw-output check would be vacuous"
+    raw_leaks = _leaks(raw)
+    assert not raw_leaks, "llama.cpp log lines were written to the terminal:\n" + "\n".join(raw_leaks[:20])

@@ -1,0 +1,80 @@
+"""End to end on the real bundled model (gemma-3-270m, Q4_K_M): the only tests that load it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coherence import is_coherent
+from corral.backend.api import LocalBackend
+from corral.backend.catalog import DEFAULT_MODEL_NAME, default_model_path
+from corral.backend.config import settings_from_dict
+from corral.backend.telemetry import physical_cores
+from reference import greedy_reference
+
+pytestmark = pytest.mark.e2e
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[LocalBackend]:
+    settings = settings_from_dict({"defaults": {"keep_alive": -1}})
+    with LocalBackend(settings) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def loaded(backend: LocalBackend) -> Any:
+    return backend.sync.load(DEFAULT_MODEL_NAME)
+
+
+def test_default_model_is_listed_with_its_metadata(backend: LocalBackend) -> None:
+    [info] = [m for m in backend.sync.models() if m.name == DEFAULT_MODEL_NAME]
+    assert info.usable and info.source == "default"
+    assert (info.architecture, info.quantization) == ("gemma3", "Q4_K_M")
+    assert info.parameters and 250e6 < info.parameters < 300e6
+
+
+def test_once_upon_a_time_is_coherent_and_matches_the_reference_loop(backend: LocalBackend, loaded: Any) -> None:
+    text = backend.sync.text(DEFAULT_MODEL_NAME, PROMPT, max_tokens=40, temperature=0.0)
+    assert is_coherent(text), text
+    reference = greedy_reference(str(default_model_path()), PROMPT, 40, n_ctx=loaded.n_ctx,
+                                 n_threads=physical_cores())
+    assert text == reference
+
+
+def test_random_weights_fail_the_same_coherence_check(tiny_gguf: Any) -> None:
+    """The check above could not pass on noise."""
+    assert not is_coherent(greedy_reference(str(tiny_gguf("noise")), PROMPT, 40))
+
+
+def test_memory_estimate_is_within_ten_percent_of_measured(loaded: Any) -> None:
+    assert loaded.measured_bytes and loaded.estimate_bytes
+    assert abs(loaded.estimate_bytes - loaded.measured_bytes) <= 0.10 * loaded.measured_bytes, loaded
+    assert loaded.chat_template == "fallback:gemma"  # the GGUF has no template of its own
+
+
+def test_chat_streams_through_the_gemma_template(backend: LocalBackend, loaded: Any) -> None:
+    chunks = list(backend.sync.chat(DEFAULT_MODEL_NAME, [{"role": "user", "content": "Say hello."}],
+                                    max_tokens=16, temperature=0.0))
+    assert chunks[-1].finish_reason in ("stop", "length")
+    assert chunks[-1].stats and chunks[-1].stats.prompt_tokens > 5
+
+
+async def test_concurrent_streams_from_a_running_loop(backend: LocalBackend, loaded: Any) -> None:
+    """Notebook style: awaited from inside an event loop, four streams at once."""
+
+    async def one(prompt: str) -> str:
+        return "".join([c.text async for c in backend.complete(DEFAULT_MODEL_NAME, prompt, max_tokens=16,
+                                                                temperature=0.0, ignore_eos=True)])
+
+    texts = await asyncio.gather(*(one(p) for p in (PROMPT, "The capital of France is", "Hello", "def f():")))
+    assert all(texts) and len(set(texts)) == 4
+
+
+def test_model_path_is_the_assembled_file(loaded: Any) -> None:
+    assert Path(loaded.path) == default_model_path() and loaded.file_size == default_model_path().stat().st_size

@@ -1,0 +1,181 @@
+"""The engine against real llama.cpp on tiny random-weight GGUFs."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.backend.engine import ContextSettings, Engine, ModelWeights
+from corral.backend.errors import BadRequest, LoadFailed
+from corral.backend.events import EventBus, RequestFinished
+from corral.backend.generation import Chunk, SamplingParams
+from ggufs import write_unknown_arch
+from reference import greedy_reference
+
+PROMPTS = ["Once upon a time", "the time", "a upon once", "time time the a"]
+
+
+@pytest.fixture
+def engine_factory(tiny_gguf: Any) -> Iterator[Any]:
+    made: list[Engine] = []
+
+    def make(n_ctx: int = 256, n_parallel: int = 4, bus: EventBus | None = None, **model: Any) -> Engine:
+        weights = ModelWeights(str(tiny_gguf("engine", **model)))
+        engine = Engine(weights, ContextSettings(n_ctx=n_ctx, n_parallel=n_parallel, n_threads=1),
+                        model_name="engine", bus=bus)
+        weights.release()
+        engine.start()
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
+async def run(engine: Engine, prompt: str, **params: Any) -> tuple[str, Chunk]:
+    tokens = engine.weights.tokenize(prompt, add_special=True)
+    text, last = "", None
+    async for chunk in engine.stream(tokens, SamplingParams(**{"temperature": 0.0, **params})):
+        text += chunk.text
+        last = chunk
+    assert last is not None and last.finish_reason is not None
+    return text, last
+
+
+async def test_greedy_matches_the_reference_loop(engine_factory: Any, tiny_gguf: Any) -> None:
+    engine = engine_factory(n_parallel=1)
+    text, last = await run(engine, "Once upon a time", max_tokens=24)
+    expected = greedy_reference(str(tiny_gguf("engine")), "Once upon a time", 24)
+    assert text == expected and len(text) > 0
+    assert last.finish_reason in ("length", "stop")
+
+
+async def test_batched_greedy_equals_single_sequence_output(engine_factory: Any) -> None:
+    """On f32 weights batching must not change greedy text (DESIGN: determinism, honestly)."""
+    single = engine_factory(n_parallel=1)
+    alone = [(await run(single, p, max_tokens=32))[0] for p in PROMPTS]
+    batched = engine_factory(n_parallel=4)
+    together = await asyncio.gather(*[run(batched, p, max_tokens=32) for p in PROMPTS])
+    assert [t for t, _ in together] == alone
+    assert len(set(alone)) > 1  # the prompts really differ
+
+
+async def test_max_tokens_and_stats(engine_factory: Any) -> None:
+    engine = engine_factory()
+    text, last = await run(engine, "Once upon a time", max_tokens=7, ignore_eos=True)
+    stats = last.stats
+    assert last.finish_reason == "length" and stats is not None
+    assert stats.completion_tokens == 7 and stats.prompt_tokens == 5
+    assert stats.ttft_s is not None and 0 <= stats.queue_wait_s <= stats.ttft_s <= stats.duration_s
+
+
+async def test_stop_string_cuts_output_even_across_tokens(engine_factory: Any) -> None:
+    engine = engine_factory()
+    full, _ = await run(engine, "Once upon a time", max_tokens=40, ignore_eos=True)
+    assert len(full) > 12
+    stop = full[5:9]  # four characters that most likely span a token boundary
+    cut, last = await run(engine, "Once upon a time", max_tokens=40, ignore_eos=True, stop=(stop,))
+    assert last.finish_reason == "stop"
+    assert cut == full[:full.index(stop)]
+
+
+async def test_seeded_sampling_is_reproducible(engine_factory: Any) -> None:
+    engine = engine_factory()
+    sampled = [(await run(engine, "Once upon a time", max_tokens=24, temperature=1.5, top_k=0, top_p=1.0,
+                          min_p=0.0, seed=seed, ignore_eos=True))[0] for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1]
+    assert sampled[0] != sampled[2]
+
+
+async def test_cancel_frees_the_sequence_at_the_next_step(engine_factory: Any) -> None:
+    bus = EventBus()
+    finished: list[RequestFinished] = []
+
+    async def record() -> None:
+        async for event in bus.subscribe():
+            if isinstance(event, RequestFinished):
+                finished.append(event)
+
+    recorder = asyncio.create_task(record())
+    engine = engine_factory(n_ctx=4096, n_parallel=2, bus=bus, context_length=4096)
+    tokens = engine.weights.tokenize("Once upon a time", add_special=True)
+    stream = engine.stream(tokens, SamplingParams(temperature=0.0, max_tokens=4000, ignore_eos=True))
+    async for chunk in stream:
+        assert chunk.finish_reason is None
+        break
+    await stream.aclose()
+
+    async def freed() -> None:
+        while engine.load().active or not finished:
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(freed(), 5)
+    assert finished[0].finish_reason == "cancelled" and finished[0].completion_tokens < 4000
+    text, _ = await run(engine, "the time", max_tokens=4)  # the slot serves the next request
+    assert text
+    recorder.cancel()
+
+
+async def test_context_exhaustion_ends_the_longest_sequence_not_the_process(engine_factory: Any) -> None:
+    engine = engine_factory(n_ctx=256, n_parallel=2)
+    results = await asyncio.gather(*[run(engine, p, max_tokens=240, ignore_eos=True) for p in PROMPTS[:2]])
+    assert [last.finish_reason for _, last in results] == ["length", "length"]
+    generated = sorted(last.stats.completion_tokens for _, last in results)
+    # 2 x (prompt + 240) cannot fit in 256 cells: the longer one is ended when the cache is
+    # full, and the other then finishes in the freed cells.
+    assert generated[0] < 240 and generated[1] == 240
+
+
+async def test_prompt_longer_than_context_is_a_clear_error(engine_factory: Any) -> None:
+    engine = engine_factory(n_ctx=256)
+    with pytest.raises(BadRequest, match=r"prompt is \d+ tokens but the context holds 256"):
+        await run(engine, "once upon a time " * 80)
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"min_p": 2}, "min_p"), ({"repeat_penalty": 0}, "repeat_penalty"), ({"stop": ("",)}, "stop"),
+])
+async def test_bad_sampling_parameters_are_rejected(engine_factory: Any, params: dict, fragment: str) -> None:
+    engine = engine_factory()
+    with pytest.raises(BadRequest, match=fragment):
+        await run(engine, "Once", **params)
+    assert (await run(engine, "Once", max_tokens=2))[0] is not None  # still serving
+
+
+def test_llama_cpp_failure_reason_reaches_the_exception(tmp_path: Path) -> None:
+    path = write_unknown_arch(tmp_path / "odd.gguf")
+    with pytest.raises(LoadFailed, match="unknown model architecture: 'notanarch'"):
+        ModelWeights(str(path))
+
+
+def test_llama_cpp_never_writes_to_the_terminal(tiny_gguf: Any, tmp_path: Path) -> None:
+    """llama.cpp logs from C; check the real file descriptors of a fresh process."""
+    bad = write_unknown_arch(tmp_path / "odd.gguf")
+    code = f"""
+import asyncio
+from corral.backend.engine import ContextSettings, Engine, ModelWeights
+from corral.backend.errors import LoadFailed
+from corral.backend.generation import SamplingParams
+w = ModelWeights({str(tiny_gguf("quiet"))!r})
+e = Engine(w, ContextSettings(n_ctx=128, n_parallel=1, n_threads=1), model_name="q")
+e.start()
+async def go():
+    return [c async for c in e.stream(w.tokenize("hi", add_special=True), SamplingParams(max_tokens=4))]
+asyncio.run(go())
+e.close(); w.release()
+try:
+    ModelWeights({str(bad)!r})
+except LoadFailed:
+    pass
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
