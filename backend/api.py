@@ -70,7 +70,7 @@ class LocalBackend:
     async def _create_manager(self) -> Manager:
         from .manager import Manager  # llama.cpp is loaded only by a backend that runs models
 
-        return Manager(self.settings, self.bus)
+        return Manager(self.settings, self.bus, telemetry=self.telemetry)
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)

@@ -28,7 +28,7 @@ from .events import EventBus, LoadProgress, ModelLoaded, Notice, PinChanged, Sta
 from .ggufmeta import GGUFInfo
 from .memory import MemoryEstimate, default_ram_budget, estimate, format_bytes, process_rss
 from .snapshot import ModelInfo
-from .telemetry import physical_cores
+from .telemetry import Telemetry, physical_cores
 
 log = logging.getLogger("corral.manager")
 
@@ -64,6 +64,7 @@ class Record:
     error: str | None = None
     estimate: MemoryEstimate | None = None
     measured: int | None = None
+    measured_vram: dict[int, int] | None = None  # per GPU index, where GPUs are present
     load_seconds: float | None = None
     load_percent: int | None = None
     engine: Engine | None = None
@@ -105,9 +106,11 @@ class Lease:
 
 
 class Manager:
-    def __init__(self, settings: Settings, bus: EventBus, catalog: Catalog | None = None) -> None:
+    def __init__(self, settings: Settings, bus: EventBus, catalog: Catalog | None = None,
+                 telemetry: Telemetry | None = None) -> None:
         self.settings = settings
         self.bus = bus
+        self.telemetry = telemetry or Telemetry()
         self.catalog = catalog or Catalog(
             settings.model_dirs, {m.name: m.path for m in settings.models}, settings.include_default_model
         )
@@ -213,7 +216,7 @@ class Manager:
             tokens_per_s=load.tokens_per_s if load else 0.0,
             estimate_bytes=r.estimate.total if r.estimate else None,
             estimate_detail=r.estimate.to_dict() if r.estimate else None,
-            measured_bytes=r.measured, load_seconds=r.load_seconds, load_percent=r.load_percent,
+            measured_bytes=r.measured, measured_vram=r.measured_vram, load_seconds=r.load_seconds, load_percent=r.load_percent,
             last_used=r.last_used, chat_template=r.template_source,
         )
 
@@ -270,7 +273,7 @@ class Manager:
             if info is not None:
                 await self._make_room(r)
             self._transition(r, State.LOADING)
-            r.error, r.load_percent, r.measured = None, 0, None
+            r.error, r.load_percent, r.measured, r.measured_vram = None, 0, None, None
             started, rss_before = time.perf_counter(), process_rss()
             try:
                 if info is None:
@@ -320,6 +323,7 @@ class Manager:
                 r.load_percent = percent
                 self.bus.publish(LoadProgress(model=r.name, percent=percent))
 
+        vram_before = self.telemetry.gpu_free_bytes()
         weights = ModelWeights(str(r.entry.path), n_gpu_layers=s.n_gpu_layers, progress=progress)
         try:
             template = weights.chat_template(r.entry.info.architecture if r.entry.info else "",
@@ -336,6 +340,9 @@ class Manager:
             engine.close()
             raise
         r.template_source = template.source
+        if vram_before:
+            vram_after = self.telemetry.gpu_free_bytes()
+            r.measured_vram = {i: max(free - vram_after.get(i, free), 0) for i, free in vram_before.items()}
         return engine
 
     async def _make_room(self, r: Record) -> None:

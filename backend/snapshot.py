@@ -36,7 +36,8 @@ class ModelInfo:
     tokens_per_s: float
     estimate_bytes: int | None
     estimate_detail: dict[str, int] | None
-    measured_bytes: int | None
+    measured_bytes: int | None  # resident memory the load added (RSS delta after warm-up)
+    measured_vram: dict[int, int] | None  # VRAM the load took, per GPU index (None without GPU)
     load_seconds: float | None
     load_percent: int | None
     last_used: float | None  # unix time
@@ -51,7 +52,10 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
-        return cls(**{f.name: data.get(f.name) for f in fields(cls)})
+        values = {f.name: data.get(f.name) for f in fields(cls)}
+        if values["measured_vram"]:  # JSON turned the GPU indexes into strings
+            values["measured_vram"] = {int(k): v for k, v in values["measured_vram"].items()}
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ def model_info(name: str, **fields: Any) -> ModelInfo:
         error=None, file_size=100 * MiB, architecture="llama", quantization="Q4_K_M",
         parameters=100_000_000, context_length=4096, n_ctx=4096, n_parallel=4, pinned=False,
         keep_alive_s=300.0, ttl_left_s=None, in_flight=0, active=0, queued=0, tokens_per_s=0.0,
-        estimate_bytes=150 * MiB, estimate_detail=None, measured_bytes=None, load_seconds=None,
+        estimate_bytes=150 * MiB, estimate_detail=None, measured_bytes=None, measured_vram=None,
+        load_seconds=None,
         load_percent=None, last_used=None, chat_template=None,
     )
     values.update(fields)

@@ -90,6 +90,24 @@ class Tmux:
     def pane(self, fmt: str) -> str:
         return self.tmux("display-message", "-p", "-t", SESSION, fmt).stdout.strip()
 
+    def exit_status(self) -> tuple[str, str] | None:
+        """(exit status, signal) once the program has ended and been reaped, else None.
+        tmux marks the pane dead when the pty closes, which can be a moment before it
+        reaps the process; the status is filled in only then."""
+        dead, status, signal = self.pane("#{pane_dead}|#{pane_dead_status}|#{pane_dead_signal}").split("|")
+        if dead != "1" or not (status or signal):
+            return None
+        return status, signal
+
+    def wait_exit(self, timeout: float) -> tuple[str, str]:
+        """Wait until the program ends; fail with the screen if it is still running."""
+        deadline = time.monotonic() + timeout
+        while (result := self.exit_status()) is None:
+            if time.monotonic() > deadline:
+                pytest.fail(f"corral still running {timeout:.0f} s after `q`; screen:\n{self.capture()}")
+            time.sleep(POLL_S)
+        return result
+
     def capture(self) -> str:
         """The visible screen, as text."""
         screen = self.tmux("capture-pane", "-p", "-t", SESSION).stdout
@@ -118,8 +136,8 @@ class Tmux:
             if time.monotonic() > deadline:
                 break
             if self.pane("#{pane_dead}") == "1":
-                status = self.pane("#{pane_dead_status}")
-                pytest.fail(f"corral exited (status {status}) while waiting for {label}; "
+                status = self.pane("#{pane_dead_status}#{pane_dead_signal}")
+                pytest.fail(f"corral exited (status/signal {status or '?'}) while waiting for {label}; "
                             f"last screen:\n{self.capture()}")
             time.sleep(POLL_S)
         pytest.fail(f"timed out after {timeout:.0f} s waiting for {label}; last screen:\n{screen}")
@@ -240,14 +258,9 @@ def test_console_in_a_real_terminal(console: Tmux) -> None:
 
     # 6. `q` quits: the process ends, with status 0, within a bounded time.
     console.send("q")
-    deadline = time.monotonic() + QUIT_TIMEOUT_S
-    while console.pane("#{pane_dead}") != "1":
-        if time.monotonic() > deadline:
-            pytest.fail(f"corral still running {QUIT_TIMEOUT_S:.0f} s after `q`; screen:\n{console.capture()}")
-        time.sleep(POLL_S)
+    status, signal = console.wait_exit(QUIT_TIMEOUT_S)
     after = console.capture()  # the normal screen, after the TUI left the alternate one
-    status = console.pane("#{pane_dead_status}")
-    assert status == "0", f"corral exited with status {status}; screen:\n{after}"
+    assert (status, signal) == ("0", ""), f"corral exited with status {status!r} signal {signal!r}; screen:\n{after}"
     assert "Traceback" not in after, after
 
     # 7. No llama.cpp log line reached the terminal: not on any screen captured, and not in

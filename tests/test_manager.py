@@ -16,7 +16,8 @@ from corral.backend.errors import (BudgetExceeded, CorralError, IllegalTransitio
                                    ModelPinned)
 from corral.backend.events import Event, EventBus, LoadProgress, ModelLoaded, StateChanged
 from corral.backend.manager import ALLOWED, Manager, State
-from ggufs import write_bad_magic, write_tiny_llama, write_truncated
+from ggufs import (write_bad_magic, write_corrupt_header, write_tiny_llama, write_truncated,
+                   write_unknown_arch)
 
 
 def make_settings(model_dir: Path | None, **sections: Any) -> Any:
@@ -308,7 +309,7 @@ async def test_preload_at_start(model_dir: Path, running: Any) -> None:
     await events.wait_for(lambda: any("preload failed" in getattr(e, "message", "") for e in events.events))
 
 
-@pytest.mark.parametrize("breakage", ["missing", "truncated", "not-gguf", "unknown-arch"])
+@pytest.mark.parametrize("breakage", ["missing", "truncated", "not-gguf", "corrupt-header", "unknown-arch"])
 async def test_bad_file_fails_with_reason_and_others_keep_serving(
         tmp_path: Path, running: Any, breakage: str) -> None:
     models = tmp_path / "models"
@@ -318,8 +319,9 @@ async def test_bad_file_fails_with_reason_and_others_keep_serving(
         write_truncated(good, bad)
     elif breakage == "not-gguf":
         write_bad_magic(bad)
+    elif breakage == "corrupt-header":
+        write_corrupt_header(good, bad)
     elif breakage == "unknown-arch":
-        from ggufs import write_unknown_arch
         write_unknown_arch(bad)
     manager, _ = await running(make_settings(models, models=[{"name": "bad", "path": str(bad)}]))
     before = await generate(manager, "good")
@@ -329,7 +331,7 @@ async def test_bad_file_fails_with_reason_and_others_keep_serving(
     message = str(failure.value)
     assert "'bad'" in message and str(bad) in message
     expected = {"missing": "file not found", "truncated": "truncated", "not-gguf": "not a GGUF file",
-                "unknown-arch": "architecture 'notanarch'"}[breakage]
+                "corrupt-header": "corrupt", "unknown-arch": "architecture 'notanarch'"}[breakage]
     assert expected in message
     info = manager.info(manager.record("bad"))
     assert info.state == "failed" and expected in (info.error or "")
@@ -347,3 +349,50 @@ async def test_file_removed_after_scan_fails_cleanly(tmp_path: Path, running: An
     with pytest.raises(CorralError, match="file not found"):
         await manager.load("vanishing")
     assert state(manager, "vanishing") == "failed"
+
+
+class StepGPU:
+    """An NVML stand-in with one GPU whose used memory grows by 512 MiB per query, as if
+    each load put that much on it."""
+
+    import pynvml as _pynvml
+
+    NVMLError = _pynvml.NVMLError
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def nvmlInit(self) -> None: ...
+    def nvmlShutdown(self) -> None: ...
+    def nvmlDeviceGetCount(self) -> int:
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
+        from types import SimpleNamespace
+
+        total = 16 * 2**30
+        info = SimpleNamespace(total=total, used=self.used, free=total - self.used)
+        self.used += 512 * 2**20
+        return info
+
+
+async def test_vram_taken_by_a_load_is_measured_per_gpu(model_dir: Path) -> None:
+    from corral.backend.telemetry import Telemetry
+
+    bus = EventBus()
+    manager = Manager(make_settings(model_dir), bus, telemetry=Telemetry(nvml=StepGPU()))
+    await manager.start()
+    try:
+        info = await manager.load("tiny-a")
+        assert info.measured_vram == {0: 512 * 2**20}
+    finally:
+        await manager.close()
+    cpu_only = Manager(make_settings(model_dir), EventBus())
+    await cpu_only.start()
+    try:
+        assert (await cpu_only.load("tiny-a")).measured_vram is None  # no GPU here
+    finally:
+        await cpu_only.close()
