@@ -23,6 +23,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -62,6 +63,8 @@ class Tmux:
         self.conf.write_text("set -g status off\nset -g remain-on-exit on\nset -g history-limit 5000\n")
         self.raw_log = tmp_path / "pane-output.raw"
         self.screens: list[str] = []  # every screen captured, for the leak check
+        self.server_pid = 0  # our tmux server (on our private socket), once started
+        self.socket_path: Path | None = None
 
     def tmux(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["tmux", "-u", "-L", self.socket, "-f", str(self.conf), *args],
@@ -77,12 +80,18 @@ class Tmux:
                     for arg in ("-e", f"{key}={self.env[key]}")),
                   shlex.join(command),
                   ";", "pipe-pane", "-o", "-t", SESSION, f"cat >> {shlex.quote(str(self.raw_log))}")
+        self.server_pid = int(self.pane("#{pid}"))
+        self.socket_path = Path(self.pane("#{socket_path}"))
 
     def kill(self) -> None:
+        """Stop our tmux server (and with it corral, if still running); tmux leaves its
+        socket file behind, so remove that too."""
         try:
             self.tmux("kill-server", check=False)
         except subprocess.TimeoutExpired:
             pass
+        if self.socket_path is not None:
+            self.socket_path.unlink(missing_ok=True)
 
     def send(self, *keys: str) -> None:
         self.tmux("send-keys", "-t", SESSION, *keys)
@@ -91,27 +100,38 @@ class Tmux:
         return self.tmux("display-message", "-p", "-t", SESSION, fmt).stdout.strip()
 
     def exit_status(self) -> tuple[str, str] | None:
-        """(exit status, signal) once the program has ended and been reaped, else None.
-        tmux marks the pane dead when the pty closes, which can be a moment before it
-        reaps the process; the status is filled in only then."""
-        dead, status, signal = self.pane("#{pane_dead}|#{pane_dead_status}|#{pane_dead_signal}").split("|")
-        if dead != "1" or not (status or signal):
+        """(exit status, signal) once the program has ended and tmux has reaped it, else None.
+
+        tmux marks a pane dead when its pty closes and fills in the status only when it
+        reaps the process on SIGCHLD. A tmux built with libutempter (Debian's 3.3a, here:
+        about 1 run in 3) can miss that SIGCHLD, leaving the program a zombie and the status
+        empty for good (tmux/tmux#311, and #4841 for the dead-before-status race); a
+        SIGCHLD sent to our own tmux server makes it reap."""
+        dead, status, sig = self.pane("#{pane_dead}|#{pane_dead_status}|#{pane_dead_signal}").split("|")
+        if dead != "1":
             return None
-        return status, signal
+        if not (status or sig):
+            if self.server_pid:
+                os.kill(self.server_pid, signal.SIGCHLD)
+            return None
+        return status, sig
 
     def wait_exit(self, timeout: float) -> tuple[str, str]:
         """Wait until the program ends; fail with the screen if it is still running."""
         deadline = time.monotonic() + timeout
         while (result := self.exit_status()) is None:
             if time.monotonic() > deadline:
-                pytest.fail(f"corral still running {timeout:.0f} s after `q`; screen:\n{self.capture()}")
+                pytest.fail(f"corral still running {timeout:.0f} s later; screen:\n{self.capture()}")
             time.sleep(POLL_S)
         return result
 
     def capture(self) -> str:
-        """The visible screen, as text."""
+        """The visible screen, as text; fails at once if it shows a llama.cpp log line."""
         screen = self.tmux("capture-pane", "-p", "-t", SESSION).stdout
         self.screens.append(screen)
+        if leaked := _leaks(screen):
+            pytest.fail("llama.cpp log lines reached the terminal:\n" + "\n".join(leaked)
+                        + f"\nscreen:\n{screen}")
         return screen
 
     def raw_output(self) -> str:
@@ -136,9 +156,9 @@ class Tmux:
             if time.monotonic() > deadline:
                 break
             if self.pane("#{pane_dead}") == "1":
-                status = self.pane("#{pane_dead_status}#{pane_dead_signal}")
-                pytest.fail(f"corral exited (status/signal {status or '?'}) while waiting for {label}; "
-                            f"last screen:\n{self.capture()}")
+                status, sig = self.wait_exit(2.0)
+                pytest.fail(f"corral exited (status {status or '-'}, signal {sig or '-'}) while waiting "
+                            f"for {label}; last screen:\n{self.capture()}")
             time.sleep(POLL_S)
         pytest.fail(f"timed out after {timeout:.0f} s waiting for {label}; last screen:\n{screen}")
 
@@ -250,23 +270,22 @@ def test_console_in_a_real_terminal(console: Tmux) -> None:
                               description="tiny-a back to 'available' and the dialog gone")
 
     # 5. Load a second model, so quitting also has to close a live llama.cpp context.
-    console.send("Down")
-    time.sleep(0.3)  # let the cursor move before the key that acts on it
+    console.send("Down")  # keys are handled in order: the cursor moves before `l` acts
     console.send("l")
     console.wait_for(state_is("tiny-b", "ready"))
     assert model_state(console.capture(), "tiny-a") == "available"
 
     # 6. `q` quits: the process ends, with status 0, within a bounded time.
     console.send("q")
-    status, signal = console.wait_exit(QUIT_TIMEOUT_S)
+    status, sig = console.wait_exit(QUIT_TIMEOUT_S)
     after = console.capture()  # the normal screen, after the TUI left the alternate one
-    assert (status, signal) == ("0", ""), f"corral exited with status {status!r} signal {signal!r}; screen:\n{after}"
-    assert "Traceback" not in after, after
+    assert (status, sig) == ("0", ""), f"corral exited with status {status!r} signal {sig!r}; screen:\n{after}"
+    left = [line for line in after.splitlines() if line.strip() and not line.startswith("Pane is dead")]
+    assert not left, f"corral left text on the terminal after it quit:\n{after}"
 
-    # 7. No llama.cpp log line reached the terminal: not on any screen captured, and not in
-    #    the raw bytes written to the pane (which also holds what was painted over).
-    leaked = [line for s in console.screens for line in _leaks(s)]
-    assert not leaked, "llama.cpp log lines reached the terminal:\n" + "\n".join(dict.fromkeys(leaked))
+    # 7. No llama.cpp log line reached the terminal: `capture` checked every screen seen;
+    #    the raw bytes written to the pane also hold whatever was painted over at once.
+    assert len(console.screens) > 5  # the screen checks did run
     raw = console.raw_output()
     assert raw, "pipe-pane recorded nothing: the raw-output check would be vacuous"
     raw_leaks = _leaks(raw)
