@@ -13,14 +13,16 @@ import asyncio
 import atexit
 import contextlib
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .config import Settings, load_settings
-from .events import Event, EventBus
-from .generation import Chunk, sampling_params
+from .errors import BadRequest
+from .events import Event, EventBus, RequestFinished
+from .generation import Chunk, Embeddings, sampling_params
 from .snapshot import ModelInfo, Status
 from .telemetry import Telemetry
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from .manager import Lease, Manager
 
 T = TypeVar("T")
+MAX_EMBED_INPUTS = 2048
 
 
 @runtime_checkable
@@ -44,7 +47,11 @@ class Backend(Protocol):
     async def pin(self, name: str, pinned: bool = True) -> ModelInfo: ...
     def complete(self, model: str, prompt: str, **options: Any) -> AsyncIterator[Chunk]: ...
     def chat(self, model: str, messages: list[dict[str, Any]], **options: Any) -> AsyncIterator[Chunk]: ...
+    async def embed(self, model: str, inputs: list[str], **options: Any) -> Embeddings: ...
+    async def unload_all(self) -> None: ...
+    async def rescan(self) -> list[ModelInfo]: ...
     def events(self, after_seq: int | None = None) -> AsyncIterator[Event]: ...
+    async def ready(self) -> None: ...
     async def aclose(self) -> None: ...
 
 
@@ -144,6 +151,23 @@ class LocalBackend:
             async for chunk in engine.stream(tokens, params, request_id=request_id, session_id=session_id):
                 yield chunk
 
+    async def embed(self, model: str, inputs: list[str] | str, *, request_id: str | None = None,
+                    session_id: str | None = None, keep_alive: float | None = None) -> Embeddings:
+        """One pooled, normalised vector per input, from a second context on the model's weights."""
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise BadRequest("input must be a string or a non-empty list of strings")
+        if len(texts) > MAX_EMBED_INPUTS:
+            raise BadRequest(f"input has {len(texts)} items; at most {MAX_EMBED_INPUTS} per request")
+        started = time.perf_counter()
+        async with self._lease(model, keep_alive) as lease:
+            vectors, tokens = await asyncio.to_thread(lease.engine.embed, texts)
+        duration = time.perf_counter() - started
+        self.bus.publish(RequestFinished(model=model, request_id=request_id, session_id=session_id,
+                                         finish_reason="embeddings", prompt_tokens=tokens, completion_tokens=0,
+                                         ttft_s=None, duration_s=duration, tokens_per_s=None))
+        return Embeddings(vectors, tokens)
+
     def _lease(self, model: str, keep_alive: float | None) -> _LeaseScope:
         return _LeaseScope(self, model, keep_alive)
 
@@ -237,6 +261,9 @@ class SyncBackend:
 
     def chat(self, model: str, messages: list[dict[str, Any]], **options: Any) -> Iterator[Chunk]:
         return self._iterate(self._backend.chat(model, messages, **options))
+
+    def embed(self, model: str, inputs: list[str] | str, **options: Any) -> Embeddings:
+        return self._run(self._backend.embed(model, inputs, **options))
 
     def text(self, model: str, prompt: str, **options: Any) -> str:
         """The whole completion as one string."""

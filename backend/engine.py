@@ -156,6 +156,93 @@ class ModelWeights:
         )
 
 
+def new_context(weights: ModelWeights, *, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int,
+                flash_attn: bool, embeddings: bool = False) -> llama_cpp.llama_context_p:
+    """A llama.cpp context with every setting that matters chosen on purpose (DESIGN.md)."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_seq_max = n_seq_max
+    params.n_threads = params.n_threads_batch = n_threads
+    params.flash_attn_type = 1 if flash_attn else 0
+    params.swa_full = True  # full-size sliding-window cache: prefixes stay reusable
+    params.kv_unified = True  # all sequences share n_ctx instead of n_ctx / n_seq_max each
+    params.no_perf = True
+    if embeddings:
+        params.embeddings = True
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+    with llamalog.capture() as captured:
+        ctx = llama_cpp.llama_init_from_model(weights.handle, params)
+    if not ctx:
+        detail = "; ".join(captured.problems()) or "llama.cpp gave no reason"
+        raise LoadFailed(f"{weights.path}: could not create a context (n_ctx {n_ctx}): {detail}")
+    return ctx
+
+
+class Embedder:
+    """A second, small context on the same weights that turns texts into pooled vectors.
+
+    One mean-pooled, L2-normalised vector per input, as OpenAI's /v1/embeddings returns.
+    Calls are serialised by a lock and block: run them in a worker thread, never on a loop.
+    """
+
+    MAX_CTX = 2048
+
+    def __init__(self, weights: ModelWeights, *, n_ctx: int, n_threads: int) -> None:
+        self.weights = weights.retain()
+        self.n_ctx = max(64, min(n_ctx, weights.n_ctx_train or n_ctx, self.MAX_CTX))
+        try:
+            self._ctx = new_context(weights, n_ctx=self.n_ctx, n_batch=self.n_ctx, n_seq_max=1,
+                                    n_threads=n_threads, flash_attn=False, embeddings=True)
+        except Exception:
+            self.weights.release()
+            raise
+        self.n_embd = llama_cpp.llama_model_n_embd(weights.handle)
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
+        self._lock = threading.Lock()
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Vectors for `texts` and the number of tokens they took."""
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise BadRequest(f"input[{i}] is empty")
+        tokenized = [self.weights.tokenize(text, add_special=True) for text in texts]
+        for i, tokens in enumerate(tokenized):
+            if len(tokens) > self.n_ctx:
+                raise BadRequest(f"input[{i}] is {len(tokens)} tokens but the embedding context holds "
+                                 f"{self.n_ctx}; split the text")
+        with self._lock:
+            if self._ctx is None:
+                raise Cancelled("the model was unloaded")
+            return [self._one(tokens) for tokens in tokenized], sum(map(len, tokenized))
+
+    def _one(self, tokens: list[int]) -> list[float]:
+        llama_cpp.llama_memory_clear(self._memory, True)
+        batch = self._batch
+        batch.n_tokens = 0
+        for pos, token in enumerate(tokens):
+            batch.token[pos], batch.pos[pos], batch.n_seq_id[pos] = token, pos, 1
+            batch.seq_id[pos][0], batch.logits[pos] = 0, True
+        batch.n_tokens = len(tokens)
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"embedding decode failed (llama_decode returned {rc})")
+        row = llama_cpp.llama_get_embeddings_seq(self._ctx, 0)
+        vector = np.ctypeslib.as_array(row, shape=(self.n_embd,)).astype(np.float64)
+        norm = float(np.linalg.norm(vector))
+        return (vector / norm if norm > 0 else vector).tolist()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ctx is None:
+                return
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        self.weights.release()
+
+
 class _Delivery:
     """Where a request's chunks go: an asyncio queue on the consumer's loop."""
 
@@ -304,7 +391,9 @@ class Engine:
         self.bus = bus
         self.template = template
         try:
-            self._ctx = self._new_context(settings)
+            self._ctx = new_context(weights, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
+                                    n_seq_max=settings.n_parallel, n_threads=settings.n_threads,
+                                    flash_attn=settings.flash_attn)
         except Exception:
             self.weights.release()
             raise
@@ -321,25 +410,8 @@ class Engine:
         self._recent_tokens: deque[tuple[float, int]] = deque(maxlen=256)
         self._thread = threading.Thread(target=self._run, name=f"engine-{model_name}-{next(self._ids)}",
                                         daemon=True)
-
-    def _new_context(self, s: ContextSettings) -> llama_cpp.llama_context_p:
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = s.n_ctx
-        params.n_batch = s.n_batch
-        params.n_ubatch = s.n_batch
-        params.n_seq_max = s.n_parallel
-        params.n_threads = s.n_threads
-        params.n_threads_batch = s.n_threads
-        params.flash_attn_type = 1 if s.flash_attn else 0
-        params.swa_full = True  # full-size sliding-window cache: prefixes stay reusable
-        params.kv_unified = True  # all sequences share n_ctx instead of n_ctx / n_parallel each
-        params.no_perf = True
-        with llamalog.capture() as captured:
-            ctx = llama_cpp.llama_init_from_model(self.weights.handle, params)
-        if not ctx:
-            detail = "; ".join(captured.problems()) or "llama.cpp gave no reason"
-            raise LoadFailed(f"{self.weights.path}: could not create a context (n_ctx {s.n_ctx}): {detail}")
-        return ctx
+        self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -370,12 +442,26 @@ class Engine:
             self._thread.join()
         else:
             self._finish_all("cancelled", "model unloaded")
+        with self._embedder_lock:
+            if self._embedder is not None:
+                self._embedder.close()
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
         self._ctx = None
         self.weights.release()
 
     # -- requests --------------------------------------------------------------------------
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Blocking: pooled vectors from a second context on the same weights, made on first use."""
+        with self._embedder_lock:
+            if self._closing:
+                raise Cancelled(f"model {self.model_name!r} is unloading")
+            if self._embedder is None:
+                self._embedder = Embedder(self.weights, n_ctx=self.settings.n_ctx,
+                                          n_threads=self.settings.n_threads)
+            embedder = self._embedder
+        return embedder.embed(texts)
 
     def submit(self, tokens: list[int], params: SamplingParams, *, request_id: str | None = None,
                session_id: str | None = None) -> _Request:

@@ -64,6 +64,14 @@ class RequestStats:
 
 
 @dataclass(frozen=True)
+class Embeddings:
+    """One vector per input (mean-pooled, L2-normalised) and the tokens the inputs took."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
 class Chunk:
     """A piece of streamed output; the last chunk of a request has `finish_reason` and `stats`."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,3 +107,30 @@ def test_close_unloads_and_stops_the_backend_thread(model_dir: Path) -> None:
     assert not local._thread.is_alive()
     assert not [t for t in threading.enumerate() if t.name.startswith("engine-tiny-a")]
     local.close()  # idempotent
+
+
+def test_embeddings_are_one_normalised_vector_per_input(backend: LocalBackend) -> None:
+    result = backend.sync.embed("tiny-a", ["once upon a time", "the time"])
+    assert len(result.vectors) == 2 and {len(v) for v in result.vectors} == {64}
+    assert all(abs(sum(x * x for x in v) - 1.0) < 1e-6 for v in result.vectors)
+    assert result.vectors[0] != result.vectors[1] and result.prompt_tokens > 2
+    assert backend.sync.embed("tiny-a", "once upon a time").vectors[0] == result.vectors[0]
+
+
+@pytest.mark.parametrize("inputs, fragment", [
+    ([], "non-empty list"), ([1, 2], "list of strings"), ([""], "input[0] is empty"),
+    (["time " * 3000], "embedding context holds"),
+])
+def test_bad_embedding_input_is_a_clear_error(backend: LocalBackend, inputs: object, fragment: str) -> None:
+    with pytest.raises(BadRequest, match=re.escape(fragment)):
+        backend.sync.embed("tiny-a", inputs)  # type: ignore[arg-type]
+    assert backend.sync.embed("tiny-a", "still works").vectors
+
+
+async def test_embeddings_run_beside_generation(backend: LocalBackend) -> None:
+    async def generate() -> str:
+        return "".join([c.text async for c in backend.complete("tiny-a", "Once upon a time", max_tokens=50,
+                                                                temperature=0.0, ignore_eos=True)])
+
+    text, vectors = await asyncio.gather(generate(), backend.embed("tiny-a", ["a", "b", "c"]))
+    assert text and len(vectors.vectors) == 3

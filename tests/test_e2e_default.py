@@ -78,3 +78,11 @@ async def test_concurrent_streams_from_a_running_loop(backend: LocalBackend, loa
 
 def test_model_path_is_the_assembled_file(loaded: Any) -> None:
     assert Path(loaded.path) == default_model_path() and loaded.file_size == default_model_path().stat().st_size
+
+
+def test_embeddings_place_similar_sentences_closer(backend: LocalBackend, loaded: Any) -> None:
+    cat, rug, stocks = backend.sync.embed(DEFAULT_MODEL_NAME, [
+        "The cat sat on the mat.", "A cat was sitting on a rug.", "Stock markets fell sharply today."]).vectors
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    assert len(cat) == 640
+    assert dot(cat, rug) > dot(cat, stocks) + 0.2
