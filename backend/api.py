@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import logging
 import threading
 import time
 import weakref
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
+from .chat import validate_messages
 from .config import Settings, load_settings
 from .errors import BadRequest
 from .events import Event, EventBus, RequestFinished
@@ -27,7 +29,10 @@ from .snapshot import ModelInfo, Status
 from .telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from .engine import Engine
     from .manager import Lease, Manager
+
+log = logging.getLogger("corral.api")
 
 T = TypeVar("T")
 MAX_EMBED_INPUTS = 2048
@@ -128,31 +133,32 @@ class LocalBackend:
     # -- generation ------------------------------------------------------------------------
 
     async def complete(self, model: str, prompt: str, *, request_id: str | None = None,
-                       session_id: str | None = None, keep_alive: float | None = None,
+                       session_id: str | None = None, keep_alive: float | str | None = None,
                        **options: Any) -> AsyncIterator[Chunk]:
         """Stream a plain-text completion of `prompt` (the model is loaded if needed)."""
         params = sampling_params(options)
+        if not isinstance(prompt, str):
+            raise BadRequest("prompt must be a string")
         async with self._lease(model, keep_alive) as lease:
-            tokens = lease.engine.weights.tokenize(prompt, add_special=True)
-            async for chunk in lease.engine.stream(tokens, params, request_id=request_id,
-                                                   session_id=session_id):
+            weights = lease.engine.weights
+            tokens = await asyncio.to_thread(weights.tokenize, prompt, add_special=True)
+            async for chunk in lease.engine.stream(tokens, params, request_id=request_id, session_id=session_id):
                 yield chunk
 
     async def chat(self, model: str, messages: list[dict[str, Any]], *, request_id: str | None = None,
-                   session_id: str | None = None, keep_alive: float | None = None,
+                   session_id: str | None = None, keep_alive: float | str | None = None,
                    **options: Any) -> AsyncIterator[Chunk]:
         """Stream the assistant's reply to `messages`, formatted with the model's chat template."""
         params = sampling_params(options)
+        validate_messages(messages)  # before a possible auto-load, not after
         async with self._lease(model, keep_alive) as lease:
             engine = lease.engine
-            assert engine.template is not None
-            prompt = engine.template.render(messages)
-            tokens = engine.weights.tokenize(prompt, add_special=False)
+            tokens = await asyncio.to_thread(_chat_tokens, engine, messages)
             async for chunk in engine.stream(tokens, params, request_id=request_id, session_id=session_id):
                 yield chunk
 
     async def embed(self, model: str, inputs: list[str] | str, *, request_id: str | None = None,
-                    session_id: str | None = None, keep_alive: float | None = None) -> Embeddings:
+                    session_id: str | None = None, keep_alive: float | str | None = None) -> Embeddings:
         """One pooled, normalised vector per input, from a second context on the model's weights."""
         texts = [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
@@ -160,16 +166,37 @@ class LocalBackend:
         if len(texts) > MAX_EMBED_INPUTS:
             raise BadRequest(f"input has {len(texts)} items; at most {MAX_EMBED_INPUTS} per request")
         started = time.perf_counter()
-        async with self._lease(model, keep_alive) as lease:
-            vectors, tokens = await asyncio.to_thread(lease.engine.embed, texts)
-        duration = time.perf_counter() - started
+        lease = await self._acquire(model, keep_alive)
+        # The model stays leased until the thread is done, even if our caller gives up first.
+        work = asyncio.ensure_future(asyncio.to_thread(lease.engine.embed, texts))
+        work.add_done_callback(lambda _: self._release(lease))
+        vectors, tokens = await asyncio.shield(work)
         self.bus.publish(RequestFinished(model=model, request_id=request_id, session_id=session_id,
                                          finish_reason="embeddings", prompt_tokens=tokens, completion_tokens=0,
-                                         ttft_s=None, duration_s=duration, tokens_per_s=None))
+                                         ttft_s=None, duration_s=time.perf_counter() - started,
+                                         tokens_per_s=None))
         return Embeddings(vectors, tokens)
 
-    def _lease(self, model: str, keep_alive: float | None) -> _LeaseScope:
+    def _lease(self, model: str, keep_alive: float | str | None) -> _LeaseScope:
         return _LeaseScope(self, model, keep_alive)
+
+    async def _acquire(self, model: str, keep_alive: float | str | None) -> Lease:
+        """Acquire on the backend loop. If our caller is cancelled after the manager granted the
+        lease, it is given back at once instead of being lost (the model would stay busy)."""
+        await self.ready()
+        coro = self.manager.acquire(model, keep_alive)
+        if asyncio.get_running_loop() is self._loop:
+            return await coro
+        future = self._submit(coro)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() or self._release(f.result()))
+            raise
+
+    def _release(self, lease: Lease) -> None:
+        """Give a lease back without awaiting: works from a cancelled or abandoned stream."""
+        self._submit(self.manager.release(lease)).add_done_callback(_log_failure)
 
     def events(self, after_seq: int | None = None) -> AsyncIterator[Event]:
         return self.bus.subscribe(after_seq)
@@ -210,21 +237,30 @@ class LocalBackend:
 
 
 class _LeaseScope:
-    """Acquire on the backend loop; release without awaiting, so a cancelled or abandoned
-    stream still gives its model back."""
+    """`async with`: a lease for the block, returned however the block ends."""
 
-    def __init__(self, backend: LocalBackend, model: str, keep_alive: float | None) -> None:
+    def __init__(self, backend: LocalBackend, model: str, keep_alive: float | str | None) -> None:
         self.backend, self.model, self.keep_alive = backend, model, keep_alive
         self.lease: Lease | None = None
 
     async def __aenter__(self) -> Lease:
-        await self.backend.ready()
-        self.lease = await self.backend._call(self.backend.manager.acquire(self.model, self.keep_alive))
+        self.lease = await self.backend._acquire(self.model, self.keep_alive)
         return self.lease
 
     async def __aexit__(self, *exc: object) -> None:
         if self.lease is not None:
-            self.backend._submit(self.backend.manager.release(self.lease))
+            self.backend._release(self.lease)
+
+
+def _chat_tokens(engine: Engine, messages: list[dict[str, Any]]) -> list[int]:
+    """Render and tokenize a chat (blocking: Jinja and llama.cpp's tokenizer)."""
+    assert engine.template is not None
+    return engine.weights.tokenize(engine.template.render(messages), add_special=False)
+
+
+def _log_failure(future: Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("releasing a lease failed", exc_info=future.exception())
 
 
 async def _sync_value(fn: Any) -> Any:

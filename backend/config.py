@@ -104,12 +104,18 @@ class Settings(_Strict):
     models: list[ModelConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> Settings:
+    def _consistent(self) -> Settings:
         seen: set[str] = set()
         for entry in self.models:
             if entry.name in seen:
                 raise ValueError(f"models: name {entry.name!r} appears twice; names must be unique")
             seen.add(entry.name)
+        for where, values in [("defaults", self.defaults)] + [
+                (f"models[{i}] ({m.name})", self.effective(m.name)) for i, m in enumerate(self.models)]:
+            if values.n_batch < values.n_parallel:
+                # every running sequence adds a token to each batch: a smaller batch cannot hold them
+                raise ValueError(f"{where}: n_batch = {values.n_batch} is smaller than n_parallel = "
+                                 f"{values.n_parallel}; raise n_batch or lower n_parallel")
         return self
 
     def model_config_for(self, name: str) -> ModelConfig | None:

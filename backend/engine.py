@@ -207,14 +207,14 @@ class Embedder:
         for i, text in enumerate(texts):
             if not text.strip():
                 raise BadRequest(f"input[{i}] is empty")
-        tokenized = [self.weights.tokenize(text, add_special=True) for text in texts]
-        for i, tokens in enumerate(tokenized):
-            if len(tokens) > self.n_ctx:
-                raise BadRequest(f"input[{i}] is {len(tokens)} tokens but the embedding context holds "
-                                 f"{self.n_ctx}; split the text")
-        with self._lock:
+        with self._lock:  # the weights stay alive while we hold it (close takes it too)
             if self._ctx is None:
                 raise Cancelled("the model was unloaded")
+            tokenized = [self.weights.tokenize(text, add_special=True) for text in texts]
+            for i, tokens in enumerate(tokenized):
+                if len(tokens) > self.n_ctx:
+                    raise BadRequest(f"input[{i}] is {len(tokens)} tokens but the embedding context "
+                                     f"holds {self.n_ctx}; split the text")
             return [self._one(tokens) for tokens in tokenized], sum(map(len, tokenized))
 
     def _one(self, tokens: list[int]) -> list[float]:
@@ -258,8 +258,14 @@ class _Request:
     tokens: list[int]
     params: SamplingParams
     delivery: _Delivery
+    sampler: llama_cpp.llama_sampler_p | None = None  # None: plain greedy (numpy argmax)
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+
+    def free_sampler(self) -> None:
+        if self.sampler is not None:
+            llama_cpp.llama_sampler_free(self.sampler)
+            self.sampler = None
 
 
 class _Sequence:
@@ -279,9 +285,7 @@ class _Sequence:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._weights = weights
         self.max_tokens = min(request.params.max_tokens, n_ctx - len(request.tokens))
-        params = request.params
-        plain_greedy = params.greedy and params.repeat_penalty == 1.0
-        self.sampler = None if plain_greedy else _make_sampler(params)
+        self.sampler = request.sampler
 
     @property
     def prefilling(self) -> bool:
@@ -299,9 +303,10 @@ class _Sequence:
         self.text += self._decoder.decode(self._weights.piece(token))
         if params.stop:
             hit = _find_stop(self.text, params.stop, max(0, self.emitted - max(map(len, params.stop))))
-            if hit is not None:
+            if hit is not None:  # bytes still in the decoder belong after the stop: drop them
                 self.text = self.text[:hit]
-                return self._flush(), "stop"
+                out, self.emitted = self.text[self.emitted:], hit
+                return out, "stop"
         if self.generated >= self.max_tokens:
             return self._flush(), "length"
         safe = len(self.text) - _held_back(self.text, params.stop)
@@ -326,17 +331,17 @@ class _Sequence:
         )
 
     def free(self) -> None:
-        if self.sampler is not None:
-            llama_cpp.llama_sampler_free(self.sampler)
-            self.sampler = None
+        self.request.free_sampler()
 
 
-def _make_sampler(params: SamplingParams) -> llama_cpp.llama_sampler_p:
-    """A llama.cpp sampler chain; plain greedy requests skip it (numpy argmax is ~30x cheaper)."""
+def _make_sampler(params: SamplingParams, n_vocab: int) -> llama_cpp.llama_sampler_p | None:
+    """A llama.cpp sampler chain, or None for plain greedy (numpy argmax is ~30x cheaper)."""
+    if params.greedy and params.repeat_penalty == 1.0:
+        return None
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
     if params.repeat_penalty != 1.0:
-        add(llama_cpp.llama_sampler_init_penalties(64, params.repeat_penalty, 0.0, 0.0))
+        add(llama_cpp.llama_sampler_init_penalties(n_vocab, 64, params.repeat_penalty, 0.0, 0.0))
     if params.greedy:
         add(llama_cpp.llama_sampler_init_greedy())
         return chain
@@ -412,6 +417,8 @@ class Engine:
                                         daemon=True)
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
+        self.failure: str | None = None
+        self.on_failure: Callable[[str], None] | None = None  # set by the manager; any thread
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -475,14 +482,19 @@ class Engine:
                 f"{self.n_ctx}; shorten the prompt or raise n_ctx"
             )
         request = _Request(request_id or uuid.uuid4().hex, session_id, tokens, params,
-                           _Delivery(asyncio.get_running_loop()))
+                           _Delivery(asyncio.get_running_loop()), _make_sampler(params, self.weights.n_vocab))
         with self._cv:
+            refusal: Exception | None = None
             if self._closing:
-                raise Cancelled(f"model {self.model_name!r} is unloading")
-            if len(self._pending) >= self.settings.max_queue and not self._free_ids:
-                raise QueueFull(self.model_name, len(self._pending))
-            self._pending.append(request)
-            self._cv.notify()
+                refusal = Cancelled(f"model {self.model_name!r} is unloading")
+            elif len(self._pending) >= self.settings.max_queue + len(self._free_ids):
+                refusal = QueueFull(self.model_name, len(self._pending))
+            else:
+                self._pending.append(request)
+                self._cv.notify()
+        if refusal is not None:
+            request.free_sampler()
+            raise refusal
         return request
 
     def cancel(self, request: _Request) -> None:
@@ -526,7 +538,12 @@ class Engine:
                 self._step()
         except Exception as exc:  # a bug or a llama.cpp failure: fail requests, keep the process
             log.exception("engine %s stopped", self.model_name)
-            self._finish_all("error", f"engine failure: {exc}")
+            with self._cv:
+                self._closing = True  # refuse new requests: nobody would serve them
+                self.failure = f"engine failure: {exc}"
+            self._finish_all("error", self.failure)
+            if self.on_failure is not None:
+                self.on_failure(self.failure)
             return
         self._finish_all("cancelled", "model unloaded")
 
@@ -535,6 +552,7 @@ class Engine:
         while self._pending and self._free_ids:
             request = self._pending.popleft()
             if request.cancelled:
+                request.free_sampler()
                 self._deliver([(request.delivery, Chunk("", "cancelled"))])
                 continue
             seq = _Sequence(request, self._free_ids.pop(0), self.weights, self.n_ctx)
@@ -568,6 +586,8 @@ class Engine:
         logits_at: list[tuple[_Sequence, int]] = []
         budget = self.n_batch
         for seq in self._running.values():
+            if budget <= 0:  # n_batch >= n_parallel is enforced by config; this is a guard
+                break
             if not seq.prefilling and seq.last_token is not None:
                 logits_at.append((seq, self._batch.n_tokens))
                 self._add(seq.last_token, seq.n_past, seq.seq_id, True)
@@ -635,6 +655,7 @@ class Engine:
                 self._end(seq, reason, out, error=error)
             while self._pending:
                 request = self._pending.popleft()
+                request.free_sampler()
                 out.append((request.delivery, Chunk("", reason, None, error)))
         self._deliver(out)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
@@ -163,7 +164,8 @@ class EventBus:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_seq: int = 0
     _ring: deque[Event] = field(init=False)
-    _subscribers: list[Subscription] = field(default_factory=list)
+    # Weak: a consumer that breaks out of `async for` and drops its subscription unsubscribes.
+    _subscribers: weakref.WeakSet[Subscription] = field(default_factory=weakref.WeakSet)
     _closed: bool = False
 
     def __post_init__(self) -> None:
@@ -178,7 +180,7 @@ class EventBus:
             self._last_seq += 1
             stamped = _stamp(event, self._last_seq, time.time())
             self._ring.append(stamped)
-            for sub in self._subscribers:
+            for sub in list(self._subscribers):
                 _call_soon(sub.loop, sub._put, stamped)
         return stamped
 
@@ -203,19 +205,18 @@ class EventBus:
             if self._closed:
                 sub._closed = True
             else:
-                self._subscribers.append(sub)
+                self._subscribers.add(sub)
         return sub
 
     def _remove(self, sub: Subscription) -> None:
         with self._lock:
-            if sub in self._subscribers:
-                self._subscribers.remove(sub)
+            self._subscribers.discard(sub)
 
     def close(self) -> None:
         """End every subscription once it has read what was published before (shutdown)."""
         with self._lock:
             self._closed = True
-            subscribers, self._subscribers = self._subscribers, []
+            subscribers, self._subscribers = list(self._subscribers), weakref.WeakSet()
         for sub in subscribers:
             _call_soon(sub.loop, sub._close)
 
@@ -252,3 +253,16 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     cls = EVENT_TYPES.get(data.get("type", ""), Event)
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for `event` at most `timeout` seconds; True if it was set.
+
+    asyncio.wait, not wait_for: on Python 3.11 a cancelled wait_for around Event.wait was seen
+    to hang, which froze shutdown."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return event.is_set()

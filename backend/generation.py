@@ -82,18 +82,38 @@ class Chunk:
 
 
 SAMPLING_OPTIONS = frozenset(SamplingParams.__dataclass_fields__)
+_INTS = frozenset({"max_tokens", "top_k"})
+_FLOATS = frozenset({"temperature", "top_p", "min_p", "repeat_penalty"})
 
 
 def sampling_params(options: dict[str, Any]) -> SamplingParams:
-    """Build validated sampling parameters from keyword options (unknown names are errors)."""
+    """Validated sampling parameters from keyword options.
+
+    Unknown names and wrong types are BadRequests naming the option; None means "the
+    default" (OpenAI clients send `stop: null` and friends)."""
     unknown = set(options) - SAMPLING_OPTIONS
     if unknown:
         raise BadRequest(f"unknown option(s): {', '.join(sorted(unknown))}; "
                          f"allowed: {', '.join(sorted(SAMPLING_OPTIONS))}")
-    if isinstance(options.get("stop"), str):
-        options = {**options, "stop": (options["stop"],)}
-    elif options.get("stop") is not None:
-        options = {**options, "stop": tuple(options["stop"])}
-    params = SamplingParams(**options)
+    values = {name: _checked(name, value) for name, value in options.items() if value is not None}
+    params = SamplingParams(**values)
     params.validate()
     return params
+
+
+def _checked(name: str, value: Any) -> Any:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name in _INTS and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise BadRequest(f"{name} = {value!r}: must be an integer")
+    if name in _FLOATS and not number:
+        raise BadRequest(f"{name} = {value!r}: must be a number")
+    if name == "seed" and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise BadRequest(f"seed = {value!r}: must be an integer")
+    if name == "ignore_eos" and not isinstance(value, bool):
+        raise BadRequest(f"ignore_eos = {value!r}: must be true or false")
+    if name == "stop":
+        stops = (value,) if isinstance(value, str) else value
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(x, str) for x in stops):
+            raise BadRequest(f"stop = {value!r}: must be a string or a list of strings")
+        return tuple(stops)
+    return float(value) if name in _FLOATS else value

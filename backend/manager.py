@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .catalog import Catalog, CatalogEntry, entry_for
-from .config import ModelDefaults, Settings
+from .config import ModelDefaults, Settings, parse_duration
 from .engine import ContextSettings, Engine, ModelWeights
-from .errors import (BudgetExceeded, CorralError, IllegalTransition, LoadFailed, ModelBusy,
+from .errors import (BadRequest, BudgetExceeded, CorralError, IllegalTransition, LoadFailed, ModelBusy,
                      ModelPinned, ModelUnusable)
-from .events import EventBus, LoadProgress, ModelLoaded, Notice, PinChanged, StateChanged
+from .events import EventBus, LoadProgress, ModelLoaded, Notice, PinChanged, StateChanged, wait_event
 from .ggufmeta import GGUFInfo
 from .memory import MemoryEstimate, default_ram_budget, estimate, format_bytes, process_rss
 from .snapshot import ModelInfo
@@ -74,6 +74,7 @@ class Record:
     last_used: float | None = None
     expires_at: float | None = None  # monotonic
     keep_alive_override: float | None = None  # from the latest request, until unload
+    unload_task: asyncio.Task[None] | None = None
     template_source: str | None = None
     chat_format: str | None = None
     chat_template: str | None = None
@@ -98,11 +99,15 @@ class Record:
 
 @dataclass
 class Lease:
-    """A request's hold on a loaded model: keeps it from eviction until released."""
+    """A request's hold on a loaded model: keeps it from eviction until released, and keeps
+    its weights alive (a reference) even if the model is closed under it at shutdown."""
 
     record: Record
     engine: Engine
     released: bool = field(default=False)
+
+    def __post_init__(self) -> None:
+        self.engine.weights.retain()
 
 
 class Manager:
@@ -132,7 +137,10 @@ class Manager:
 
     async def rescan(self) -> list[ModelInfo]:
         entries = await asyncio.to_thread(self.catalog.refresh)
-        for entry in entries:
+        winners: dict[str, CatalogEntry] = {}
+        for entry in entries:  # the catalog lists a name's winner first; the rest lost a clash
+            winners.setdefault(entry.name, entry)
+        for entry in winners.values():
             record = self._records.get(entry.name)
             if record is None:
                 self._records[entry.name] = self._new_record(entry)
@@ -237,13 +245,7 @@ class Manager:
         self._changed = asyncio.Event()
 
     async def _wait_change(self, timeout: float | None = None) -> None:
-        # asyncio.wait, not wait_for: on Python 3.11 a cancelled wait_for around Event.wait
-        # was seen to hang, which froze shutdown.
-        waiter = asyncio.ensure_future(self._changed.wait())
-        try:
-            await asyncio.wait({waiter}, timeout=timeout)
-        finally:
-            waiter.cancel()
+        await wait_event(self._changed, timeout)
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -288,12 +290,14 @@ class Manager:
                 self._fail(r, f"model {r.name!r}: load failed: {exc}")
                 raise LoadFailed(r.error or str(exc)) from exc
             r.engine = engine
+            loop = asyncio.get_running_loop()
+            engine.on_failure = lambda message: loop.call_soon_threadsafe(self._engine_failed, r, engine, message)
             r.load_seconds = time.perf_counter() - started
             r.measured = max(process_rss() - rss_before, 0)
             r.load_percent = 100
             r.last_used = time.time()
-            self._set_expiry(r)
             self._transition(r, State.READY, f"loaded in {r.load_seconds:.2f} s")
+            self._set_expiry(r)
             self.bus.publish(ModelLoaded(model=r.name, seconds=r.load_seconds,
                                          estimate_bytes=r.estimate.total if r.estimate else 0,
                                          measured_bytes=r.measured))
@@ -357,7 +361,12 @@ class Manager:
             free = self.ram_budget - sum(x.reserved for x in resident)
             if len(resident) < budgets.max_loaded and need <= free:
                 return
-            idle = [x for x in resident if x.state == State.READY and x.in_flight == 0 and not x.pinned]
+            idle = [x for x in resident
+                    if x.state == State.READY and x.in_flight == 0 and not x.pinned and not x.draining]
+            leaving = [x.unload_task for x in resident if x.unload_task is not None]
+            if not idle and leaving:  # memory is on its way back: wait for it, then look again
+                await asyncio.wait(leaving)
+                continue
             if not idle:
                 held = ", ".join(f"{x.name} ({'pinned' if x.pinned else x.state.value})" for x in resident)
                 why = (f"max_loaded = {budgets.max_loaded} reached" if len(resident) >= budgets.max_loaded
@@ -390,7 +399,8 @@ class Manager:
         if r.pinned and not force:
             raise ModelPinned(f"model {name!r} is pinned; unpin it first or evict with force")
         await self._drain(r)
-        await self._unload(r, "evicted by operator" + (" (forced)" if force else ""))
+        if r.state in (State.READY, State.BUSY) or r.unload_task is not None:
+            await self._unload(r, "evicted by operator" + (" (forced)" if force else ""))
         return self.info(r)
 
     async def _drain(self, r: Record) -> None:
@@ -402,7 +412,7 @@ class Manager:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ModelBusy(f"model {r.name!r}: {r.in_flight} request(s) still running after "
-                                    f"{self.settings.budgets.drain_timeout:.0f} s; try again or cancel them")
+                                    f"{self.settings.budgets.drain_timeout:g} s; try again or cancel them")
                 await self._wait_change(min(left, 0.5))
         except BaseException:
             r.draining = False
@@ -410,7 +420,15 @@ class Manager:
             raise
 
     async def _unload(self, r: Record, reason: str) -> None:
-        self._transition(r, State.UNLOADING, reason)
+        """Single-flight: a second unload of the same model (reaper, evict, make-room) waits for
+        the first. The unload itself is shielded so a cancelled caller cannot leave a context
+        alive behind an `available` state."""
+        if r.unload_task is None:
+            self._transition(r, State.UNLOADING, reason)
+            r.unload_task = asyncio.get_running_loop().create_task(self._close_engine(r, reason))
+        await asyncio.shield(r.unload_task)
+
+    async def _close_engine(self, r: Record, reason: str) -> None:
         engine, r.engine = r.engine, None
         try:
             if engine is not None:
@@ -420,12 +438,30 @@ class Manager:
             r.expires_at = None
             r.keep_alive_override = None
             r.load_percent = None
+            r.unload_task = None
             self._transition(r, State.AVAILABLE, reason)
 
     async def unload_all(self) -> None:
+        """Unload every loaded model (pinned too); one that does not drain in time stays, and
+        the error names every model left behind."""
+        stuck: list[str] = []
         for r in list(self._records.values()):
             if r.state in (State.READY, State.BUSY):
-                await self.evict(r.name, force=True)
+                try:
+                    await self.evict(r.name, force=True)
+                except ModelBusy:
+                    stuck.append(r.name)
+        if stuck:
+            raise ModelBusy(f"still busy after {self.settings.budgets.drain_timeout:g} s, left loaded: "
+                            f"{', '.join(stuck)}; try again or cancel their requests")
+
+    def _engine_failed(self, r: Record, engine: Engine, message: str) -> None:
+        """On the manager's loop: an engine thread died; unload it so the next request reloads."""
+        if r.engine is not engine or r.state not in (State.READY, State.BUSY):
+            return
+        r.error = f"model {r.name!r}: {message}"
+        self.bus.publish(Notice(model=r.name, level="error", message=r.error))
+        asyncio.get_running_loop().create_task(self._unload(r, message))
 
     # -- pinning and TTL -------------------------------------------------------------------
 
@@ -439,8 +475,10 @@ class Manager:
         return self.info(r)
 
     def _set_expiry(self, r: Record) -> None:
+        """Only an idle, loaded, unpinned model has an expiry; the reaper sleeps until the next."""
         keep = r.keep_alive
-        r.expires_at = None if keep < 0 or r.pinned else time.monotonic() + keep
+        idle = r.state in (State.READY, State.BUSY) and r.in_flight == 0
+        r.expires_at = time.monotonic() + keep if idle and keep >= 0 and not r.pinned else None
 
     async def _reap_idle(self) -> None:
         """Unload idle models whose keep-alive ran out; pinned and busy models never expire."""
@@ -448,7 +486,7 @@ class Manager:
             now = time.monotonic()
             for r in list(self._records.values()):
                 expired = r.expires_at is not None and r.expires_at <= now
-                if expired and r.state == State.READY and r.in_flight == 0 and not r.pinned:
+                if expired and r.state == State.READY and r.in_flight == 0 and not r.pinned and not r.draining:
                     try:
                         await self._unload(r, f"idle for {r.keep_alive:.0f} s (keep_alive)")
                     except Exception:
@@ -462,6 +500,8 @@ class Manager:
     async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
         """Hold `name` for one request, loading it first if needed (auto-load)."""
         r = self.record(name)
+        if keep_alive is not None:
+            keep_alive = _keep_alive_seconds(keep_alive)
         await self._ensure_loaded(r)
         if keep_alive is not None:
             r.keep_alive_override = keep_alive
@@ -475,6 +515,7 @@ class Manager:
         if lease.released:
             return
         lease.released = True
+        lease.engine.weights.release()
         r = lease.record
         r.in_flight -= 1
         r.last_used = time.time()
@@ -491,3 +532,11 @@ class Manager:
             yield held
         finally:
             await self.release(held)
+
+
+def _keep_alive_seconds(value: object) -> float:
+    """A request's keep_alive: seconds or a duration string ("5m"); negative means forever."""
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise BadRequest(f"keep_alive = {value!r}: {exc}") from None

@@ -28,6 +28,7 @@ from textual.signal import Signal
 from textual.worker import Worker, WorkerState
 
 from corral.backend.errors import CorralError
+from corral.backend.events import wait_event
 from corral.themes import DEFAULT_THEME, THEMES
 
 from .commands import APP, bindings_for
@@ -159,10 +160,7 @@ class CorralApp(App[None]):
                     self._status_error = None
                     self.notify("status is back", title=self.backend.label, timeout=3)
                 self.post_message(StatusUpdated(status))
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, self.poll_interval)
             # woken early by a burst of events: still at most one fetch per MIN_POLL_GAP_S
             await asyncio.sleep(max(0.0, MIN_POLL_GAP_S - (loop.time() - started)))
 

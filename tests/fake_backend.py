@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from typing import Any
 
-from corral.backend.engine import Chunk, RequestStats
+from corral.backend.generation import Chunk, Embeddings, RequestStats
 from corral.backend.errors import LoadFailed, ModelNotFound, ModelPinned
 from corral.backend.events import (
     Event,
@@ -256,6 +256,17 @@ class FakeBackend:
         finally:
             if queue in self._subscribers:
                 self._subscribers.remove(queue)
+
+    async def embed(self, model: str, inputs: list[str], **options: Any) -> Embeddings:
+        self._get(model)
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        return Embeddings([[float(len(t)), 1.0] for t in texts], sum(len(t.split()) for t in texts))
+
+    async def rescan(self) -> list[ModelInfo]:
+        return await self.models()
+
+    async def ready(self) -> None:
+        return None
 
     async def aclose(self) -> None:
         self.closed = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 from collections.abc import Iterator
@@ -134,3 +135,55 @@ async def test_embeddings_run_beside_generation(backend: LocalBackend) -> None:
 
     text, vectors = await asyncio.gather(generate(), backend.embed("tiny-a", ["a", "b", "c"]))
     assert text and len(vectors.vectors) == 3
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"max_tokens": "10"}, "max_tokens = '10': must be an integer"),
+    ({"max_tokens": 2.5}, "max_tokens = 2.5: must be an integer"),
+    ({"temperature": "hot"}, "temperature = 'hot': must be a number"),
+    ({"seed": "42"}, "seed = '42': must be an integer"),
+    ({"top_k": 2.5}, "top_k = 2.5: must be an integer"),
+    ({"ignore_eos": "no"}, "ignore_eos = 'no': must be true or false"),
+    ({"stop": 5}, "stop = 5: must be a string or a list of strings"),
+    ({"keep_alive": "soon"}, "keep_alive = 'soon'"),
+])
+def test_wrong_option_types_are_bad_requests(backend: LocalBackend, options: dict, fragment: str) -> None:
+    with pytest.raises(BadRequest, match=re.escape(fragment)):
+        backend.sync.text("tiny-a", "hi", **options)
+
+
+def test_none_means_default_and_durations_are_accepted(backend: LocalBackend) -> None:
+    assert backend.sync.text("tiny-a", "hi", max_tokens=2, stop=None, seed=None, min_p=None, ignore_eos=True,
+                             keep_alive="5m")
+    assert backend.sync.models()[0].keep_alive_s == 300.0
+
+
+def test_bad_messages_are_refused_before_any_load(backend: LocalBackend) -> None:
+    with pytest.raises(BadRequest):
+        list(backend.sync.chat("tiny-c", [{"role": "wizard", "content": "hi"}]))
+    with pytest.raises(BadRequest, match="prompt must be a string"):
+        backend.sync.text("tiny-c", None)  # type: ignore[arg-type]
+    assert {m.name: m.state for m in backend.sync.models()}["tiny-c"] == "available"
+
+
+async def test_cancelled_requests_never_leave_a_model_busy(backend: LocalBackend) -> None:
+    """Cancel at every point of a request's start: every lease must come back."""
+    await backend.load("tiny-a")
+
+    async def one() -> None:
+        async for _ in backend.complete("tiny-a", "Once upon a time", max_tokens=4, ignore_eos=True):
+            pass
+
+    for i in range(60):
+        task = asyncio.create_task(one())
+        await asyncio.sleep((i % 6) * 0.0005)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def idle() -> None:
+        while (await backend.models())[0].in_flight:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(idle(), 5)
+    assert (await backend.models())[0].state == "ready"

@@ -449,3 +449,10 @@ def test_bad_env_value_checked_at_validation_names_the_variable(variable: str, v
     with pytest.raises(ConfigError) as info:
         load_settings(env={**isolated_env, variable: value})
     assert variable in str(info.value)
+
+
+def test_n_batch_smaller_than_n_parallel_is_refused_before_llama_cpp_aborts() -> None:
+    with pytest.raises(ConfigError, match="n_batch = 4 is smaller than n_parallel = 8"):
+        settings_from_dict({"defaults": {"n_batch": 4, "n_parallel": 8}})
+    with pytest.raises(ConfigError, match=r"models\[0\] \(m\): n_batch = 2"):
+        settings_from_dict({"models": [{"name": "m", "path": "/x.gguf", "n_batch": 2}]})

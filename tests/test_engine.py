@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from corral.backend.engine import ContextSettings, Engine, ModelWeights
-from corral.backend.errors import BadRequest, LoadFailed
+from corral.backend.errors import BadRequest, LoadFailed, QueueFull
 from corral.backend.events import EventBus, RequestFinished
 from corral.backend.generation import Chunk, SamplingParams
 from ggufs import write_unknown_arch
@@ -179,3 +179,27 @@ except LoadFailed:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
+
+
+async def test_repeat_penalty_and_every_sampler_option_run(engine_factory: Any) -> None:
+    engine = engine_factory()
+    text, last = await run(engine, "Once upon a time", max_tokens=12, ignore_eos=True, repeat_penalty=1.3,
+                           temperature=0.7, top_k=20, top_p=0.9, min_p=0.02, seed=3)
+    assert text and last.finish_reason == "length"
+    greedy_penalised, _ = await run(engine, "Once upon a time", max_tokens=12, ignore_eos=True,
+                                    repeat_penalty=1.3)
+    assert greedy_penalised  # greedy with a penalty goes through the sampler chain
+    assert (await run(engine, "the time", max_tokens=3))[0] is not None  # the engine still serves
+
+
+async def test_queue_is_bounded_even_with_free_slots(engine_factory: Any, tiny_gguf: Any) -> None:
+    weights = ModelWeights(str(tiny_gguf("engine")))
+    engine = Engine(weights, ContextSettings(n_ctx=256, n_parallel=2, n_threads=1, max_queue=2),
+                    model_name="bounded")
+    weights.release()  # not started: nothing is taken off the queue
+    tokens = engine.weights.tokenize("Once", add_special=True)
+    accepted = [engine.submit(tokens, SamplingParams(max_tokens=1)) for _ in range(4)]  # 2 slots + 2 queued
+    with pytest.raises(QueueFull):
+        engine.submit(tokens, SamplingParams(max_tokens=1))
+    assert engine.load().queued == len(accepted) == 4
+    engine.close()

@@ -12,7 +12,7 @@ import pytest
 
 from corral.backend.config import settings_from_dict
 from corral.backend.generation import SamplingParams
-from corral.backend.errors import (BudgetExceeded, CorralError, IllegalTransition, ModelNotFound,
+from corral.backend.errors import (BudgetExceeded, CorralError, IllegalTransition, ModelBusy, ModelNotFound,
                                    ModelPinned)
 from corral.backend.events import Event, EventBus, LoadProgress, ModelLoaded, StateChanged
 from corral.backend.manager import ALLOWED, Manager, State
@@ -396,3 +396,41 @@ async def test_vram_taken_by_a_load_is_measured_per_gpu(model_dir: Path) -> None
         assert (await cpu_only.load("tiny-a")).measured_vram is None  # no GPU here
     finally:
         await cpu_only.close()
+
+
+async def test_concurrent_unloads_of_one_model_do_not_collide(model_dir: Path, running: Any) -> None:
+    manager, events = await running(make_settings(model_dir, defaults={"keep_alive": 0.05}))
+    lease = await manager.acquire("tiny-a")
+    evictions = [asyncio.create_task(manager.evict("tiny-a")) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    await manager.release(lease)  # the reaper, and both evicts, now all want it gone
+    await asyncio.wait_for(asyncio.gather(*evictions), 5)
+    assert state(manager, "tiny-a") == "available"
+    await events.settle()
+    assert events.states("tiny-a").count(("ready", "unloading")) + events.states("tiny-a").count(
+        ("busy", "unloading")) == 1
+
+
+async def test_unload_all_goes_past_a_busy_model(model_dir: Path, running: Any) -> None:
+    manager, _ = await running(make_settings(model_dir, budgets={"drain_timeout": 0.1}))
+    for name in ("tiny-a", "tiny-b", "tiny-c"):
+        await manager.load(name)
+    lease = await manager.acquire("tiny-a")
+    with pytest.raises(ModelBusy, match="left loaded: tiny-a"):
+        await manager.unload_all()
+    assert [state(manager, n) for n in ("tiny-a", "tiny-b", "tiny-c")] == ["busy", "available", "available"]
+    await manager.release(lease)
+
+
+async def test_a_name_clash_leaves_the_winner_usable(model_dir: Path, tmp_path: Path, running: Any) -> None:
+    other = write_tiny_llama(tmp_path / "elsewhere" / "other.gguf", name="other", seed=9)
+    manager, _ = await running(make_settings(model_dir, models=[{"name": "tiny-a", "path": str(other)}]))
+    info = await manager.load("tiny-a")  # the [[models]] entry wins over tiny-a.gguf in the dir
+    assert info.state == "ready" and info.path == str(other)
+
+
+async def test_pin_toggle_on_an_unloaded_model_sets_no_expiry(model_dir: Path, running: Any) -> None:
+    manager, _ = await running(make_settings(model_dir, defaults={"keep_alive": 0.01}))
+    await manager.pin("tiny-a")
+    await manager.pin("tiny-a", False)
+    assert manager.record("tiny-a").expires_at is None
