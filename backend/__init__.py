@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 logging.getLogger("corral").addHandler(logging.NullHandler())
 
 _EXPORTS = {
-    "Backend": "api", "LocalBackend": "api", "SyncBackend": "api",
+    "Backend": "api", "LocalBackend": "api", "SyncBackend": "api", "RemoteBackend": "remote",
     "Settings": "config", "load_settings": "config",
-    "Chunk": "generation", "RequestStats": "generation", "SamplingParams": "generation",
+    "Chunk": "generation", "Embeddings": "generation", "RequestStats": "generation",
+    "SamplingParams": "generation",
     "CorralError": "errors", "Event": "events", "ModelInfo": "snapshot", "Status": "snapshot",
 }
 __all__ = sorted(_EXPORTS)
@@ -38,5 +39,6 @@ if TYPE_CHECKING:
     from .config import Settings, load_settings
     from .errors import CorralError
     from .events import Event
-    from .generation import Chunk, RequestStats, SamplingParams
+    from .generation import Chunk, Embeddings, RequestStats, SamplingParams
+    from .remote import RemoteBackend
     from .snapshot import ModelInfo, Status

@@ -220,6 +220,8 @@ class LocalBackend:
             self.bus.close()
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self._loop.close()
             self.telemetry.close()
 
     def __enter__(self) -> LocalBackend:

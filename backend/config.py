@@ -93,6 +93,14 @@ class Budgets(_Strict):
     drain_timeout: Seconds = Field(30.0, ge=0)
 
 
+class ServerSettings(_Strict):
+    """`corral serve` defaults; command-line flags and CORRAL_API_KEY win over these."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8377, ge=0, le=65535)
+    api_key: str | None = Field(None, min_length=8, description="Bearer key every route but /health needs")
+
+
 class Settings(_Strict):
     """The whole configuration."""
 
@@ -101,6 +109,7 @@ class Settings(_Strict):
     preload: list[str] = Field(default_factory=list)
     defaults: ModelDefaults = ModelDefaults()
     budgets: Budgets = Budgets()
+    server: ServerSettings = ServerSettings()
     models: list[ModelConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -141,6 +150,7 @@ _ENV_KEYS = {
     "N_THREADS": ("defaults.n_threads", int),
     "KEEP_ALIVE": ("defaults.keep_alive", str),
     "PRELOAD": ("preload", lambda v: [p for p in v.split(",") if p]),
+    "API_KEY": ("server.api_key", str),
 }
 
 

@@ -552,8 +552,9 @@ class Engine:
         while self._pending and self._free_ids:
             request = self._pending.popleft()
             if request.cancelled:
-                request.free_sampler()
-                self._deliver([(request.delivery, Chunk("", "cancelled"))])
+                out: list[tuple[_Delivery, Chunk]] = []
+                self._drop(request, "cancelled", None, out)
+                self._deliver(out)
                 continue
             seq = _Sequence(request, self._free_ids.pop(0), self.weights, self.n_ctx)
             self._running[seq.seq_id] = seq
@@ -648,15 +649,26 @@ class Engine:
             duration_s=stats.duration_s, tokens_per_s=stats.tokens_per_s, error=error,
         ))
 
+    def _drop(self, request: _Request, reason: str, error: str | None,
+              out: list[tuple[_Delivery, Chunk]]) -> None:
+        """End a request that never ran (cancelled while queued, or the model went away)."""
+        request.free_sampler()
+        waited = time.perf_counter() - request.submitted
+        stats = RequestStats(len(request.tokens), 0, waited, None, waited)
+        out.append((request.delivery, Chunk("", reason, stats, error)))
+        self._publish(RequestFinished(
+            model=self.model_name, request_id=request.id, session_id=request.session_id,
+            finish_reason=reason, prompt_tokens=stats.prompt_tokens, completion_tokens=0, ttft_s=None,
+            duration_s=waited, tokens_per_s=None, error=error,
+        ))
+
     def _finish_all(self, reason: str, error: str) -> None:
         out: list[tuple[_Delivery, Chunk]] = []
         with self._cv:
             for seq in list(self._running.values()):
                 self._end(seq, reason, out, error=error)
             while self._pending:
-                request = self._pending.popleft()
-                request.free_sampler()
-                out.append((request.delivery, Chunk("", reason, None, error)))
+                self._drop(self._pending.popleft(), reason, error, out)
         self._deliver(out)
 
     @staticmethod

@@ -129,3 +129,31 @@ class Cancelled(CorralError):
 
     http_status = 499
     code = "cancelled"
+
+
+class Unauthorized(CorralError):
+    """A request without the server's API key (when one is set)."""
+
+    http_status = 401
+    code = "unauthorized"
+
+
+class ShuttingDown(CorralError):
+    """A generation that arrived after shutdown began; another replica (or a restart) can take it."""
+
+    http_status = 503
+    code = "shutting_down"
+
+
+class GenerationFailed(CorralError):
+    """The engine ended a non-streaming request with an error (streams carry it in their last chunk)."""
+
+    http_status = 500
+    code = "generation_failed"
+
+
+class ServerUnreachable(CorralError):
+    """A remote backend that cannot reach its corral server."""
+
+    http_status = 503
+    code = "server_unreachable"

@@ -197,6 +197,8 @@ class EventBus:
         """
         sub = Subscription(self, asyncio.get_running_loop(), self.subscriber_limit)
         with self._lock:
+            if after_seq is not None and after_seq > self._last_seq:
+                after_seq = 0  # a number from an earlier process: everything here is new to them
             if after_seq is not None:
                 oldest = self._ring[0].seq if self._ring else self._last_seq + 1
                 if oldest > after_seq + 1:

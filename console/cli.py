@@ -35,6 +35,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     run.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     run.add_argument("--stats", action="store_true", help="print TTFT and tokens/s to stderr at the end")
+
+    serve = sub.add_parser("serve", help="run headless: OpenAI-compatible HTTP API, admin API, /metrics")
+    serve.add_argument("--host", help="address to listen on (default: [server] host, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default: [server] port, "
+                                                "else 8377)")
+    serve.add_argument("--config", dest="serve_config", metavar="FILE", help="TOML config file (as corral --config)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
+                                         "(default: $CORRAL_API_KEY, else [server] api_key; prefer those: "
+                                         "arguments show in ps)")
+    serve.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, how long running requests may finish before they are ended (default: 10)")
+
+    attach = sub.add_parser("attach", help="open the console on a running `corral serve`")
+    attach.add_argument("url", help="the server, e.g. http://127.0.0.1:8377")
+    attach.add_argument("--api-key", help="the server's key (default: $CORRAL_API_KEY)")
     return parser
 
 
@@ -48,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             return _models(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "attach":
+            return _attach(args)
         return _console(args)
     except CorralError as exc:
         print(f"corral: {exc}", file=sys.stderr)
@@ -63,12 +82,17 @@ def _configure_logging(args: argparse.Namespace) -> None:
     root.setLevel(level)
     if args.log_file:
         handler: logging.Handler = logging.FileHandler(Path(args.log_file).expanduser())
-    elif args.command in ("models", "run") and args.verbose:
+    elif args.command == "serve" or (args.command in ("models", "run") and args.verbose):
         handler = logging.StreamHandler(sys.stderr)
     else:
         return
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
+    if args.command == "serve":  # uvicorn's own warnings and errors belong in the same log
+        uvicorn_log = logging.getLogger("uvicorn")
+        uvicorn_log.setLevel(logging.WARNING)
+        uvicorn_log.addHandler(handler)
+        uvicorn_log.propagate = False
 
 
 def _backend(args: argparse.Namespace) -> Any:
@@ -119,6 +143,67 @@ def _run(args: argparse.Namespace) -> int:
         print(f"[{s.prompt_tokens} prompt + {s.completion_tokens} generated tokens, TTFT {ttft}, {speed}, "
               f"finish: {last.finish_reason}]", file=sys.stderr)
     return 0 if last is None or last.finish_reason != "error" else 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run the HTTP server until SIGTERM/SIGINT, then drain and exit 0 (never 143)."""
+    import asyncio
+
+    from corral.backend import LocalBackend, load_settings
+    from corral.backend.server import serve
+
+    settings = load_settings(args.serve_config or args.config)  # CORRAL_API_KEY lands in server.api_key
+    host = args.host or settings.server.host
+    port = settings.server.port if args.port is None else args.port
+    api_key = args.api_key or settings.server.api_key
+    warning = exposure_warning(host, api_key)
+    if warning:
+        print(f"corral serve: warning: {warning}", file=sys.stderr, flush=True)
+
+    def listening(host: str, port: int, models: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        print(f"corral serve: listening on http://{shown}:{port} ({models} models)", flush=True)
+
+    backend = LocalBackend(settings)
+    try:
+        asyncio.run(serve(backend, host=host, port=port, api_key=api_key, grace_s=args.grace,
+                          on_listening=listening))
+    finally:
+        backend.close()
+    return 0
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """Why listening on `host` without a key is risky, or None when it is not."""
+    import ipaddress
+
+    if api_key:
+        return None
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: assume it is reachable from elsewhere
+    return (f"listening on {host} without an API key: anyone who can reach this port can run, load and "
+            "unload models; set CORRAL_API_KEY (or --api-key) or listen on 127.0.0.1")
+
+
+def _attach(args: argparse.Namespace) -> int:
+    """The same console over HTTP: nothing here loads llama.cpp."""
+    import asyncio
+    import os
+
+    from corral.backend.remote import RemoteBackend
+    from corral.console.app import create_app
+
+    backend = RemoteBackend(args.url, api_key=args.api_key or os.environ.get("CORRAL_API_KEY") or None)
+    try:
+        create_app(backend).run()
+    finally:
+        asyncio.run(backend.aclose())
+    return 0
 
 
 def _console(args: argparse.Namespace) -> int:

@@ -456,3 +456,14 @@ def test_n_batch_smaller_than_n_parallel_is_refused_before_llama_cpp_aborts() ->
         settings_from_dict({"defaults": {"n_batch": 4, "n_parallel": 8}})
     with pytest.raises(ConfigError, match=r"models\[0\] \(m\): n_batch = 2"):
         settings_from_dict({"models": [{"name": "m", "path": "/x.gguf", "n_batch": 2}]})
+
+
+def test_server_section_and_api_key_from_the_environment(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[server]\nhost = "0.0.0.0"\nport = 9000\napi_key = "from-the-file"\n')
+    settings = load_settings(config, env={})
+    assert (settings.server.host, settings.server.port, settings.server.api_key) == ("0.0.0.0", 9000,
+                                                                                     "from-the-file")
+    assert load_settings(config, env={"CORRAL_API_KEY": "from-the-env-1"}).server.api_key == "from-the-env-1"
+    with pytest.raises(ConfigError, match="server.api_key"):
+        load_settings(config, env={"CORRAL_API_KEY": "short"})

@@ -546,3 +546,10 @@ def _fields(event: Event) -> dict[str, object]:
     data = event.to_dict()
     data.pop("type")
     return data
+
+
+async def test_a_resume_number_from_an_earlier_process_replays_the_ring() -> None:
+    bus = EventBus()
+    first = bus.publish(Notice(level="info", message="after restart"))
+    sub = bus.subscribe(after_seq=5000)  # the client saw seq 5000 from the previous server
+    assert await asyncio.wait_for(sub.__anext__(), 1.0) == first

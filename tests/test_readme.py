@@ -34,3 +34,15 @@ def test_readme_documents_every_console_key() -> None:
     for command in COMMANDS:
         key = "?" if command.key == "question_mark" else command.key
         assert f"| `{key}` |" in text, f"README lacks the key {key} ({command.id})"
+
+
+def test_the_config_example_is_valid() -> None:
+    import tomllib
+
+    from corral.backend.config import settings_from_dict
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"```toml\n(.*?)```", text, re.S)
+    assert example, "README lacks the config example"
+    settings = settings_from_dict(tomllib.loads(example.group(1)))
+    assert settings.models[0].name == "qwen" and settings.server.port == 8377
