@@ -168,7 +168,7 @@ class LocalBackend:
         started = time.perf_counter()
         lease = await self._acquire(model, keep_alive)
         # The model stays leased until the thread is done, even if our caller gives up first.
-        work = asyncio.ensure_future(asyncio.to_thread(lease.engine.embed, texts))
+        work = asyncio.ensure_future(lease.engine.embed_async(texts))
         work.add_done_callback(lambda _: self._release(lease))
         vectors, tokens = await asyncio.shield(work)
         self.bus.publish(RequestFinished(model=model, request_id=request_id, session_id=session_id,
@@ -196,7 +196,13 @@ class LocalBackend:
 
     def _release(self, lease: Lease) -> None:
         """Give a lease back without awaiting: works from a cancelled or abandoned stream."""
-        self._submit(self.manager.release(lease)).add_done_callback(_log_failure)
+        if self._loop.is_closed():  # the backend is gone, and its models with it
+            return
+        coro = self.manager.release(lease)
+        try:
+            self._submit(coro).add_done_callback(_log_failure)
+        except RuntimeError:  # closed between the check and the call
+            coro.close()
 
     def events(self, after_seq: int | None = None) -> AsyncIterator[Event]:
         return self.bus.subscribe(after_seq)

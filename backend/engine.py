@@ -22,6 +22,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import llama_cpp
@@ -118,7 +119,10 @@ class ModelWeights:
             self._model = None
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("the text contains a lone surrogate (\\ud800-\\udfff), which is not text") from None
         capacity = len(data) + 16
         buf = (llama_cpp.llama_token * capacity)()
         n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
@@ -201,6 +205,7 @@ class Embedder:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
         self._lock = threading.Lock()
+        self._stopping = False
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Vectors for `texts` and the number of tokens they took."""
@@ -215,7 +220,12 @@ class Embedder:
                 if len(tokens) > self.n_ctx:
                     raise BadRequest(f"input[{i}] is {len(tokens)} tokens but the embedding context "
                                      f"holds {self.n_ctx}; split the text")
-            return [self._one(tokens) for tokens in tokenized], sum(map(len, tokenized))
+            vectors = []
+            for tokens in tokenized:
+                if self._stopping:  # the model is unloading: do not make it wait for the whole batch
+                    raise Cancelled("the model is unloading")
+                vectors.append(self._one(tokens))
+            return vectors, sum(map(len, tokenized))
 
     def _one(self, tokens: list[int]) -> list[float]:
         llama_cpp.llama_memory_clear(self._memory, True)
@@ -234,6 +244,7 @@ class Embedder:
         return (vector / norm if norm > 0 else vector).tolist()
 
     def close(self) -> None:
+        self._stopping = True  # read between inputs by a running embed()
         with self._lock:
             if self._ctx is None:
                 return
@@ -417,6 +428,10 @@ class Engine:
                                         daemon=True)
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
+        # Embeddings get a thread of their own: a backlog of them must not occupy the shared
+        # worker pool that tokenizing and telemetry use for every model.
+        self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix=f"embed-{model_name}")
+        self._embed_waiting = 0
         self.failure: str | None = None
         self.on_failure: Callable[[str], None] | None = None  # set by the manager; any thread
 
@@ -449,6 +464,7 @@ class Engine:
             self._thread.join()
         else:
             self._finish_all("cancelled", "model unloaded")
+        self._embed_pool.shutdown(wait=False, cancel_futures=True)
         with self._embedder_lock:
             if self._embedder is not None:
                 self._embedder.close()
@@ -458,6 +474,18 @@ class Engine:
         self.weights.release()
 
     # -- requests --------------------------------------------------------------------------
+
+    async def embed_async(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """`embed` on the model's embedding thread; beyond `max_queue` waiting, QueueFull."""
+        with self._embedder_lock:
+            if self._embed_waiting > self.settings.max_queue:
+                raise QueueFull(self.model_name, self._embed_waiting)
+            self._embed_waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._embed_pool, self.embed, texts)
+        finally:
+            with self._embedder_lock:
+                self._embed_waiting -= 1
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Blocking: pooled vectors from a second context on the same weights, made on first use."""

@@ -35,6 +35,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class Metrics:
     """Every metric of one server; `observe` takes events, `render` produces the exposition."""
 
@@ -112,7 +115,9 @@ class Metrics:
         self.requests.labels(model, finish_reason).inc()
 
     def http(self, method: str, route: str, status: int) -> None:
-        self.http_requests.labels(method, route, str(status)).inc()
+        # Any token can be a method: label only the known ones, so clients cannot grow /metrics.
+        shown = method if method in HTTP_METHODS else "other"
+        self.http_requests.labels(shown, route, str(status)).inc()
 
     # -- scraping --------------------------------------------------------------------------
 

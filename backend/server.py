@@ -155,8 +155,8 @@ class _Generation(_Body):
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0, le=10)
     seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
-    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]] | None,
-                    BeforeValidator(_stop_list), Field(max_length=16)] = None
+    stop: Annotated[Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(max_length=16)]
+                    | None, BeforeValidator(_stop_list)] = None
     ignore_eos: bool | None = None
     keep_alive: Annotated[float | None, BeforeValidator(_duration)] = None
     n: int | None = Field(None, ge=1, le=1, description="only one choice per request")
@@ -530,7 +530,7 @@ class RequestContext:
                 response = _error_response(400, "invalid_request", f"header {bad[0]}: must be 1-128 letters, "
                                            "digits or . _ : - characters", request_id)
                 await response(scope, receive, send_with_ids)
-            elif declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            elif declared is not None and re.fullmatch(r"[0-9]{1,18}", declared) and int(declared) > self.max_body:
                 scope["corral.error"] = "body too large"
                 response = _error_response(413, "request_too_large",
                                            f"request body is larger than {self.max_body} bytes", request_id)
@@ -636,7 +636,8 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    app = FastAPI(title="corral", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="corral", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)  # a redirect would skip auth and echo the Host header
     app.state.corral = state
     _install_error_handlers(app)
     app.add_middleware(RequestContext, state=state)
@@ -680,12 +681,32 @@ async def _parse(request: Request, model: type[B]) -> B:
         raise BadRequest("request body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of thousands of digits
+        raise BadRequest(f"request body has a value JSON parsing refused: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(data).__name__}")
+    _reject_surrogates(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise BadRequest(_describe_validation(exc.errors())) from None
+
+
+def _reject_surrogates(value: Any, where: str = "body") -> None:
+    """JSON can spell lone UTF-16 surrogates ("\\ud800") that no UTF-8 text can hold."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"{where}: contains a lone surrogate (\\ud800-\\udfff), which is not text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _reject_surrogates(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _reject_surrogates(item, f"{where}[{i}]")
 
 
 def _openai_routes(api: APIRouter, state: ServerState) -> None:
@@ -797,7 +818,7 @@ def _admin_routes(api: APIRouter, state: ServerState) -> None:
     async def events(request: Request, after: Annotated[int | None, Query(ge=0)] = None,
                      last_event_id: Annotated[str | None, Header()] = None) -> Response:
         if last_event_id is not None:
-            if not last_event_id.strip().isdigit():
+            if not re.fullmatch(r"[0-9]{1,18}", last_event_id.strip()):
                 raise BadRequest(f"Last-Event-ID = {last_event_id!r}: must be an event sequence number")
             after = int(last_event_id)
         state.check_accepting()
@@ -935,12 +956,14 @@ async def serve(backend: Backend, *, host: str = "127.0.0.1", port: int = 8377, 
             serving.result()
             return
         announce.cancel()
-        state.begin_drain()
-        server.should_exit = True
+        state.begin_drain()  # /health says 503 draining and new generations are refused ...
         await _until(state.wait_idle(grace_s), hurry)
+        server.should_exit = True  # ... until the grace is over; then uvicorn stops listening
         if state.in_flight:
             log.warning("%d request(s) still running after the grace period; ending them", state.in_flight)
-            await backend.aclose()  # every engine ends its requests with a final "cancelled" chunk
+            # every engine ends its requests with a final "cancelled" chunk; bounded, and a second
+            # signal stops waiting (an embedding batch cannot be interrupted mid-decode)
+            await _until(backend.aclose(), hurry, timeout=grace_s)
         # Streams have their last chunk by now; give their connections a moment to flush.
         done, _ = await asyncio.wait({serving}, timeout=2.0 if hurry.is_set() else grace_s + 5)
         if not done:

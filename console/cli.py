@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run headless: OpenAI-compatible HTTP API, admin API, /metrics")
     serve.add_argument("--host", help="address to listen on (default: [server] host, else 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default: [server] port, "
+    serve.add_argument("--port", type=_port, help="port to listen on; 0 picks a free one (default: [server] port, "
                                                 "else 8377)")
     serve.add_argument("--config", dest="serve_config", metavar="FILE", help="TOML config file (as corral --config)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
@@ -51,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     attach.add_argument("url", help="the server, e.g. http://127.0.0.1:8377")
     attach.add_argument("--api-key", help="the server's key (default: $CORRAL_API_KEY)")
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: use 1-65535, or 0 for a free one")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,12 +160,15 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from corral.backend import LocalBackend, load_settings
+    from corral.backend.errors import ConfigError
     from corral.backend.server import serve
 
     settings = load_settings(args.serve_config or args.config)  # CORRAL_API_KEY lands in server.api_key
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port
     api_key = args.api_key or settings.server.api_key
+    if args.api_key is not None and len(args.api_key) < 8:
+        raise ConfigError("--api-key: use at least 8 characters (a short key is easy to guess)")
     warning = exposure_warning(host, api_key)
     if warning:
         print(f"corral serve: warning: {warning}", file=sys.stderr, flush=True)

@@ -401,8 +401,8 @@ async def test_events_reconnect_after_a_server_restart(stop: str, tmp_path: Path
 
 
 async def test_api_key_is_required_and_accepted(tmp_path: Path, tiny_models: Path) -> None:
-    with serving(tmp_path, tiny_models, api_key="s3cret") as running:
-        async with RemoteBackend(running.url, api_key="s3cret") as keyed:
+    with serving(tmp_path, tiny_models, api_key="s3cret-key") as running:
+        async with RemoteBackend(running.url, api_key="s3cret-key") as keyed:
             assert [m.name for m in await keyed.models()] == NAMES
             assert (await keyed.load("tiny-a")).state == "ready"
             chunks = await collect(keyed.complete("tiny-a", "the", max_tokens=2, **GREEDY))

@@ -317,6 +317,12 @@ BAD_REQUESTS: list[tuple[str, str, Any, str]] = [
     ("bad encoding", "/v1/embeddings", {"model": "tiny-a", "input": "x", "encoding_format": "hex"},
      "encoding_format"),
     ("wrong dimensions", "/v1/embeddings", {"model": "tiny-a", "input": "x", "dimensions": 3}, "dimensions"),
+    ("lone surrogate", "/v1/completions", b'{"model": "tiny-a", "prompt": "a\\ud800b"}', "body.prompt"),
+    ("surrogate in a message", "/v1/chat/completions",
+     b'{"model": "tiny-a", "messages": [{"role": "user", "content": "\\udfff"}]}', "lone surrogate"),
+    ("deeply nested", "/v1/completions", b'{"a":' * 10000 + b"1" + b"}" * 10000, "nested too deeply"),
+    ("5000-digit integer", "/v1/completions", b'{"model": "tiny-a", "prompt": "x", "max_tokens": ' + b"9" * 5000
+     + b"}", "JSON parsing refused"),
 ]
 
 
@@ -334,6 +340,9 @@ def test_bad_queries_and_routes_are_json_errors(http: httpx.Client) -> None:
     assert_error(http.post("/api/models/tiny-a/evict", params={"force": "maybe"}), 400, "invalid_request", "force")
     assert_error(http.get("/api/events", params={"after": -1}), 400, "invalid_request", "after")
     assert_error(http.get("/api/events", headers={"last-event-id": "x"}), 400, "invalid_request", "Last-Event-ID")
+    assert_error(http.get("/api/events", headers={"last-event-id": "\u00b2".encode("latin-1")}), 400,
+                 "invalid_request", "Last-Event-ID")  # '²' passes str.isdigit but is no number
+    assert_error(http.post("/v1/completions/", json={}), 404, "not_found")  # no redirect around auth
     assert_error(http.get("/v2/nothing"), 404, "not_found", "/v2/nothing")
     assert_error(http.delete("/v1/models"), 405, "method_not_allowed")
 
@@ -568,6 +577,14 @@ def test_sigterm_ends_streams_and_exits_0(tmp_path: Path, models: tuple[Path, Pa
                 lines = stream.iter_lines()
                 assert next(line for line in lines if line.startswith("data: "))
                 running.proc.send_signal(signal.SIGTERM)
+                draining = None
+                for _ in range(50):  # during the grace the server still answers, and says 503
+                    draining = watcher.get("/health")
+                    if draining.status_code == 503:
+                        break
+                    time.sleep(0.01)
+                assert draining is not None and draining.status_code == 503
+                assert draining.json()["status"] == "draining"
                 rest = [line for line in lines if line.startswith("data: ")]
                 list(events.iter_lines())  # the events stream ends too, instead of blocking shutdown
         assert rest[-1] == "data: [DONE]"
@@ -638,3 +655,15 @@ def test_exposure_warning() -> None:
     assert exposure_warning("0.0.0.0", "key") is None
     assert "without an API key" in (exposure_warning("0.0.0.0", None) or "")
     assert "without an API key" in (exposure_warning("myhost.example", None) or "")
+
+
+def test_null_stop_means_no_stop_strings(http: httpx.Client) -> None:
+    response = post(http, "/v1/completions", {"model": "tiny-a", "prompt": "x", "max_tokens": 2, "stop": None})
+    assert response.status_code == 200, response.text
+
+
+def test_arbitrary_methods_cannot_grow_the_metrics(http: httpx.Client) -> None:
+    for i in range(5):
+        http.request(f"X{i}YZ", "/nothing")
+    text = http.get("/metrics").text
+    assert "X0YZ" not in text and 'method="other"' in text
