@@ -183,6 +183,17 @@ def new_context(weights: ModelWeights, *, n_ctx: int, n_batch: int, n_seq_max: i
     return ctx
 
 
+def batch_add(batch: llama_cpp.llama_batch, token: int, pos: int, seq_id: int, logits: bool) -> None:
+    """Append one token of one sequence to a llama_batch."""
+    i = batch.n_tokens
+    batch.token[i] = token
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq_id
+    batch.logits[i] = logits
+    batch.n_tokens = i + 1
+
+
 class Embedder:
     """A second, small context on the same weights that turns texts into pooled vectors.
 
@@ -232,9 +243,7 @@ class Embedder:
         batch = self._batch
         batch.n_tokens = 0
         for pos, token in enumerate(tokens):
-            batch.token[pos], batch.pos[pos], batch.n_seq_id[pos] = token, pos, 1
-            batch.seq_id[pos][0], batch.logits[pos] = 0, True
-        batch.n_tokens = len(tokens)
+            batch_add(batch, token, pos, 0, True)
         rc = llama_cpp.llama_decode(self._ctx, batch)
         if rc != 0:
             raise RuntimeError(f"embedding decode failed (llama_decode returned {rc})")
@@ -638,13 +647,7 @@ class Engine:
         return logits_at
 
     def _add(self, token: int, pos: int, seq_id: int, logits: bool) -> None:
-        b, i = self._batch, self._batch.n_tokens
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq_id
-        b.logits[i] = logits
-        b.n_tokens = i + 1
+        batch_add(self._batch, token, pos, seq_id, logits)
 
     def _sample(self, logits_at: list[tuple[_Sequence, int]], out: list[tuple[_Delivery, Chunk]]) -> None:
         now = time.perf_counter()
