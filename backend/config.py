@@ -13,7 +13,7 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -101,6 +101,30 @@ class ServerSettings(_Strict):
     api_key: str | None = Field(None, min_length=8, description="Bearer key every route but /health needs")
 
 
+KEY_SPEC = re.compile(r"[^\s,]+(\s*,\s*[^\s,]+)*")
+
+
+def _check_keymap(keymap: dict[str, str]) -> dict[str, str]:
+    """The form of a keymap (command id → key names); which ids exist only the console knows,
+    and it checks that when it opens."""
+    for command_id, keys in keymap.items():
+        if not re.fullmatch(r"corral(\.[a-z0-9_]+)+", command_id):
+            raise ValueError(f"{command_id!r} is not a command id; ids look like 'corral.load' "
+                             "(the help screen, ?, lists them)")
+        if not KEY_SPEC.fullmatch(keys.strip()):
+            raise ValueError(f"{command_id} = {keys!r}: give one or more key names separated by "
+                             "commas, e.g. 'L' or 'ctrl+l,f5'")
+    return keymap
+
+
+class ConsoleSettings(_Strict):
+    """The console's look and keys (`corral` and `corral attach`)."""
+
+    theme: str | None = Field(None, min_length=1, description="corral-dark, corral-light, corral-contrast, "
+                                                              "or any Textual theme")
+    keymap: Annotated[dict[str, str], AfterValidator(_check_keymap)] = Field(default_factory=dict)
+
+
 class Settings(_Strict):
     """The whole configuration."""
 
@@ -110,6 +134,7 @@ class Settings(_Strict):
     defaults: ModelDefaults = ModelDefaults()
     budgets: Budgets = Budgets()
     server: ServerSettings = ServerSettings()
+    console: ConsoleSettings = ConsoleSettings()
     models: list[ModelConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

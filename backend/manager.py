@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -24,10 +25,11 @@ from .config import ModelDefaults, Settings, parse_duration
 from .engine import ContextSettings, Engine, ModelWeights
 from .errors import (BadRequest, BudgetExceeded, CorralError, IllegalTransition, LoadFailed, ModelBusy,
                      ModelPinned, ModelUnusable)
-from .events import EventBus, LoadProgress, ModelLoaded, Notice, PinChanged, StateChanged, wait_event
+from .events import (EventBus, LoadProgress, ModelLoaded, Notice, PinChanged, RequestFinished, StateChanged,
+                     Subscription, wait_event)
 from .ggufmeta import GGUFInfo
 from .memory import MemoryEstimate, default_ram_budget, estimate, format_bytes, process_rss
-from .snapshot import ModelInfo
+from .snapshot import ModelInfo, RequestPercentiles
 from .telemetry import Telemetry, physical_cores
 
 log = logging.getLogger("corral.manager")
@@ -51,6 +53,17 @@ ALLOWED: dict[State, frozenset[State]] = {
     State.FAILED: frozenset({State.LOADING, State.AVAILABLE}),
 }
 RESIDENT = frozenset({State.LOADING, State.READY, State.BUSY, State.UNLOADING})
+RECENT_REQUESTS = 200  # finished requests per model kept for the latency percentiles
+COMPLETED = frozenset({"stop", "length"})  # finish reasons whose timings describe the model
+
+
+@dataclass(frozen=True)
+class RequestSample:
+    """The timings of one finished request, as its `RequestFinished` event gave them."""
+
+    ttft_s: float | None
+    duration_s: float
+    tokens_per_s: float | None
 
 
 @dataclass
@@ -78,10 +91,19 @@ class Record:
     template_source: str | None = None
     chat_format: str | None = None
     chat_template: str | None = None
+    recent: deque[RequestSample] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
 
     @property
     def name(self) -> str:
         return self.entry.name
+
+    def percentiles(self) -> RequestPercentiles | None:
+        """TTFT / latency / speed percentiles of the recent requests; None before the first."""
+        if not self.recent:
+            return None
+        return RequestPercentiles.of([s.ttft_s for s in self.recent if s.ttft_s is not None],
+                                     [s.duration_s for s in self.recent],
+                                     [s.tokens_per_s for s in self.recent if s.tokens_per_s])
 
     @property
     def keep_alive(self) -> float:
@@ -124,6 +146,7 @@ class Manager:
         self._admission = asyncio.Lock()
         self._changed = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
+        self._collector: asyncio.Task[None] | None = None
         self._closed = False
 
     # -- setup -----------------------------------------------------------------------------
@@ -132,6 +155,8 @@ class Manager:
         """Scan the catalog, start the idle reaper and the preload list (failures become events)."""
         await self.rescan()
         self._reaper = asyncio.create_task(self._reap_idle(), name="corral-ttl-reaper")
+        self._collector = asyncio.create_task(self._collect_requests(self.bus.subscribe()),
+                                              name="corral-request-stats")
         for name in self.settings.preload:
             asyncio.create_task(self._preload(name))
 
@@ -178,16 +203,27 @@ class Manager:
     async def close(self) -> None:
         """Unload every model (cancelling its requests) and stop background tasks."""
         self._closed = True
-        if self._reaper:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._collector):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for record in list(self._records.values()):
             if record.load_task and not record.load_task.done():
                 with contextlib.suppress(Exception):
                     await record.load_task
             if record.state in (State.READY, State.BUSY):
                 await self._unload(record, "shutdown")
+
+    async def _collect_requests(self, events: Subscription) -> None:
+        """Keep each model's recent request timings. Engines announce a finished request on
+        the bus (from their own threads), so the manager reads them there like any consumer
+        rather than reaching into the engine."""
+        async for event in events:
+            if isinstance(event, RequestFinished) and event.finish_reason in COMPLETED:
+                record = self._records.get(event.model or "")
+                if record is not None:
+                    record.recent.append(RequestSample(event.ttft_s, event.duration_s, event.tokens_per_s))
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -226,6 +262,8 @@ class Manager:
             estimate_detail=r.estimate.to_dict() if r.estimate else None,
             measured_bytes=r.measured, measured_vram=r.measured_vram, load_seconds=r.load_seconds, load_percent=r.load_percent,
             last_used=r.last_used, chat_template=r.template_source,
+            oldest_wait_s=load.oldest_wait_s if load and load.queued else 0.0,
+            requests=r.percentiles(),
         )
 
     # -- state machine ---------------------------------------------------------------------

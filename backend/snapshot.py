@@ -6,10 +6,51 @@ from dicts in the remote backend, so the console renders a local and a remote se
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .telemetry import GPUStats, HostStats
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The `q`-th percentile (0-100) of `values` by the nearest-rank method, None when empty.
+
+    Nearest rank, not interpolation: with the few dozen requests a console shows, every
+    figure is then a latency that really happened."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True)
+class RequestPercentiles:
+    """TTFT, latency and speed over a model's recent requests (the manager keeps a bounded
+    ring per model), for the console's details view and /api/ps."""
+
+    count: int  # requests in the window
+    ttft_p50: float | None
+    ttft_p90: float | None
+    ttft_p99: float | None
+    latency_p50: float | None  # whole request: queue wait + prefill + decode
+    latency_p90: float | None
+    latency_p99: float | None
+    tokens_per_s_p50: float | None
+
+    @classmethod
+    def of(cls, ttfts: Sequence[float], latencies: Sequence[float],
+           speeds: Sequence[float]) -> RequestPercentiles:
+        """Percentiles of the samples given (requests without a first token or a speed are
+        counted in `latencies` only)."""
+        return cls(count=len(latencies),
+                   ttft_p50=percentile(ttfts, 50), ttft_p90=percentile(ttfts, 90),
+                   ttft_p99=percentile(ttfts, 99),
+                   latency_p50=percentile(latencies, 50), latency_p90=percentile(latencies, 90),
+                   latency_p99=percentile(latencies, 99),
+                   tokens_per_s_p50=percentile(speeds, 50))
 
 
 @dataclass(frozen=True)
@@ -42,6 +83,8 @@ class ModelInfo:
     load_percent: int | None
     last_used: float | None  # unix time
     chat_template: str | None  # which template chats use (gguf / config / fallback:<name>)
+    oldest_wait_s: float = 0.0  # how long the longest-waiting queued request has waited
+    requests: RequestPercentiles | None = None  # over recent requests; None before the first
 
     @property
     def loaded(self) -> bool:
@@ -55,6 +98,10 @@ class ModelInfo:
         values = {f.name: data.get(f.name) for f in fields(cls)}
         if values["measured_vram"]:  # JSON turned the GPU indexes into strings
             values["measured_vram"] = {int(k): v for k, v in values["measured_vram"].items()}
+        if values["requests"] is not None:
+            values["requests"] = RequestPercentiles(**values["requests"])
+        if values["oldest_wait_s"] is None:  # a server from before the field existed
+            values["oldest_wait_s"] = 0.0
         return cls(**values)
 
 

@@ -114,6 +114,7 @@ def test_config_error_is_a_corral_error_with_http_400() -> None:
     ({"defaults": {"nctx": 2048}}, "defaults.nctx"),
     ({"budgets": {"ram": "8GiB"}}, "budgets.ram"),
     ({"models": [{"name": "a", "path": "/a.gguf", "colour": "red"}]}, "models.0.colour"),
+    ({"console": {"colour": "red"}}, "console.colour"),
 ])
 def test_unknown_key_is_named(data: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -138,6 +139,11 @@ def test_unknown_key_is_named(data: dict[str, Any], key: str) -> None:
     ({"models": [{"name": "", "path": "/m.gguf"}]}, "models.0.name", "''", "at least 1 character"),
     ({"models": [{"name": "ok", "path": "/m.gguf"}, {"name": "x", "path": "/x", "n_parallel": 0}]},
      "models.1.n_parallel", "0", "greater than or equal to 1"),
+    ({"console": {"theme": ""}}, "console.theme", "''", "at least 1 character"),
+    ({"console": {"keymap": {"load": "L"}}}, "console.keymap", "{'load': 'L'}", "'load' is not a command id"),
+    ({"console": {"keymap": {"corral.load": "a b"}}}, "console.keymap", "{'corral.load': 'a b'}",
+     "corral.load = 'a b': give one or more key names"),
+    ({"console": {"keymap": {"corral.load": 5}}}, "console.keymap.corral.load", "5", "valid string"),
 ])
 def test_invalid_value_names_key_value_and_rule(data: dict[str, Any], key: str, value: str, rule: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -179,6 +185,14 @@ def test_valid_values_are_parsed() -> None:
     assert settings.budgets.drain_timeout == 60.0
     assert settings.models[0].keep_alive == -1.0
     assert settings.models[0].path == Path("/m/q.gguf")
+
+
+def test_console_theme_and_keymap() -> None:
+    console = settings_from_dict({"console": {"theme": "corral-light",
+                                              "keymap": {"corral.load": "L", "corral.quit": "q, f10"}}}).console
+    assert console.theme == "corral-light"
+    assert console.keymap == {"corral.load": "L", "corral.quit": "q, f10"}
+    assert settings_from_dict({}).console.keymap == {} and settings_from_dict({}).console.theme is None
 
 
 def test_settings_are_frozen() -> None:

@@ -14,8 +14,9 @@ from corral.backend.config import settings_from_dict
 from corral.backend.generation import SamplingParams
 from corral.backend.errors import (BudgetExceeded, CorralError, IllegalTransition, ModelBusy, ModelNotFound,
                                    ModelPinned)
-from corral.backend.events import Event, EventBus, LoadProgress, ModelLoaded, StateChanged
+from corral.backend.events import Event, EventBus, LoadProgress, ModelLoaded, RequestFinished, StateChanged
 from corral.backend.manager import ALLOWED, Manager, State
+from corral.backend.snapshot import ModelInfo, RequestPercentiles, percentile
 from ggufs import (write_bad_magic, write_corrupt_header, write_tiny_llama, write_truncated,
                    write_unknown_arch)
 
@@ -434,3 +435,54 @@ async def test_pin_toggle_on_an_unloaded_model_sets_no_expiry(model_dir: Path, r
     await manager.pin("tiny-a")
     await manager.pin("tiny-a", False)
     assert manager.record("tiny-a").expires_at is None
+
+
+# -- recent request timings ------------------------------------------------------------------
+
+
+async def test_recent_requests_give_latency_and_ttft_percentiles(model_dir: Path, running: Any) -> None:
+    manager, events = await running(make_settings(model_dir))
+    assert manager.info(manager.record("tiny-a")).requests is None
+    for _ in range(3):
+        await generate(manager, "tiny-a", max_tokens=4, ignore_eos=True)
+    # an embeddings request and another model's requests are not counted here
+    manager.bus.publish(RequestFinished(model="tiny-a", finish_reason="embeddings", prompt_tokens=3,
+                                        completion_tokens=0, ttft_s=None, duration_s=9.0, tokens_per_s=None))
+    await generate(manager, "tiny-b", max_tokens=2)
+    await events.wait_for(lambda: manager.info(manager.record("tiny-b")).requests is not None)
+    stats = manager.info(manager.record("tiny-a")).requests
+    assert stats is not None and stats.count == 3
+    assert stats.ttft_p50 is not None and 0 < stats.ttft_p50 <= stats.ttft_p99 <= stats.latency_p99
+    assert stats.latency_p50 is not None and stats.latency_p50 < 9.0
+    assert stats.tokens_per_s_p50 is not None and stats.tokens_per_s_p50 > 0
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    assert percentile([], 50) is None
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 50), percentile(values, 90), percentile(values, 99)) == (50.0, 90.0, 99.0)
+    assert percentile([0.3, 0.1, 0.2], 50) == 0.2
+    stats = RequestPercentiles.of([0.1], [0.5, 1.5], [])
+    assert (stats.count, stats.ttft_p99, stats.latency_p50, stats.tokens_per_s_p50) == (2, 0.1, 0.5, None)
+
+
+def test_model_info_round_trips_its_percentiles_through_a_dict() -> None:
+    import json
+
+    stats = RequestPercentiles.of([0.05, 0.07], [0.5, 0.9], [60.0, 62.0])
+    info = ModelInfo.from_dict(json.loads(json.dumps(_info_dict(requests=stats, oldest_wait_s=1.5))))
+    assert info.requests == stats and info.oldest_wait_s == 1.5
+    old_server = _info_dict()
+    del old_server["requests"], old_server["oldest_wait_s"]
+    assert ModelInfo.from_dict(old_server).requests is None
+
+
+def _info_dict(**fields: Any) -> dict[str, Any]:
+    from dataclasses import fields as dataclass_fields
+
+    values: dict[str, Any] = {f.name: None for f in dataclass_fields(ModelInfo)}
+    values.update(name="m", state="available", source="dir", usable=True, n_ctx=256, n_parallel=1,
+                  pinned=False, keep_alive_s=300.0, in_flight=0, active=0, queued=0, tokens_per_s=0.0,
+                  oldest_wait_s=0.0)
+    values.update(fields)
+    return ModelInfo(**values).to_dict()
