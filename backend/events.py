@@ -73,6 +73,7 @@ class RequestStarted(Event):
     type: ClassVar[str] = "request_started"
     prompt_tokens: int
     queue_wait_s: float
+    cached_tokens: int = 0  # prompt tokens reused from the sequence's KV cache
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +88,7 @@ class RequestFinished(Event):
     duration_s: float
     tokens_per_s: float | None
     error: str | None = None
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

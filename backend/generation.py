@@ -53,6 +53,7 @@ class RequestStats:
     queue_wait_s: float
     ttft_s: float | None
     duration_s: float
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from the slot's previous request
 
     @property
     def tokens_per_s(self) -> float | None:

@@ -49,6 +49,8 @@ class Metrics:
             "(stop, length, cancelled, error; embeddings) of requests that ran, or the HTTP status of those "
             "refused before running (429, 400, 404, ...)", ["model", "status"], registry=r)
         self.prompt_tokens = Counter("corral_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.cached_tokens = Counter("corral_prompt_tokens_cached", "Prompt tokens whose KV was reused "
+                                     "from a slot's previous request instead of evaluated", ["model"], registry=r)
         self.generated_tokens = Counter("corral_generated_tokens", "Tokens generated", ["model"], registry=r)
         self.ttft = Histogram("corral_time_to_first_token_seconds", "Time from admission to the first token",
                               ["model"], buckets=_TTFT_BUCKETS, registry=r)
@@ -78,6 +80,7 @@ class Metrics:
         if isinstance(event, RequestFinished):
             self.requests.labels(model, event.finish_reason).inc()
             self.prompt_tokens.labels(model).inc(event.prompt_tokens)
+            self.cached_tokens.labels(model).inc(event.cached_tokens)
             if event.finish_reason == EMBEDDINGS:  # no decode: its time is not a generation's latency
                 self.embedding_latency.labels(model).observe(event.duration_s)
                 return

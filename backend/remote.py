@@ -476,7 +476,8 @@ def _chunk(data: dict[str, Any], chat: bool) -> Chunk:
                              completion_tokens=int(usage.get("completion_tokens", 0)),
                              queue_wait_s=float(extra.get("queue_wait_s") or 0.0),
                              ttft_s=extra.get("ttft_s"),
-                             duration_s=float(extra.get("duration_s") or 0.0))
+                             duration_s=float(extra.get("duration_s") or 0.0),
+                             cached_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)))
     error = data.get("error")
     message = (error.get("message") if isinstance(error, dict) else str(error)) if error else None
     return Chunk(text or "", reason, stats, message)

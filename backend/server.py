@@ -332,10 +332,12 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def _usage(chunk: Chunk) -> dict[str, int]:
+def _usage(chunk: Chunk) -> dict[str, Any]:
     prompt = chunk.stats.prompt_tokens if chunk.stats else 0
     completion = chunk.stats.completion_tokens if chunk.stats else 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = chunk.stats.cached_tokens if chunk.stats else 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _corral_stats(chunk: Chunk, request_id: str, session_id: str | None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 
 from corral.backend.engine import ContextSettings, Engine, ModelWeights
 from corral.backend.errors import BadRequest, LoadFailed, QueueFull
-from corral.backend.events import EventBus, RequestFinished
+from corral.backend.events import EventBus, RequestFinished, RequestStarted
 from corral.backend.generation import Chunk, SamplingParams
 from ggufs import write_unknown_arch
 from reference import greedy_reference
@@ -25,9 +25,10 @@ PROMPTS = ["Once upon a time", "the time", "a upon once", "time time the a"]
 def engine_factory(tiny_gguf: Any) -> Iterator[Any]:
     made: list[Engine] = []
 
-    def make(n_ctx: int = 256, n_parallel: int = 4, bus: EventBus | None = None, **model: Any) -> Engine:
+    def make(n_ctx: int = 256, n_parallel: int = 4, bus: EventBus | None = None, n_batch: int = 512,
+             **model: Any) -> Engine:
         weights = ModelWeights(str(tiny_gguf("engine", **model)))
-        engine = Engine(weights, ContextSettings(n_ctx=n_ctx, n_parallel=n_parallel, n_threads=1),
+        engine = Engine(weights, ContextSettings(n_ctx=n_ctx, n_parallel=n_parallel, n_batch=n_batch, n_threads=1),
                         model_name="engine", bus=bus)
         weights.release()
         engine.start()
@@ -39,8 +40,9 @@ def engine_factory(tiny_gguf: Any) -> Iterator[Any]:
         engine.close()
 
 
-async def run(engine: Engine, prompt: str, **params: Any) -> tuple[str, Chunk]:
-    tokens = engine.weights.tokenize(prompt, add_special=True)
+async def run(engine: Engine, prompt: str | list[int], **params: Any) -> tuple[str, Chunk]:
+    """Greedy unless told otherwise; `prompt` is text, or tokens to send as they are."""
+    tokens = engine.weights.tokenize(prompt, add_special=True) if isinstance(prompt, str) else prompt
     text, last = "", None
     async for chunk in engine.stream(tokens, SamplingParams(**{"temperature": 0.0, **params})):
         text += chunk.text
@@ -203,3 +205,108 @@ async def test_queue_is_bounded_even_with_free_slots(engine_factory: Any, tiny_g
         engine.submit(tokens, SamplingParams(max_tokens=1))
     assert engine.load().queued == len(accepted) == 4
     engine.close()
+
+
+async def test_eight_concurrent_streams_all_complete_with_their_token_counts(engine_factory: Any) -> None:
+    engine = engine_factory(n_ctx=1024, n_parallel=8)
+    wanted = [3, 17, 5, 30, 11, 8, 24, 1]
+    results = await asyncio.gather(*[run(engine, PROMPTS[i % 4], max_tokens=n, ignore_eos=True)
+                                     for i, n in enumerate(wanted)])
+    assert [last.finish_reason for _, last in results] == ["length"] * 8
+    assert [last.stats.completion_tokens for _, last in results] == wanted
+
+
+async def test_waiting_requests_start_in_arrival_order(engine_factory: Any) -> None:
+    bus = EventBus()
+    subscription = bus.subscribe()
+    engine = engine_factory(n_parallel=1, bus=bus)
+    ids = [f"r{i}" for i in range(6)]
+    tokens = engine.weights.tokenize("Once upon a time", add_special=True)
+    streams = [engine.stream(tokens, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                             request_id=rid) for rid in ids]
+    await asyncio.gather(*[_drain(s) for s in streams])  # tasks start, and submit, in creation order
+    started = []
+    async for event in subscription:
+        if isinstance(event, RequestStarted):
+            started.append(event.request_id)
+        if len(started) == len(ids):
+            break
+    assert started == ids
+
+
+async def _drain(stream: Any) -> None:
+    async for _ in stream:
+        pass
+
+
+async def test_a_long_prompt_does_not_stall_running_streams(engine_factory: Any) -> None:
+    """Prefill is chunked to n_batch: a running stream gets a token every step meanwhile."""
+    engine = engine_factory(n_ctx=2048, n_parallel=2, n_batch=32, context_length=2048)
+    long_prompt = engine.weights.tokenize("the time upon a " * 150, add_special=True)
+    assert len(long_prompt) > 500
+    arrivals: list[str] = []
+
+    async def short() -> None:
+        tokens = engine.weights.tokenize("Once upon a time", add_special=True)
+        async for chunk in engine.stream(tokens, SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)):
+            arrivals.append("short")
+            if len(arrivals) == 1:
+                long_task.set_result(None)
+
+    async def long() -> None:
+        await long_task
+        async for _ in engine.stream(long_prompt, SamplingParams(temperature=0.0, max_tokens=1)):
+            arrivals.append("long")
+            return
+
+    long_task: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    await asyncio.gather(short(), long())
+    shorts_before_long = arrivals.index("long") - 1
+    # ~17 prefill steps of 31 prompt tokens each; unchunked it would be one decode.
+    assert shorts_before_long >= 10, arrivals[:40]
+
+
+async def test_a_follow_up_prompt_reuses_the_cached_prefix(engine_factory: Any) -> None:
+    engine = engine_factory(n_ctx=512, n_parallel=2)
+    first = engine.weights.tokenize("Once upon a time the time upon a", add_special=True)
+    _, last = await run(engine, first, max_tokens=6, ignore_eos=True)
+    assert last.stats.cached_tokens == 0
+    follow_up = first + engine.weights.tokenize(" a upon once time", add_special=False)
+    text, last = await run(engine, follow_up, max_tokens=12, ignore_eos=True)
+    assert last.stats.cached_tokens >= len(first)
+    fresh = engine_factory(n_ctx=512, n_parallel=2)
+    expected, cold = await run(fresh, follow_up, max_tokens=12, ignore_eos=True)
+    assert cold.stats.cached_tokens == 0 and text == expected  # reuse does not change the answer
+    again, last = await run(engine, follow_up, max_tokens=12, ignore_eos=True)
+    assert again == expected and last.stats.cached_tokens == len(follow_up) - 1
+
+
+async def test_an_unrelated_request_leaves_a_warm_prefix_alone(engine_factory: Any) -> None:
+    engine = engine_factory(n_ctx=512, n_parallel=2)
+    warm = engine.weights.tokenize("the time upon a " * 6, add_special=True)
+    await run(engine, warm, max_tokens=2)
+    await run(engine, "a upon once", max_tokens=2)  # takes the empty sequence, not the warm one
+    _, last = await run(engine, warm + engine.weights.tokenize(" once", add_special=False), max_tokens=2)
+    assert last.stats.cached_tokens >= len(warm)
+
+
+async def test_a_full_cache_drops_idle_prefixes_before_ending_a_request(engine_factory: Any) -> None:
+    engine = engine_factory(n_ctx=256, n_parallel=2)
+    await run(engine, PROMPTS[0], max_tokens=120, ignore_eos=True)  # leaves ~125 cells cached
+    _, last = await run(engine, PROMPTS[2], max_tokens=200, ignore_eos=True)  # needs ~205 more
+    assert last.finish_reason == "length" and last.stats.completion_tokens == 200
+
+
+async def test_no_kv_leak_after_1000_short_requests(engine_factory: Any) -> None:
+    engine = engine_factory(n_ctx=512, n_parallel=4)
+    words = ["Once", "upon", "a", "time", "the"]
+    prompts = [" ".join(words[(i + j) % 5] for j in range(1 + i % 7)) for i in range(1000)]
+    for wave in range(0, 1000, 20):
+        await asyncio.gather(*[run(engine, p, max_tokens=1 + i % 6, ignore_eos=True)
+                               for i, p in enumerate(prompts[wave:wave + 20])])
+    load = engine.load()
+    assert (load.active, load.queued) == (0, 0)
+    cells = engine.kv_cells()
+    assert all(ours == theirs for ours, theirs in cells.values()), cells  # bookkeeping == llama.cpp
+    # What stays is at most one cached prompt + answer per sequence, ready for reuse.
+    assert 0 < sum(ours for ours, _ in cells.values()) <= 4 * (10 + 6)

@@ -237,6 +237,27 @@ def test_chat_streamed_and_whole_agree(oai: openai.OpenAI) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
 
 
+def test_a_follow_up_turn_reuses_the_cached_prompt(oai: openai.OpenAI, http: httpx.Client) -> None:
+    """Multi-turn chat: the second turn's prompt extends the first, so its KV is reused."""
+    session = {"extra_headers": {"X-Session-Id": "reuse-1"}, "max_tokens": 6, "temperature": 0}
+    turn = [{"role": "system", "content": "You answer in one short line, always politely."}, *HELLO]
+    first = oai.chat.completions.create(model="tiny-b", messages=turn, **session)
+    turn += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "And again?"}]
+    second = oai.chat.completions.create(model="tiny-b", messages=turn, **session)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens - 2 and cached < second.usage.prompt_tokens
+
+    def counted() -> float | None:
+        for family in text_string_to_metric_families(http.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == "corral_prompt_tokens_cached_total" and sample.labels == {"model": "tiny-b"}:
+                    return sample.value if sample.value >= cached else None
+        return None
+
+    wait_for(counted, what="the cached prompt tokens counter")
+
+
 def test_completions_streamed_and_whole(oai: openai.OpenAI) -> None:
     options: dict[str, Any] = dict(model="tiny-b", prompt="Once upon a time", max_tokens=6, temperature=0,
                                    extra_body={"ignore_eos": True})
