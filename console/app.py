@@ -27,14 +27,18 @@ from textual.message import Message
 from textual.signal import Signal
 from textual.worker import Worker, WorkerState
 
-from corral.backend.errors import CorralError
+from corral.backend.errors import ConfigError
 from corral.backend.events import wait_event
 from corral.themes import DEFAULT_THEME, THEMES
 
-from .commands import APP, bindings_for
-from .screens import ConfirmScreen, DashboardScreen, HelpScreen
+from .commands import APP, bindings_for, checked_keymap
+from .errors import describe_error
+from .palette import CommandTableProvider
+from .screens import ConfirmScreen, Conversation, DashboardScreen, HelpScreen
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from textual.binding import Keymap
 
     from corral.backend.api import Backend
@@ -73,8 +77,10 @@ class CorralApp(App[None]):
     BINDINGS = bindings_for(APP)
     MODES = {"dashboard": DashboardScreen}
     DEFAULT_MODE = "dashboard"
+    COMMANDS = App.COMMANDS | {CommandTableProvider}
 
     def __init__(self, backend: Backend, *, theme: str | None = None,
+                 keymap: Mapping[str, str] | None = None,
                  clock: Callable[[], float] | None = None, poll_interval: float = 1.0) -> None:
         super().__init__()
         self.backend = backend
@@ -88,14 +94,17 @@ class CorralApp(App[None]):
         self._last_seq = 0
         self._status_error: str | None = None
         self._events_error: str | None = None
+        self.conversations: dict[str, Conversation] = {}
         for item in THEMES:
             self.register_theme(item)
         name = theme or DEFAULT_THEME
         if name not in self.available_themes:
             known = ", ".join(sorted(self.available_themes))
-            raise ValueError(f"unknown theme {name!r}; available themes: {known}")
+            raise ConfigError(f"console.theme = {name!r}: unknown theme; available themes: {known}")
         self.theme = name
-        self.sub_title = backend.label
+        if keymap:
+            self.set_keymap(checked_keymap(keymap))
+        self.sub_title = backend.label if backend.kind != "remote" else f"attached to {backend.label}"
 
     # -- startup and the two readers ---------------------------------------------------------
 
@@ -235,6 +244,10 @@ class CorralApp(App[None]):
                                        title="Unload all", yes_label="Unload",
                                        detail=", ".join(loaded)), answered)
 
+    def conversation(self, model: str) -> Conversation:
+        """The prompt screen's conversation with `model`, kept for the whole session."""
+        return self.conversations.setdefault(model, Conversation(model))
+
     def action_refresh_status(self) -> None:
         self._wake.set()
 
@@ -291,17 +304,10 @@ class CorralApp(App[None]):
         super().update_keymap(keymap)
 
 
-def describe_error(error: BaseException) -> str:
-    """The message to show for `error`: corral's errors are written for people as they are;
-    anything else gets its type name in front."""
-    text = str(error).strip()
-    if text and isinstance(error, CorralError):
-        return text
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def create_app(backend: Backend, *, theme: str | None = None,
+def create_app(backend: Backend, *, theme: str | None = None, keymap: Mapping[str, str] | None = None,
                clock: Callable[[], float] | None = None, poll_interval: float = 1.0) -> CorralApp:
-    """Build the console for `backend`. `clock` (unix seconds) drives relative times such as
-    "last used", so tests can freeze it; `poll_interval` is the status refresh period."""
-    return CorralApp(backend, theme=theme, clock=clock, poll_interval=poll_interval)
+    """Build the console for `backend`. `theme` and `keymap` come from the config's [console]
+    section (an unknown theme or command id is a ConfigError naming the key); `clock` (unix
+    seconds) drives relative times such as "last used", so tests can freeze it;
+    `poll_interval` is the status refresh period."""
+    return CorralApp(backend, theme=theme, keymap=keymap, clock=clock, poll_interval=poll_interval)

@@ -208,12 +208,14 @@ def _attach(args: argparse.Namespace) -> int:
     import asyncio
     import os
 
+    from corral.backend import load_settings
     from corral.backend.remote import RemoteBackend
     from corral.console.app import create_app
 
+    console = load_settings(args.config).console  # the look and keys are this machine's
     backend = RemoteBackend(args.url, api_key=args.api_key or os.environ.get("CORRAL_API_KEY") or None)
     try:
-        create_app(backend).run()
+        create_app(backend, theme=console.theme, keymap=console.keymap).run()
     finally:
         asyncio.run(backend.aclose())
     return 0
@@ -223,8 +225,9 @@ def _console(args: argparse.Namespace) -> int:
     from corral.console.app import create_app
 
     backend = _backend(args)
+    console = backend.settings.console
     try:
-        create_app(backend).run()
+        create_app(backend, theme=console.theme, keymap=console.keymap).run()
     finally:
         backend.close()
     return 0

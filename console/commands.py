@@ -1,24 +1,30 @@
 """The one table of console commands.
 
 Every command the operator can run is a row here. The table feeds the key bindings (each
-`Binding` carries the command's `id`, so a user keymap can remap it with `App.set_keymap`),
-the footer (`show`), the help screen, and later the command palette. Screens ask for their
-bindings with `bindings_for(scope)`; a command acts only on the screen its scope names, so
-single-letter keys never fire while the operator types in an input on another screen.
+`Binding` carries the command's `id`, so a user keymap, `[console] keymap` in the config,
+remaps it through `App.set_keymap`), the footer (`show`), the help screen and the command
+palette (ctrl+p). Screens ask for their bindings with `bindings_for(scope)`; a command acts
+only on the screen its scope names, so single-letter keys never fire while the operator
+types in the prompt screen's inputs.
 
-An `action` is a Textual action string run on the node that owns the binding (the
-dashboard screen for scope "dashboard"); an `app.` prefix runs it on the app. Actions on the
-selected model live on the screen, the rest on the app, which owns the backend workers.
+An `action` is a Textual action string run on the node that owns the binding (the screen
+of its scope); an `app.` prefix runs it on the app. Actions on the selected model live on
+the dashboard, the rest on the app, which owns the backend workers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from textual.binding import Binding
 
+from corral.backend.errors import ConfigError
+
 DASHBOARD = "dashboard"
+PROMPT = "prompt"
 APP = "app"
+SCOPES = (DASHBOARD, PROMPT)
 
 
 @dataclass(frozen=True)
@@ -31,11 +37,12 @@ class Command:
     scope: str = DASHBOARD  # where the binding lives
     help: str = ""  # a longer line for the help screen and the palette
     confirm: bool = False  # asks before acting (destructive)
+    priority: bool = False  # wins over the focused widget's own binding of the same key
 
     @property
     def binding(self) -> Binding:
         return Binding(self.key, self.action, self.description, show=self.show, id=self.id,
-                       tooltip=self.help or self.description)
+                       tooltip=self.help or self.description, priority=self.priority)
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -45,6 +52,12 @@ COMMANDS: tuple[Command, ...] = (
             help="Unload the selected model, or clear a failure"),
     Command("corral.pin", "p", "Pin/unpin", "toggle_pin",
             help="Pin or unpin: pinned models are never evicted"),
+    Command("corral.prompt", "enter", "Prompt", "prompt",
+            help="Chat with the selected model (loads it if needed)"),
+    Command("corral.details", "d", "Details", "details",
+            help="Metadata, memory estimate vs measured, load time, latency percentiles"),
+    Command("corral.filter", "/", "Filter", "filter", show=False,
+            help="Filter the models table by name, state or quantization (esc clears)"),
     Command("corral.unload_all", "u", "Unload all", "app.unload_all", confirm=True,
             help="Unload every loaded model"),
     Command("corral.refresh", "r", "Refresh", "app.refresh_status", show=False,
@@ -55,6 +68,13 @@ COMMANDS: tuple[Command, ...] = (
             help="Show this list of keys"),
     Command("corral.quit", "q", "Quit", "app.quit",
             help="Quit (asks while requests are in flight)"),
+    # Textual's Input binds ctrl+c to copy: stop is a priority binding so it wins.
+    Command("corral.prompt.stop", "ctrl+c", "Stop", "stop", scope=PROMPT, priority=True,
+            help="Stop the answer being streamed"),
+    Command("corral.prompt.back", "escape", "Stop/back", "back", scope=PROMPT,
+            help="Stop the answer being streamed; when none is, back to the dashboard"),
+    Command("corral.prompt.clear", "ctrl+l", "Clear", "clear_history", scope=PROMPT,
+            help="Forget this model's conversation"),
 )
 
 COMMANDS_BY_ID: dict[str, Command] = {command.id: command for command in COMMANDS}
@@ -68,3 +88,14 @@ def bindings_for(scope: str) -> list[Binding]:
 def commands_for(scope: str | None = None) -> tuple[Command, ...]:
     """Commands of one scope (all of them when `scope` is None), in table order."""
     return tuple(c for c in COMMANDS if scope is None or c.scope == scope)
+
+
+def checked_keymap(keymap: Mapping[str, str]) -> dict[str, str]:
+    """A user keymap ready for `App.set_keymap`; an unknown command id is a `ConfigError`
+    naming the config key, since the config's own validation cannot know the ids."""
+    unknown = sorted(set(keymap) - set(COMMANDS_BY_ID))
+    if unknown:
+        raise ConfigError(f"console.keymap: unknown command id {', '.join(map(repr, unknown))}; "
+                          f"known ids: {', '.join(COMMANDS_BY_ID)}")
+    return {command_id: ",".join(part.strip() for part in keys.split(",") if part.strip())
+            for command_id, keys in keymap.items()}

@@ -7,7 +7,8 @@
   state failed with the reason kept in `ModelInfo.error`, and `load()` raises LoadFailed;
 - `evict()`, `pin()` and `unload_all()` follow the manager's rules (a pinned model needs
   force, evicting a failed model clears it);
-- `complete()` / `chat()` stream a few fixed chunks and publish request events;
+- `complete()` / `chat()` stream a few fixed chunks (`token_delay` seconds apart, so a test
+  can stop one half-way) and publish request events;
 - `events()` is an async iterator fed by an asyncio.Queue per subscriber, with a replay
   ring for `after_seq`;
 - `status()` returns fixed HostStats (no GPU, gpu_note "no GPU (test)").
@@ -91,7 +92,7 @@ class FakeBackend:
     def __init__(self, models: Iterable[ModelInfo] | None = None, *, label: str = "embedded",
                  now: float = FIXED_NOW, host: HostStats | None = None,
                  failures: dict[str, str] | None = None, ram_budget: int = 8 * GiB,
-                 max_loaded: int = 3, step_delay: float = 0.0) -> None:
+                 max_loaded: int = 3, step_delay: float = 0.0, token_delay: float = 0.0) -> None:
         self.label = label
         self.now = now
         self.host = host if host is not None else fixed_host(now)
@@ -99,6 +100,7 @@ class FakeBackend:
         self.ram_budget = ram_budget
         self.max_loaded = max_loaded
         self.step_delay = step_delay
+        self.token_delay = token_delay
         self._models: dict[str, ModelInfo] = {
             m.name: m for m in (default_models(now) if models is None else models)}
         self._seq = 0
@@ -210,7 +212,7 @@ class FakeBackend:
                 await self.evict(m.name, force=True)
 
     async def complete(self, model: str, prompt: str, **options: Any) -> AsyncIterator[Chunk]:
-        self.calls.append(("complete", model, prompt))
+        self.calls.append(("complete", model, prompt, options))
         await self.load(model)
         request_id = options.get("request_id") or f"req-{self._seq + 1:04d}"
         self.set_in_flight(model, self._get(model).in_flight + 1)
@@ -220,7 +222,7 @@ class FakeBackend:
         try:
             for piece in pieces[:-1]:
                 yield Chunk(piece)
-                await asyncio.sleep(0)
+                await asyncio.sleep(self.token_delay)
             stats = RequestStats(prompt_tokens=4, completion_tokens=len(pieces), queue_wait_s=0.0,
                                  ttft_s=0.01, duration_s=0.1)
             yield Chunk(pieces[-1], finish_reason="length", stats=stats)

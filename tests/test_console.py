@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from textual.pilot import Pilot
@@ -14,7 +15,8 @@ from corral.backend.events import LoadProgress, Notice
 from corral.backend.telemetry import GPUStats
 from corral.console.app import CorralApp, create_app
 from corral.console.commands import COMMANDS, bindings_for
-from corral.console.screens import ConfirmScreen, DashboardScreen, HelpScreen
+from corral.backend.errors import ConfigError
+from corral.console.screens import ConfirmScreen, DashboardScreen, DetailsScreen, HelpScreen, PromptScreen
 from corral.console.widgets import EventLog, ModelsTable
 from corral.themes import THEMES
 from fake_backend import FIXED_NOW, GiB, FakeBackend, fixed_host
@@ -90,7 +92,7 @@ async def test_table_shows_the_fake_models() -> None:
         assert t.cell_text("gemma-3-270m", "last_used") == "42s ago"
         assert t.cell_text("tiny-llama", "last_used") == "never"
         assert app.sub_title == "embedded"
-        assert "GPU: no GPU (test)" in str(app.screen.query_one("#gpu-note").render())
+        assert str(app.screen.query_one("#gpu-note").render()) == "no GPU (test)"
 
 
 async def test_header_shows_a_remote_url() -> None:
@@ -114,7 +116,7 @@ async def test_load_moves_the_selected_model_to_ready() -> None:
         log = log_text(app)
         assert "tiny-llama  available → loading" in log
         assert "loading → ready" in log
-        assert "loaded in 1.25 s  memory est. 3.1 MiB, measured 3.3 MiB" in log
+        assert "loaded in 1.25 s memory est. 3.1 MiB, measured 3.3 MiB" in " ".join(log.split())
         # progress arrives every 5 %; the log keeps 0/25/50/75/100 only
         shown = [p for p in range(0, 101, 5) if f"loading {p}%" in log]
         assert shown == [0, 25, 50, 75, 100]
@@ -235,8 +237,8 @@ async def test_a_theme_switch_recolours_the_table() -> None:
         await wait_for(pilot, lambda: table(app)._cells["gemma-3-270m"]["state"].style != before)
 
 
-def test_unknown_theme_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="unknown theme 'nope'.*corral-contrast"):
+def test_unknown_theme_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="console.theme = 'nope': unknown theme; available themes: .*corral-contrast"):
         create_app(FakeBackend(), theme="nope")  # type: ignore[arg-type]
 
 
@@ -255,10 +257,12 @@ async def test_help_lists_the_command_table() -> None:
         await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
         help_table = app.screen.query_one("#help-table")
         rows = [help_table.get_row(command.id) for command in COMMANDS]
-        assert [str(row[1]).rstrip("…") for row in rows] == [c.description for c in COMMANDS]
-        assert [str(row[0]) for row in rows] == ["l", "e", "p", "u", "r", "t", "?", "q"]
-        assert str(help_table.get_row("corral.evict")[1]) == "Evict…"  # it asks first
-        assert str(help_table.get_row("corral.load")[1]) == "Load"
+        assert [str(row[2]).rstrip("…") for row in rows] == [c.description for c in COMMANDS]
+        assert [str(row[0]) for row in rows] == ["l", "e", "p", "⏎", "d", "/", "u", "r", "t", "?", "q",
+                                                 "^c", "esc", "^l"]
+        assert [str(row[1]) for row in rows] == ["dashboard"] * 11 + ["prompt"] * 3
+        assert str(help_table.get_row("corral.evict")[2]) == "Evict…"  # it asks first
+        assert str(help_table.get_row("corral.load")[2]) == "Load"
         await pilot.press("escape")
         await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen))
 
@@ -280,14 +284,21 @@ async def test_keymap_remaps_a_command_by_id() -> None:
 
 
 def test_one_command_table_feeds_the_bindings() -> None:
-    ids = [binding.id for binding in bindings_for("dashboard")]
-    assert ids == [command.id for command in COMMANDS]
+    for scope in ("dashboard", "prompt"):
+        ids = [binding.id for binding in bindings_for(scope)]
+        assert ids == [command.id for command in COMMANDS if command.scope == scope]
+    assert DashboardScreen.BINDINGS == bindings_for("dashboard")
+    assert PromptScreen.BINDINGS == bindings_for("prompt")
     keys = {command.id: command.key for command in COMMANDS}
     assert keys == {
         "corral.load": "l", "corral.evict": "e", "corral.pin": "p", "corral.unload_all": "u",
+        "corral.prompt": "enter", "corral.details": "d", "corral.filter": "/",
         "corral.refresh": "r", "corral.help": "question_mark", "corral.quit": "q",
-        "corral.theme": "t",
+        "corral.theme": "t", "corral.prompt.stop": "ctrl+c", "corral.prompt.back": "escape",
+        "corral.prompt.clear": "ctrl+l",
     }
+    [stop] = [b for b in bindings_for("prompt") if b.id == "corral.prompt.stop"]
+    assert stop.priority  # Input binds ctrl+c to copy; stop must win
     assert CorralApp.BINDINGS == []  # no single-letter key at app level: screens scope them
 
 
@@ -421,24 +432,49 @@ async def test_works_at_80x24() -> None:
         assert box.right <= 80 and box.bottom <= 24
 
 
-def test_dashboard_snapshot(snap_compare: Callable[..., bool], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The dashboard at 120x40 after one load: fixed models, host stats, clock and time zone."""
+async def _dashboard_after_a_load(pilot: Pilot) -> None:
+    """One load, and the poll after it (measured memory), so the picture never catches it
+    half-way."""
+    app = await ready(pilot)
+    await select(pilot, "tiny-llama")
+    await pilot.press("l")
+    await wait_for(pilot, lambda: state(app, "tiny-llama") == "ready")
+    await wait_for(pilot, lambda: table(app).cell_text("tiny-llama", "memory") == "3.1/3.3 MiB")
+    await wait_for(pilot, lambda: not app.screen.query_one("#loading").display)
+    await pilot.press("up", "up")
+    await pilot.pause()
+
+
+async def _prompt_after_an_answer(pilot: Pilot) -> None:
+    app = pilot.app
+    await open_prompt(pilot, "gemma-3-270m")
+    app.screen.query_one("#prompt-input").cursor_blink = False
+    await send(pilot, "Tell me a story")
+    await wait_for(pilot, lambda: any(line.startswith("TTFT") for line in transcript(app)))
+    await pilot.pause()
+
+
+async def _help(pilot: Pilot) -> None:
+    app = await ready(pilot)
+    await pilot.press("question_mark")
+    await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+    await pilot.pause()
+
+
+SNAPSHOTS = {"dashboard": _dashboard_after_a_load, "prompt": _prompt_after_an_answer, "help": _help}
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+@pytest.mark.parametrize("screen", list(SNAPSHOTS))
+def test_console_snapshots(screen: str, size: tuple[int, int], snap_compare: Callable[..., bool],
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dashboard, prompt and help screens at both sizes: fixed models, host stats, clock and
+    time zone."""
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
-    app, backend = make_app()
-
-    async def load_one(pilot: Pilot) -> None:
-        await ready(pilot)
-        await select(pilot, "tiny-llama")
-        await pilot.press("l")
-        await wait_for(pilot, lambda: state(app, "tiny-llama") == "ready")
-        # and the poll after it (measured memory), so the picture never catches it half-way
-        await wait_for(pilot, lambda: table(app).cell_text("tiny-llama", "memory") == "3.1/3.3 MiB")
-        await pilot.press("up", "up")
-        await pilot.pause()
-
+    app, _ = make_app()
     try:
-        assert snap_compare(app, terminal_size=SIZE, run_before=load_one)
+        assert snap_compare(app, terminal_size=size, run_before=SNAPSHOTS[screen])
     finally:
         monkeypatch.undo()
         time.tzset()
@@ -478,3 +514,281 @@ def test_fake_backend_is_deterministic() -> None:
     first, second = asyncio.run(run()), asyncio.run(run())
     assert first == second
     assert {ts for _, _, ts in first} == {FIXED_NOW}
+
+
+# -- the prompt screen ----------------------------------------------------------------------
+
+
+def transcript(app: CorralApp) -> list[str]:
+    return [str(widget.render()) for widget in app.screen.query("#transcript Static")]
+
+
+async def open_prompt(pilot: Pilot, model: str) -> PromptScreen:
+    app = await ready(pilot)
+    await select(pilot, model)
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen))
+    assert isinstance(app.screen, PromptScreen) and app.screen.model == model
+    return app.screen
+
+
+async def send(pilot: Pilot, text: str) -> None:
+    await pilot.press(*text)
+    await pilot.press("enter")
+
+
+async def test_prompt_streams_the_answer_and_shows_ttft_and_speed() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_prompt(pilot, "qwen2.5-0.5b-instruct")
+        await send(pilot, "hello")
+        await wait_for(pilot, lambda: "TTFT 10 ms · 33.3 tok/s · 4 tokens · length" in transcript(app))
+        assert transcript(app) == ["hello", "Once upon a time", "TTFT 10 ms · 33.3 tok/s · 4 tokens · length"]
+        assert "TTFT 10 ms" in str(app.screen.query_one("#prompt-status").render())
+        [(_, model, prompt, options)] = [c for c in backend.calls if c[0] == "complete"]
+        assert (model, prompt) == ("qwen2.5-0.5b-instruct", "hello")
+        assert options["max_tokens"] == 256 and options["temperature"] == 0.7
+        assert options["session_id"].startswith("console-")
+
+
+async def test_prompt_parameters_and_history_go_with_the_next_question() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_prompt(pilot, "gemma-3-270m")
+        await send(pilot, "one")
+        await wait_for(pilot, lambda: len(transcript(app)) == 3)
+        app.screen.query_one("#param-temperature").value = "0"
+        app.screen.query_one("#param-max-tokens").value = "32"
+        app.screen.query_one("#param-system").value = "Be brief."
+        app.screen.query_one("#param-max-tokens").value = "not a number"  # invalid: the last valid value stays
+        app.screen.query_one("#prompt-input").focus()
+        await send(pilot, "two")
+        await wait_for(pilot, lambda: len(transcript(app)) == 6)
+        _, _, prompt, options = [c for c in backend.calls if c[0] == "complete"][-1]
+        assert prompt == "Be brief.\none\nOnce upon a time\ntwo"
+        assert (options["temperature"], options["max_tokens"]) == (0.0, 32)
+        # the history stays with the model for the session: back to the dashboard and in again
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, PromptScreen))
+        await wait_for(pilot, lambda: len(transcript(app)) == 6)
+        assert app.screen.query_one("#param-system").value == "Be brief."
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: transcript(app) == [])
+        assert app.conversation("gemma-3-270m").turns == []
+
+
+@pytest.mark.parametrize("key", ["ctrl+c", "escape"])
+async def test_ctrl_c_or_esc_stops_a_streaming_answer(key: str) -> None:
+    app, backend = make_app(FakeBackend(token_delay=30))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_prompt(pilot, "gemma-3-270m")
+        await send(pilot, "tell me a story")
+        await wait_for(pilot, lambda: "Once" in transcript(app))
+        assert screen.streaming and backend.info("gemma-3-270m").in_flight == 1
+        await pilot.press(key)
+        await wait_for(pilot, lambda: "stopped" in transcript(app))
+        assert transcript(app) == ["tell me a story", "Once", "stopped"]
+        assert not screen.streaming and backend.info("gemma-3-270m").in_flight == 0
+        assert app.screen is screen  # stopping does not leave the screen; a second esc does
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen))
+
+
+async def test_a_failing_answer_is_notified_and_marked() -> None:
+    backend = FakeBackend()
+    app, _ = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_prompt(pilot, "broken")
+        await send(pilot, "hi")
+        await wait_for(pilot, lambda: any("prompt broken failed" in n for n in notifications(app)))
+        assert any(line.startswith("failed: model 'broken'") for line in transcript(app))
+        assert state(app, "broken") == "failed" if isinstance(app.screen, DashboardScreen) else True
+
+
+async def test_prompt_screen_fits_80x24() -> None:
+    app, _ = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await open_prompt(pilot, "gemma-3-270m")
+        for widget in ("#transcript", "#params", "#param-system", "#prompt-input", "Footer"):
+            region = app.screen.query_one(widget).region
+            assert region.height > 0 and region.bottom <= 24 and region.right <= 80, widget
+
+
+# -- details, filter, queue panel, progress bar, palette, config --------------------------------
+
+
+def details_text(app: CorralApp) -> str:
+    """The details screen's text, whitespace folded."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=100, file=io.StringIO(), color_system=None)
+    console.print(app.screen.query_one("#details-body").content)
+    return " ".join(console.file.getvalue().split())
+
+
+async def test_details_show_metadata_memory_and_latency_percentiles() -> None:
+    from corral.backend.snapshot import RequestPercentiles
+
+    stats = RequestPercentiles(count=12, ttft_p50=0.048, ttft_p90=0.07, ttft_p99=0.2, latency_p50=0.9,
+                               latency_p90=1.4, latency_p99=2.5, tokens_per_s_p50=61.2)
+    backend = FakeBackend()
+    backend._set("gemma-3-270m", requests=stats)
+    app, _ = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("d")
+        await wait_for(pilot, lambda: isinstance(app.screen, DetailsScreen))
+        body = details_text(app)
+        for expected in ("architecture gemma3", "parameters 268M", "chat template fallback:gemma",
+                         "estimate 372.0 MiB", "measured 390.0 MiB", "load time 840 ms",
+                         "requests last 12", "TTFT p50 48 ms p90 70 ms p99 200 ms",
+                         "latency p50 900 ms p90 1.40 s p99 2.50 s", "speed 61.2 tok/s (median)"):
+            assert expected in body, expected
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        await select(pilot, "tiny-llama")
+        await pilot.press("d")
+        await wait_for(pilot, lambda: isinstance(app.screen, DetailsScreen))
+        assert "requests none yet" in details_text(app)
+        # it follows the model while open: a load shows its measured memory and load time
+        app.run_backend("load tiny-llama", lambda: backend.load("tiny-llama"))
+        await wait_for(pilot, lambda: "load time 1.25 s" in details_text(app))
+
+
+async def test_slash_filters_the_models_table() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("slash")
+        await wait_for(pilot, lambda: app.focused is not None and app.focused.id == "filter")
+        await pilot.press("q", "w", "e")  # typed into the filter: q does not quit
+        await wait_for(pilot, lambda: [m.name for m in table(app).models] == ["qwen2.5-0.5b-instruct"])
+        assert app.is_running and "filter" in str(table(app).border_title)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.focused is table(app))
+        assert [m.name for m in table(app).models] == ["qwen2.5-0.5b-instruct"]
+        await pilot.press("l")  # keys act on the filtered table's selection
+        await pilot.pause(0.05)
+        await pilot.press("slash")
+        for _ in range(3):
+            await pilot.press("backspace")
+        await pilot.press(*"available")  # state matches too
+        await wait_for(pilot, lambda: [m.name for m in table(app).models] == ["tiny-llama", "broken"])
+        await pilot.press("escape")  # clears the filter
+        await wait_for(pilot, lambda: len(table(app).models) == 4)
+        assert table(app).border_title == "models"
+        assert ("load", "qwen2.5-0.5b-instruct") in backend.calls
+
+
+async def test_queue_panel_shows_waiting_active_and_oldest_wait() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        panel = app.screen.query_one("#queues")
+        lines = lambda: [" ".join(line.split()) for line in str(panel.render()).splitlines()]  # noqa: E731
+        await wait_for(pilot, lambda: len(lines()) == 3)
+        assert lines() == ["model wait slots oldest", "gemma-3-270m 0 0/8 –", "qwen2.5-0.5b-inst… 0 0/4 –"]
+        backend.set_in_flight("gemma-3-270m", 11)
+        backend._set("gemma-3-270m", oldest_wait_s=4.25)
+        app.action_refresh_status()
+        await wait_for(pilot, lambda: "gemma-3-270m 3 8/8 4.2s" in lines())
+        await backend.unload_all()
+        await wait_for(pilot, lambda: lines() == ["model wait slots oldest", "no model loaded"])
+
+
+async def test_a_progress_bar_shows_while_a_model_loads() -> None:
+    app, backend = make_app(FakeBackend(step_delay=0.05))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        bar = app.screen.query_one("#loading")
+        assert not bar.display
+        await select(pilot, "tiny-llama")
+        await pilot.press("l")
+        await wait_for(pilot, lambda: bar.display and (app.screen.query_one("#load-progress").progress or 0) >= 25)
+        assert "loading tiny-llama" in str(app.screen.query_one("#load-label").render())
+        await wait_for(pilot, lambda: state(app, "tiny-llama") == "ready")
+        await wait_for(pilot, lambda: not bar.display)
+
+
+async def test_sparklines_take_one_sample_per_telemetry_timestamp() -> None:
+    from dataclasses import replace
+
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        cpu = app.screen.query_one("#trend-cpu")
+        app.action_refresh_status()
+        await pilot.pause(0.2)
+        assert list(cpu.samples) == [0.23]  # the same sample polled again is not a new point
+        backend.host = replace(backend.host, ts=backend.host.ts + 1, cpu_percent=100.0)
+        app.action_refresh_status()
+        await wait_for(pilot, lambda: list(cpu.samples) == [0.23, 1.0])
+        assert str(cpu.render()).endswith("▃█")
+
+
+def test_a_trend_squeezes_its_history_keeping_peaks() -> None:
+    from corral.console.widgets import Trend
+
+    trend = Trend("x")
+    for value in [0.0] * 7 + [1.0] + [0.0] * 2:
+        trend.samples.append(value)
+    assert trend.columns(20) == [0.0] * 7 + [1.0, 0.0, 0.0]
+    assert trend.columns(5) == [0.0, 0.0, 0.0, 1.0, 0.0]
+    assert trend.columns(3) == [0.0, 1.0]  # 10 samples in stretches of 4: whole ones only
+
+
+async def test_command_palette_lists_the_command_table_and_runs_a_command() -> None:
+    from textual.command import CommandPalette
+
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await select(pilot, "tiny-llama")
+        await pilot.press("ctrl+p")
+        await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette))
+        await pilot.press(*"load")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: state(app, "tiny-llama") == "ready")
+        assert backend.calls == [("load", "tiny-llama")]
+
+
+async def test_palette_offers_the_commands_of_the_screen_it_opened_over() -> None:
+    from corral.console.palette import CommandTableProvider
+
+    app, _ = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_prompt(pilot, "gemma-3-270m")
+        provider = CommandTableProvider(app.screen)
+        titles = [hit.text async for hit in provider.discover()]
+        assert "Stop (^c)" in titles and "Theme (t)" in titles and "Quit (q)" in titles
+        assert not any(title.startswith("Load") for title in titles)  # dashboard-only
+
+
+async def test_keymap_from_config_is_applied_at_start_and_checked() -> None:
+    app, backend = make_app(keymap={"corral.load": "L", "corral.details": "i, f3"})
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await select(pilot, "tiny-llama")
+        await pilot.press("l")
+        await pilot.pause(0.05)
+        assert backend.calls == []
+        await pilot.press("L")
+        await wait_for(pilot, lambda: state(app, "tiny-llama") == "ready")
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: isinstance(app.screen, DetailsScreen))
+    with pytest.raises(ConfigError, match="console.keymap: unknown command id 'corral.lod'"):
+        make_app(keymap={"corral.lod": "L"})
+
+
+def test_cli_refuses_a_bad_console_config_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "corral.toml"
+    config.write_text('include_default_model = false\n[console]\ntheme = "neon"\n', encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "corral.console.cli", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "console.theme = 'neon': unknown theme" in result.stderr

@@ -36,17 +36,19 @@ class HelpScreen(ModalScreen[None]):
             box.border_title = "corral — keys"
             box.border_subtitle = "esc to close"
             yield DataTable(id="help-table", cursor_type="row", zebra_stripes=True)
-            yield Static("… asks first.  [b]ctrl+q[/b] quits from anywhere.", id="help-footnote")
+            yield Static("… asks first.  [b]ctrl+p[/b] finds any command, [b]tab[/b] moves focus, "
+                         "[b]ctrl+q[/b] quits from anywhere.", id="help-footnote")
 
     def on_mount(self) -> None:
         table = self.query_one("#help-table", DataTable)
         table.add_column("key", key="key")
+        table.add_column("on", key="scope")
         table.add_column("command", key="command")
         table.add_column("what it does", key="help")
         keymap: Mapping[str, str] = getattr(self.app, "keymap", {})
         for command in COMMANDS:
             name = command.description + ("…" if command.confirm else "")
-            table.add_row(key_label(self.app, command, keymap), name,
+            table.add_row(key_label(self.app, command, keymap), command.scope, name,
                           command.help or command.description, key=command.id)
         table.focus()
 

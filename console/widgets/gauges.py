@@ -1,12 +1,18 @@
-"""Small one-line gauges for the host bar, and the number formats the console shares.
+"""Small one-line gauges and sparklines for the host bar, and the number formats the console
+shares.
 
 A `Gauge` draws `LABEL ━━━━━━━━━━ VALUE` in whatever width it is given (the filled part
-in the bar colour, the rest dimmed). Its colours come
-from component classes styled in app.tcss with theme variables, so a theme switch restyles
-it. The bar turns to the warning and then the error colour above `warn_at` and `high_at`.
+in the bar colour, the rest dimmed). A `Trend` draws the last minutes of one figure as a
+sparkline on a fixed 0-1 scale (Textual's Sparkline scales to the data's own range, so a
+flat 3 % CPU would look like a full bar). Their colours come from component classes styled
+in app.tcss with theme variables, so a theme switch restyles them. The bar turns to the
+warning and then the error colour above `warn_at` and `high_at`.
 """
 
 from __future__ import annotations
+
+import math
+from collections import deque
 
 from rich.style import Style
 from rich.text import Text
@@ -18,6 +24,8 @@ from corral.backend.memory import format_bytes
 BAR_FULL = "━"
 BAR_EMPTY = "━"
 NA = "–"
+SPARKS = "▁▂▃▄▅▆▇█"
+HISTORY = 300  # samples a Trend keeps: five minutes at the console's 1 Hz status
 
 
 def format_pair(used: int | float | None, total: int | float | None) -> str:
@@ -119,4 +127,52 @@ class Gauge(Widget):
             text.append(BAR_EMPTY * (bar_width - filled), empty_style)
             text.append(" ")
         text.append(value, component_style(self, "gauge--value"))
+        return text
+
+
+class Trend(Widget):
+    """`LABEL ▁▂▃▅▇▆`: recent fractions in [0, 1], newest at the right.
+
+    When more samples are kept than columns fit, each column shows the highest sample of
+    its stretch, so a short spike stays visible when the whole history is squeezed in."""
+
+    COMPONENT_CLASSES = {"trend--label", "trend--line", "trend--empty"}
+
+    def __init__(self, label: str, *, history: int = HISTORY, id: str | None = None,
+                 classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.label = label
+        self.samples: deque[float | None] = deque(maxlen=history)
+
+    def push(self, fraction: float | None) -> None:
+        """Add one sample (None: not available then) and redraw."""
+        self.samples.append(None if fraction is None else min(1.0, max(0.0, fraction)))
+        self.refresh()
+
+    def columns(self, width: int) -> list[float | None]:
+        """The samples squeezed into at most `width` columns, oldest first."""
+        samples = list(self.samples)
+        if width <= 0:
+            return []
+        step = max(1, math.ceil(len(samples) / width))
+        start = len(samples) - (len(samples) // step) * step  # whole stretches, newest kept
+        columns = []
+        for i in range(start, len(samples), step):
+            known = [v for v in samples[i:i + step] if v is not None]
+            columns.append(max(known) if known else None)
+        return columns
+
+    def render(self) -> Text:
+        label = f"{self.label} "
+        width = self.content_size.width - len(label)
+        text = Text(no_wrap=True, overflow="crop")
+        text.append(label, component_style(self, "trend--label"))
+        columns = self.columns(width)
+        text.append(" " * max(0, width - len(columns)))
+        line, empty = component_style(self, "trend--line"), component_style(self, "trend--empty")
+        for value in columns:
+            if value is None:
+                text.append("·", empty)
+            else:
+                text.append(SPARKS[round(value * (len(SPARKS) - 1))], line)
         return text

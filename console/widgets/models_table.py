@@ -77,7 +77,9 @@ class ModelsTable(DataTable[Text]):
                  classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes, cursor_type="row", zebra_stripes=True)
         self.clock = clock
-        self._models: dict[str, ModelInfo] = {}
+        self.filter_text = ""
+        self._all: dict[str, ModelInfo] = {}  # every model the backend listed, in its order
+        self._models: dict[str, ModelInfo] = {}  # the rows shown: those the filter lets through
         self._cells: dict[str, dict[str, Text]] = {}
 
     def on_mount(self) -> None:
@@ -88,8 +90,19 @@ class ModelsTable(DataTable[Text]):
 
     @property
     def models(self) -> list[ModelInfo]:
-        """The models in row order."""
+        """The models shown, in row order."""
         return list(self._models.values())
+
+    @property
+    def all_models(self) -> list[ModelInfo]:
+        """Every model, the filtered-out ones too."""
+        return list(self._all.values())
+
+    def matches(self, model: ModelInfo) -> bool:
+        """Whether the filter lets `model` through (case-insensitive, in name, state or quant)."""
+        needle = self.filter_text.strip().lower()
+        haystack = f"{model.name} {state_label(model)} {model.quantization or ''}".lower()
+        return not needle or needle in haystack
 
     @property
     def selected(self) -> ModelInfo | None:
@@ -115,9 +128,17 @@ class ModelsTable(DataTable[Text]):
 
     # -- updating ----------------------------------------------------------------------------
 
+    def set_filter(self, text: str) -> None:
+        """Show only the models matching `text` ("" shows all)."""
+        if text != self.filter_text:
+            self.filter_text = text
+            self.update_models(self.all_models)
+
     def update_models(self, models: Iterable[ModelInfo]) -> None:
-        """Show `models`: changed cells are updated in place; the cursor follows its model."""
-        models = list(models)
+        """Show `models` (through the filter): changed cells are updated in place; the cursor
+        follows its model."""
+        self._all = {m.name: m for m in models}
+        models = [m for m in self._all.values() if self.matches(m)]
         names = [m.name for m in models]
         if names != list(self._models):
             self._rebuild(models)
@@ -129,12 +150,14 @@ class ModelsTable(DataTable[Text]):
     def patch(self, name: str, **changes: Any) -> None:
         """Change fields of one row before the next poll brings the backend's word on it
         (load progress arrives as events, a poll would be slower)."""
-        model = self._models.get(name)
+        model = self._all.get(name)
         if model is None:
             return
         model = replace(model, **changes)
-        self._models[name] = model
-        self._render_row(model)
+        self._all[name] = model
+        if name in self._models:
+            self._models[name] = model
+            self._render_row(model)
 
     def restyle(self) -> None:
         """Render every row again (after a theme change, or to move 'last used' on)."""
@@ -154,6 +177,10 @@ class ModelsTable(DataTable[Text]):
             self.add_row(*(cells[key] for key in COLUMN_KEYS), key=model.name)
         if keep is not None and keep in self._models:
             self.select(keep)
+        # DataTable paints the rows that fit its first, smaller region before its auto-width
+        # name column has grown, and keeps those lines (seen with Textual 8.2): repaint the
+        # whole table once the new layout has settled.
+        self.call_after_refresh(self.refresh)
 
     def _render_row(self, model: ModelInfo, *, force: bool = False) -> None:
         old = self._cells.get(model.name, {})

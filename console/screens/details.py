@@ -1,0 +1,138 @@
+"""A model's details: its metadata, memory estimate next to the measured figure, load time,
+and the TTFT / latency percentiles of its recent requests.
+
+A modal over the dashboard that redraws from the app's `status_signal`, so the figures move
+while it is open (a load finishing, requests coming in) without a call of its own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from ..widgets.gauges import NA, format_bytes, format_duration
+from ..widgets.models_table import state_label
+
+if TYPE_CHECKING:
+    from corral.backend.snapshot import ModelInfo, RequestPercentiles, Status
+
+    from ..app import CorralApp
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A latency: milliseconds below a second ("48 ms"), else seconds ("1.31 s")."""
+    if seconds is None:
+        return NA
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def format_count(n: int | None) -> str:
+    """A parameter count: 268M, 1.5B."""
+    if n is None:
+        return NA
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def metadata_rows(m: ModelInfo) -> list[tuple[str, str]]:
+    keep = "never expires" if m.keep_alive_s < 0 else format_duration(m.keep_alive_s)
+    rows = [
+        ("state", state_label(m) + ("  (pinned)" if m.pinned else "")),
+        ("file", m.path or NA),
+        ("source", m.source),
+        ("architecture", m.architecture or NA),
+        ("parameters", format_count(m.parameters)),
+        ("quantization", m.quantization or NA),
+        ("file size", format_bytes(m.file_size)),
+        ("context", f"{m.n_ctx} loaded (trained {m.context_length or NA}), {m.n_parallel} slots"),
+        ("chat template", m.chat_template or "chosen at load"),
+        ("keep alive", keep),
+    ]
+    if m.error:
+        rows.append(("error", m.error))
+    return rows
+
+
+def memory_rows(m: ModelInfo) -> list[tuple[str, str]]:
+    detail = m.estimate_detail or {}
+    parts = ", ".join(f"{key.replace('_', ' ')} {format_bytes(value)}"
+                      for key, value in detail.items() if key != "total")
+    estimate = format_bytes(m.estimate_bytes) + (f"  ({parts})" if parts else "")
+    rows = [("estimate", estimate), ("measured", format_bytes(m.measured_bytes))]
+    if m.measured_bytes is not None and m.estimate_bytes:
+        rows.append(("measured/est.", f"{m.measured_bytes / m.estimate_bytes:.0%}"))
+    if m.measured_vram:
+        rows.append(("VRAM", ", ".join(f"GPU{i} {format_bytes(v)}" for i, v in sorted(m.measured_vram.items()))))
+    rows.append(("load time", format_seconds(m.load_seconds)))
+    return rows
+
+
+def request_rows(stats: RequestPercentiles | None) -> list[tuple[str, str]]:
+    if stats is None:
+        return [("requests", "none yet")]
+
+    def trio(p50: float | None, p90: float | None, p99: float | None) -> str:
+        return "  ".join(f"{label} {format_seconds(v)}" for label, v in (("p50", p50), ("p90", p90), ("p99", p99)))
+
+    speed = NA if stats.tokens_per_s_p50 is None else f"{stats.tokens_per_s_p50:.1f} tok/s (median)"
+    return [
+        ("requests", f"last {stats.count}"),
+        ("TTFT", trio(stats.ttft_p50, stats.ttft_p90, stats.ttft_p99)),
+        ("latency", trio(stats.latency_p50, stats.latency_p90, stats.latency_p99)),
+        ("speed", speed),
+    ]
+
+
+def details_table(m: ModelInfo) -> Table:
+    """Three sections of label/value rows, the labels in the theme's secondary colour."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for title, rows in (("model", metadata_rows(m)), ("memory", memory_rows(m)),
+                        ("recent requests", request_rows(m.requests))):
+        table.add_row(Text(title, style="underline"), "")
+        for label, value in rows:
+            table.add_row(label, Text(value))
+        table.add_row("", "")
+    return table
+
+
+class DetailsScreen(ModalScreen[None]):
+    """The details of one model, kept current while open."""
+
+    BINDINGS = [
+        Binding("escape,q,d", "close", "Close", id="corral.details.close"),
+    ]
+
+    def __init__(self, model: ModelInfo) -> None:
+        super().__init__(classes="dialog")
+        self.model = model
+
+    @property
+    def corral(self) -> CorralApp:
+        return cast("CorralApp", self.app)
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="details-box", classes="dialog-box") as box:
+            box.border_title = self.model.name
+            box.border_subtitle = "esc to close"
+            yield Static(details_table(self.model), id="details-body")
+
+    def on_mount(self) -> None:
+        self.corral.status_signal.subscribe(self, self.apply_status)
+        self.query_one("#details-box").focus()
+
+    def apply_status(self, status: Status) -> None:
+        model = next((m for m in status.models if m.name == self.model.name), None)
+        if model is not None and model != self.model:
+            self.model = model
+            self.query_one("#details-body", Static).update(details_table(model))
+
+    def action_close(self) -> None:
+        self.dismiss(None)
