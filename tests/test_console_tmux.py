@@ -3,8 +3,8 @@
 Pilot tests (test_console.py) drive the app object in-process; this one runs the installed
 console script in a tmux pane of 120x40, presses keys with `send-keys` and reads the screen
 with `capture-pane`, as a person at a terminal would. It covers what Pilot cannot see: the
-CLI wiring, the embedded backend loading a real (tiny) GGUF through llama.cpp, and that no
-llama.cpp log line ever reaches the terminal. Besides the captured screens, every byte the
+CLI wiring, the embedded backend loading a real (tiny) GGUF through llama.cpp, a prompt
+answered with streamed text, and that no llama.cpp log line ever reaches the terminal. Besides the captured screens, every byte the
 program writes to the pane is recorded with `pipe-pane`, so a log line that Textual paints
 over a moment later is still caught.
 
@@ -253,13 +253,27 @@ def test_console_in_a_real_terminal(console: Tmux) -> None:
     assert model_state(screen, "tiny-b") == "available", screen
     assert model_state(screen, "tiny-c") == "available", screen
 
-    # 3. `p` pins it: the pin column gets its mark.
+    # 3. `enter` opens the prompt screen on it; the answer streams in and its stats follow.
+    console.send("Enter")
+    console.wait_for("message tiny-a", description="the prompt screen")
+    console.send("-l", "Once upon a time")
+    console.send("Enter")
+    answered = console.wait_for(lambda s: re.search(r"TTFT \d+ ms · [\d.]+ tok/s · \d+ tokens", s) is not None,
+                                description="the answer's TTFT and tok/s line")
+    lines = [line.strip("│ ") for line in answered.splitlines()]
+    asked = next(i for i, line in enumerate(lines) if line.startswith("Once upon a time"))
+    stats = next(i for i, line in enumerate(lines) if line.startswith("TTFT"))
+    assert any(line.strip() for line in lines[asked + 1:stats]), answered  # the streamed text
+    console.send("Escape")
+    console.wait_for(lambda s: "mem est/meas" in s, description="back on the dashboard")
+
+    # 4. `p` pins it: the pin column gets its mark.
     console.send("p")
     pinned = console.wait_for(lambda s: pin_cell(s, "tiny-a") not in ("", None),
                               description="the pin column of tiny-a to change")
     assert pin_cell(pinned, "tiny-a") == "●", pinned
 
-    # 4. `e` asks first; `y` evicts it (forced, since it is pinned).
+    # 5. `e` asks first; `y` evicts it (forced, since it is pinned).
     console.send("e")
     dialog = console.wait_for(lambda s: "Evict tiny-a?" in s and "Evict (y)" in s,
                               description="the evict confirmation dialog")
@@ -269,13 +283,13 @@ def test_console_in_a_real_terminal(console: Tmux) -> None:
     screen = console.wait_for(lambda s: model_state(s, "tiny-a") == "available" and "Evict tiny-a?" not in s,
                               description="tiny-a back to 'available' and the dialog gone")
 
-    # 5. Load a second model, so quitting also has to close a live llama.cpp context.
+    # 6. Load a second model, so quitting also has to close a live llama.cpp context.
     console.send("Down")  # keys are handled in order: the cursor moves before `l` acts
     console.send("l")
     console.wait_for(state_is("tiny-b", "ready"))
     assert model_state(console.capture(), "tiny-a") == "available"
 
-    # 6. `q` quits: the process ends, with status 0, within a bounded time.
+    # 7. `q` quits: the process ends, with status 0, within a bounded time.
     console.send("q")
     status, sig = console.wait_exit(QUIT_TIMEOUT_S)
     after = console.capture()  # the normal screen, after the TUI left the alternate one
@@ -283,7 +297,7 @@ def test_console_in_a_real_terminal(console: Tmux) -> None:
     left = [line for line in after.splitlines() if line.strip() and not line.startswith("Pane is dead")]
     assert not left, f"corral left text on the terminal after it quit:\n{after}"
 
-    # 7. No llama.cpp log line reached the terminal: `capture` checked every screen seen;
+    # 8. No llama.cpp log line reached the terminal: `capture` checked every screen seen;
     #    the raw bytes written to the pane also hold whatever was painted over at once.
     assert len(console.screens) > 5  # the screen checks did run
     raw = console.raw_output()

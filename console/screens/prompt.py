@@ -146,7 +146,7 @@ class PromptScreen(Screen[None]):
     def on_mount(self) -> None:
         self.sub_title = self.corral.sub_title
         self.query_one("#prompt-input", Input).focus()
-        self.query_one("#transcript").scroll_end(animate=False)
+        self.query_one("#transcript").anchor()  # stays at the newest text as answers grow
 
     def _last_note(self) -> str:
         notes = [t.note for t in self.conversation.turns if t.role == "assistant" and t.note]
@@ -192,7 +192,7 @@ class PromptScreen(Screen[None]):
         view = TurnView(answer)
         transcript = self.query_one("#transcript", VerticalScroll)
         transcript.mount_all([TurnView(chat.turns[-2]), view])
-        transcript.scroll_end(animate=False)
+        transcript.anchor()  # the operator may have scrolled up: follow the new answer again
         self._status(f"waiting for {self.model} (it loads first if it is not loaded)…")
         self._answer = self.run_worker(self._stream(answer, view), name=f"prompt {self.model}",
                                        group="prompt", exclusive=True, exit_on_error=False)
@@ -201,7 +201,6 @@ class PromptScreen(Screen[None]):
         """Append each chunk to the answer as it arrives; note the stats at the end."""
         chat = self.conversation
         stats, finish = None, None
-        transcript = self.query_one("#transcript", VerticalScroll)
         try:
             async for chunk in self.corral.backend.chat(
                     self.model, chat.messages(), max_tokens=chat.max_tokens,
@@ -209,7 +208,6 @@ class PromptScreen(Screen[None]):
                 if chunk.text:
                     answer.text += chunk.text
                     view.show()
-                    transcript.scroll_end(animate=False)
                     self._status("streaming…  ctrl+c / esc stops")
                 if chunk.finish_reason:
                     stats, finish = chunk.stats, chunk.finish_reason
