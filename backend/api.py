@@ -12,19 +12,22 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .chat import validate_messages
 from .config import Settings, load_settings
 from .errors import BadRequest
 from .events import Event, EventBus, RequestFinished
-from .generation import Chunk, Embeddings, sampling_params
+from .generation import Chunk, Embeddings, SamplingParams, sampling_params
+from .respcache import BYPASS, MISS, STALE, CacheKey, Lookup, ResponseCache, model_fingerprint, relay, request_key
 from .snapshot import ModelInfo, Status
 from .telemetry import Telemetry
 
@@ -69,6 +72,8 @@ class LocalBackend:
     def __init__(self, settings: Settings | None = None, *, config_path: str | None = None) -> None:
         self.settings = settings if settings is not None else load_settings(config_path)
         self.bus = EventBus()
+        self.response_cache = ResponseCache(self.settings.cache, bus=self.bus)
+        self._refreshes: set[Future[None]] = set()  # background recomputes of stale answers
         self.telemetry = Telemetry()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="corral-backend", daemon=True)
@@ -134,28 +139,112 @@ class LocalBackend:
 
     async def complete(self, model: str, prompt: str, *, request_id: str | None = None,
                        session_id: str | None = None, keep_alive: float | str | None = None,
-                       **options: Any) -> AsyncIterator[Chunk]:
-        """Stream a plain-text completion of `prompt` (the model is loaded if needed)."""
+                       cache: bool = True, **options: Any) -> AsyncIterator[Chunk]:
+        """Stream a plain-text completion of `prompt` (the model is loaded if needed); a
+        deterministic request may be answered from the response cache unless `cache=False`."""
         params = sampling_params(options)
         if not isinstance(prompt, str):
             raise BadRequest("prompt must be a string")
-        async with self._lease(model, keep_alive) as lease:
-            weights = lease.engine.weights
-            tokens = await asyncio.to_thread(weights.tokenize, prompt, add_special=True)
-            async for chunk in lease.engine.stream(tokens, params, request_id=request_id, session_id=session_id):
+        request = _Generation(model, "completion", prompt, params, keep_alive,
+                              functools.partial(_prompt_tokens, prompt=prompt))
+        async with contextlib.aclosing(self._answer(request, cache, request_id, session_id)) as chunks:
+            async for chunk in chunks:
                 yield chunk
 
     async def chat(self, model: str, messages: list[dict[str, Any]], *, request_id: str | None = None,
                    session_id: str | None = None, keep_alive: float | str | None = None,
-                   **options: Any) -> AsyncIterator[Chunk]:
-        """Stream the assistant's reply to `messages`, formatted with the model's chat template."""
+                   cache: bool = True, **options: Any) -> AsyncIterator[Chunk]:
+        """Stream the assistant's reply to `messages`, formatted with the model's chat template;
+        a deterministic request may be answered from the response cache unless `cache=False`."""
         params = sampling_params(options)
         validate_messages(messages)  # before a possible auto-load, not after
-        async with self._lease(model, keep_alive) as lease:
-            engine = lease.engine
-            tokens = await asyncio.to_thread(_chat_tokens, engine, messages)
-            async for chunk in engine.stream(tokens, params, request_id=request_id, session_id=session_id):
+        request = _Generation(model, "chat", messages, params, keep_alive,
+                              functools.partial(_chat_tokens, messages=messages))
+        async with contextlib.aclosing(self._answer(request, cache, request_id, session_id)) as chunks:
+            async for chunk in chunks:
                 yield chunk
+
+    # -- the response cache ----------------------------------------------------------------
+
+    async def _answer(self, request: _Generation, use_cache: bool, request_id: str | None,
+                      session_id: str | None) -> AsyncGenerator[Chunk, None]:
+        """Replay a cached answer without touching the model (no lease, no load, no decode), or
+        decode and keep the answer for next time. A stale answer is replayed while a background
+        request recomputes it."""
+        started = time.perf_counter()
+        if not isinstance(use_cache, bool):
+            raise BadRequest(f"cache = {use_cache!r}: must be true or false")
+        key = await self._cache_key(request) if use_cache else None
+        lookup = self.response_cache.lookup(key) if key is not None else Lookup(BYPASS)
+        if key is not None and lookup.answer is not None:
+            if lookup.verdict == STALE:
+                self._refresh(request, key, request_id)
+            yield self._replay(request.model, lookup, time.perf_counter() - started, request_id, session_id)
+            return
+        keep = functools.partial(self.response_cache.store, key) if key is not None else None
+        async with contextlib.aclosing(relay(self._decode(request, request_id, session_id), lookup.verdict,
+                                             keep)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _cache_key(self, request: _Generation) -> CacheKey | None:
+        """The request's cache key; None when it must not touch the cache (the cache is off, the
+        request is not deterministic, or the catalog has no usable model of that name)."""
+        settings = self.settings  # one snapshot: a config reload may replace it meanwhile
+        self.response_cache.configure(settings.cache)
+        if not (settings.cache.enabled and request.params.deterministic):
+            return None
+        await self.ready()
+        return await asyncio.to_thread(self._key_of, settings, request)
+
+    def _key_of(self, settings: Settings, request: _Generation) -> CacheKey | None:
+        """Blocking: stats the model's file and hashes the whole prompt."""
+        entry = next((e for e in self.manager.catalog.entries() if e.name == request.model), None)
+        if entry is None or not entry.usable or entry.path is None:
+            return None  # the lease reports an unknown or broken model with its proper error
+        fingerprint = model_fingerprint(settings, request.model, entry.path)
+        return request_key(request.model, fingerprint, request.kind, request.payload, request.params)
+
+    async def _decode(self, request: _Generation, request_id: str | None,
+                      session_id: str | None) -> AsyncGenerator[Chunk, None]:
+        """Run `request` on its model: acquire it (loading if needed), tokenize off the loop, stream."""
+        async with self._lease(request.model, request.keep_alive) as lease:
+            tokens = await asyncio.to_thread(request.tokens, lease.engine)
+            async with contextlib.aclosing(lease.engine.stream(tokens, request.params, request_id=request_id,
+                                                               session_id=session_id)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+    def _replay(self, model: str, lookup: Lookup, elapsed_s: float, request_id: str | None,
+                session_id: str | None) -> Chunk:
+        """A cached answer as the request's one chunk, announced like any finished request."""
+        assert lookup.answer is not None
+        chunk = lookup.answer.chunk(lookup.verdict, elapsed_s)
+        assert chunk.stats is not None and chunk.finish_reason is not None
+        stats = chunk.stats
+        self.bus.publish(RequestFinished(model=model, request_id=request_id, session_id=session_id,
+                                         finish_reason=chunk.finish_reason, prompt_tokens=stats.prompt_tokens,
+                                         completion_tokens=stats.completion_tokens, ttft_s=stats.ttft_s,
+                                         duration_s=stats.duration_s, tokens_per_s=None,
+                                         cached_tokens=stats.cached_tokens, cached=True))
+        return chunk
+
+    def _refresh(self, request: _Generation, key: CacheKey, request_id: str | None) -> None:
+        """Recompute a stale answer on the backend loop, so it outlives the caller's stream. Only
+        the request that was served the stale answer starts one, so there is one per key."""
+        refresh_id = f"{request_id}.refresh" if request_id else None
+        future = self._submit(self._recompute(replace(request, keep_alive=None), key, refresh_id))
+        self._refreshes.add(future)
+        future.add_done_callback(self._refreshes.discard)
+
+    async def _recompute(self, request: _Generation, key: CacheKey, request_id: str | None) -> None:
+        try:
+            async with contextlib.aclosing(relay(self._decode(request, request_id, None), MISS,
+                                                 functools.partial(self.response_cache.store, key))) as chunks:
+                async for _ in chunks:
+                    pass
+        except Exception as exc:  # the caller already has its answer; the entry just stays stale
+            log.warning("could not refresh a cached answer of %s: %s", request.model, exc)
 
     async def embed(self, model: str, inputs: list[str] | str, *, request_id: str | None = None,
                     session_id: str | None = None, keep_alive: float | str | None = None) -> Embeddings:
@@ -258,6 +347,23 @@ class _LeaseScope:
     async def __aexit__(self, *exc: object) -> None:
         if self.lease is not None:
             self.backend._release(self.lease)
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """One generation request in a form that can run again: a stale answer's refresh repeats it."""
+
+    model: str
+    kind: str  # "completion" | "chat": part of the cache key
+    payload: str | list[dict[str, Any]]  # the prompt or the messages, as the cache key hashes them
+    params: SamplingParams
+    keep_alive: float | str | None
+    tokens: Callable[[Engine], list[int]]  # blocking: runs in a worker thread
+
+
+def _prompt_tokens(engine: Engine, prompt: str) -> list[int]:
+    """Tokenize a plain prompt (blocking: llama.cpp's tokenizer)."""
+    return engine.weights.tokenize(prompt, add_special=True)
 
 
 def _chat_tokens(engine: Engine, messages: list[dict[str, Any]]) -> list[int]:

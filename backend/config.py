@@ -13,7 +13,8 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
 
 from .errors import ConfigError
 
@@ -101,6 +102,52 @@ class ServerSettings(_Strict):
     api_key: str | None = Field(None, min_length=8, description="Bearer key every route but /health needs")
 
 
+class CacheSettings(_Strict):
+    """The response cache: exact-match answers to deterministic requests (temperature 0 or a
+    fixed seed), kept `ttl` and served once more after `soft_ttl` while it is recomputed."""
+
+    enabled: bool = True
+    ttl: Seconds = Field(600.0, description="age after which an answer is never served; -1 = never expires")
+    soft_ttl: Seconds | None = Field(None, description="age after which an answer is served once more while a "
+                                                       "background request recomputes it; default 4/5 of ttl, "
+                                                       "-1 = never")
+    max_entries: int = Field(1024, ge=1, le=10_000_000)
+    max_bytes: Bytes = Field(64 * 2**20, ge=1, description="answer text kept, in UTF-8 bytes")
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl_keeps_something(cls, ttl: float) -> float:
+        if ttl == 0:
+            raise ValueError("an answer that expires at once is never served; set enabled = false to turn "
+                             "the cache off, or -1 to keep answers until they are evicted")
+        return ttl
+
+    @field_validator("soft_ttl")
+    @classmethod
+    def _soft_before_hard(cls, soft: float | None, info: ValidationInfo) -> float | None:
+        ttl = info.data.get("ttl")
+        if soft is None or soft < 0 or ttl is None:
+            return soft
+        if soft == 0:
+            raise ValueError("every answer would be stale at once; give a duration such as '8m', or -1 for "
+                             "no soft expiry")
+        if 0 < ttl <= soft:
+            raise ValueError(f"must be shorter than ttl ({ttl:g} s): an answer past ttl is never served")
+        return soft
+
+    @property
+    def hard_seconds(self) -> float | None:
+        """Age after which an answer is gone; None when answers never expire."""
+        return self.ttl if self.ttl > 0 else None
+
+    @property
+    def soft_seconds(self) -> float | None:
+        """Age after which an answer is stale (served once more, then refreshed); None: never."""
+        if self.soft_ttl is None:
+            return None if self.hard_seconds is None else self.ttl * 0.8
+        return self.soft_ttl if self.soft_ttl > 0 else None
+
+
 KEY_SPEC = re.compile(r"[^\s,]+(\s*,\s*[^\s,]+)*")
 
 
@@ -134,6 +181,7 @@ class Settings(_Strict):
     defaults: ModelDefaults = ModelDefaults()
     budgets: Budgets = Budgets()
     server: ServerSettings = ServerSettings()
+    cache: CacheSettings = CacheSettings()
     console: ConsoleSettings = ConsoleSettings()
     models: list[ModelConfig] = Field(default_factory=list)
 

@@ -89,6 +89,7 @@ class RequestFinished(Event):
     tokens_per_s: float | None
     error: str | None = None
     cached_tokens: int = 0
+    cached: bool = False  # answered from the response cache: nothing was decoded
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 from .errors import BadRequest
 
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: draw a random seed
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -45,6 +46,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether the same prompt gives the same text: greedy, or sampling from a fixed seed.
+
+        The engine seeds llama.cpp's sampler with the low 32 bits, and llama.cpp reads
+        0xFFFFFFFF (what -1 becomes) as "a random seed", so that seed is not a fixed one."""
+        return self.greedy or (self.seed is not None and self.seed & 0xFFFFFFFF != RANDOM_SEED)
+
 
 @dataclass(frozen=True)
 class RequestStats:
@@ -54,6 +63,7 @@ class RequestStats:
     ttft_s: float | None
     duration_s: float
     cached_tokens: int = 0  # prompt tokens whose KV was reused from the slot's previous request
+    cached: bool = False  # the answer was replayed from the response cache, not decoded
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -80,6 +90,7 @@ class Chunk:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     stats: RequestStats | None = None
     error: str | None = None
+    cache: str | None = None  # on a request's first chunk: "hit", "stale", "miss" or "bypass"
 
 
 SAMPLING_OPTIONS = frozenset(SamplingParams.__dataclass_fields__)

@@ -14,14 +14,15 @@ from colliding in prometheus-client's global registry.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from .events import Dropped, Event, ModelLoaded, RequestFinished, RequestStarted
+from .respcache import CacheStats
 from .snapshot import Status
 
 log = logging.getLogger("corral.server")
@@ -79,6 +80,8 @@ class Metrics:
         model = event.model or UNKNOWN_MODEL
         if isinstance(event, RequestFinished):
             self.requests.labels(model, event.finish_reason).inc()
+            if event.cached:  # replayed from the response cache: no tokens processed, no model timing
+                return
             self.prompt_tokens.labels(model).inc(event.prompt_tokens)
             self.cached_tokens.labels(model).inc(event.cached_tokens)
             if event.finish_reason == EMBEDDINGS:  # no decode: its time is not a generation's latency
@@ -117,6 +120,11 @@ class Metrics:
         """A request that ended without running (cancelled while queued): no event says so."""
         self.requests.labels(model, finish_reason).inc()
 
+    def track_cache(self, stats: Callable[[], CacheStats]) -> None:
+        """Export the response cache's own counts at each scrape (it counts under its lock, so
+        nothing here can drift from it)."""
+        self.registry.register(_CacheCollector(stats))
+
     def http(self, method: str, route: str, status: int) -> None:
         # Any token can be a method: label only the known ones, so clients cannot grow /metrics.
         shown = method if method in HTTP_METHODS else "other"
@@ -128,6 +136,40 @@ class Metrics:
         """The exposition text, with present-state gauges taken from `status` (None: omitted)."""
         self._status.status = status
         return generate_latest(self.registry)
+
+
+class _CacheCollector(Collector):
+    """The response cache's lookups, evictions and size, read from it at scrape time."""
+
+    def __init__(self, stats: Callable[[], CacheStats]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        lookups = CounterMetricFamily("corral_cache_lookups", "Response cache lookups of deterministic "
+                                      "requests by model and result: hit, stale (served once more while it "
+                                      "is recomputed) or miss", labels=["model", "result"])
+        for (model, result), count in sorted(stats.lookups.items()):
+            lookups.add_metric([model, result], count)
+        evictions = CounterMetricFamily("corral_cache_evictions", "Answers dropped from the response cache, "
+                                        "by reason: capacity, expired, invalidated (model changed), cleared",
+                                        labels=["reason"])
+        for reason, count in sorted(stats.evictions.items()):
+            evictions.add_metric([reason], count)
+        yield lookups
+        yield evictions
+        yield from _gauges([
+            ("corral_cache_entries", "Answers held by the response cache", stats.entries),
+            ("corral_cache_bytes", "UTF-8 bytes of answer text held by the response cache", stats.bytes),
+            ("corral_cache_max_entries", "The response cache's entry limit (cache.max_entries)", stats.max_entries),
+            ("corral_cache_max_bytes", "The response cache's size limit (cache.max_bytes)", stats.max_bytes),
+        ])
+
+
+def _gauges(rows: list[tuple[str, str, float]]) -> Iterator[Metric]:
+    """One label-free gauge per (name, help, value) row."""
+    for name, doc, value in rows:
+        yield GaugeMetricFamily(name, doc, value=value)
 
 
 class _StatusCollector(Collector):
@@ -177,7 +219,7 @@ class _StatusCollector(Collector):
                     families["vram"].add_metric([m.name, str(gpu)], used)
         yield from families.values()
         host = status.host
-        for name, doc, value in (
+        yield from _gauges([
             ("corral_ram_budget_bytes", "RAM budget for loaded models", status.ram_budget),
             ("corral_ram_reserved_bytes", "RAM counted against the budget (measured, else estimated)",
              status.ram_reserved),
@@ -186,10 +228,7 @@ class _StatusCollector(Collector):
             ("corral_host_ram_used_bytes", "Host RAM in use", host.ram_used),
             ("corral_host_ram_total_bytes", "Host RAM", host.ram_total),
             ("corral_process_rss_bytes", "Resident memory of this process", host.process_rss),
-        ):
-            gauge = GaugeMetricFamily(name, doc)
-            gauge.add_metric([], value)
-            yield gauge
+        ])
         if host.gpus:
             used = GaugeMetricFamily("corral_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
             total = GaugeMetricFamily("corral_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])

@@ -29,6 +29,7 @@ from .errors import (BudgetExceeded, CorralError, ModelFileError, ModelNotFound,
                      ServerUnreachable)
 from .events import Dropped, Event, Notice, event_from_dict
 from .generation import Chunk, Embeddings, RequestStats, sampling_params
+from .respcache import HIT, STALE
 from .snapshot import ModelInfo, Status
 
 # Reconnecting the event stream: start fast (a restart of the server takes a second or two),
@@ -247,24 +248,25 @@ class RemoteBackend:
 
     async def complete(self, model: str, prompt: str, *, request_id: str | None = None,
                        session_id: str | None = None, keep_alive: float | str | None = None,
-                       **options: Any) -> AsyncIterator[Chunk]:
+                       cache: bool = True, **options: Any) -> AsyncIterator[Chunk]:
         """Stream a plain-text completion of `prompt` (the server loads the model if needed)."""
-        body = self._generation_body(model, keep_alive, options)
+        body = self._generation_body(model, keep_alive, cache, options)
         body["prompt"] = prompt
         async for chunk in self._stream("/v1/completions", body, request_id, session_id, chat=False):
             yield chunk
 
     async def chat(self, model: str, messages: list[dict[str, Any]], *, request_id: str | None = None,
                    session_id: str | None = None, keep_alive: float | str | None = None,
-                   **options: Any) -> AsyncIterator[Chunk]:
+                   cache: bool = True, **options: Any) -> AsyncIterator[Chunk]:
         """Stream the assistant's reply to `messages`, formatted by the server's chat template."""
-        body = self._generation_body(model, keep_alive, options)
+        body = self._generation_body(model, keep_alive, cache, options)
         body["messages"] = messages
         async for chunk in self._stream("/v1/chat/completions", body, request_id, session_id, chat=True):
             yield chunk
 
     @staticmethod
-    def _generation_body(model: str, keep_alive: float | str | None, options: dict[str, Any]) -> dict[str, Any]:
+    def _generation_body(model: str, keep_alive: float | str | None, cache: bool,
+                         options: dict[str, Any]) -> dict[str, Any]:
         """Validate options here, so a typo fails with the same BadRequest as in-process and
         never costs a round trip; send only what the caller set, so server defaults apply."""
         params = sampling_params(options)
@@ -275,6 +277,8 @@ class RemoteBackend:
             body[name] = list(value) if isinstance(value, tuple) else value
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
+        if cache is not True:  # the server checks it is a boolean
+            body["cache"] = cache
         return body
 
     async def _stream(self, path: str, body: dict[str, Any], request_id: str | None,
@@ -286,6 +290,7 @@ class RemoteBackend:
         generation and free its slot."""
         final: Chunk | None = None
         answered = False
+        verdict: str | None = None  # the response cache's, for the first chunk we yield
         try:
             async with self._client().stream("POST", path, json=body, timeout=self._waiting(),
                                              headers=self._ids(request_id, session_id)) as response:
@@ -293,6 +298,7 @@ class RemoteBackend:
                 if response.is_error:
                     await response.aread()
                     raise self._error(response, body["model"])
+                verdict = response.headers.get("x-corral-cache")
                 async for _, _, data in _sse(response):
                     if final is not None or data.strip() == "[DONE]":
                         continue  # read to the end, so the connection goes back to the pool
@@ -304,7 +310,8 @@ class RemoteBackend:
                     if chunk.finish_reason is not None:
                         final = chunk  # yielded after [DONE], so the connection is reusable
                     elif chunk.text:
-                        yield chunk
+                        yield replace(chunk, cache=verdict) if verdict else chunk
+                        verdict = None
         except httpx.TransportError as exc:
             if not answered:
                 raise _unreachable(self.url, exc) from exc
@@ -316,7 +323,7 @@ class RemoteBackend:
         if final is None:
             raise CorralError(f"corral server at {self.url} ended a generation stream without "
                               "its final chunk")
-        yield final
+        yield replace(final, cache=verdict) if verdict else final
 
     async def embed(self, model: str, inputs: str | list[str], *, request_id: str | None = None,
                     session_id: str | None = None, keep_alive: float | str | None = None) -> Embeddings:
@@ -477,7 +484,8 @@ def _chunk(data: dict[str, Any], chat: bool) -> Chunk:
                              queue_wait_s=float(extra.get("queue_wait_s") or 0.0),
                              ttft_s=extra.get("ttft_s"),
                              duration_s=float(extra.get("duration_s") or 0.0),
-                             cached_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)))
+                             cached_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)),
+                             cached=extra.get("cache") in (HIT, STALE))
     error = data.get("error")
     message = (error.get("message") if isinstance(error, dict) else str(error)) if error else None
     return Chunk(text or "", reason, stats, message)

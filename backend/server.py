@@ -160,6 +160,7 @@ class _Generation(_Body):
     ignore_eos: bool | None = None
     keep_alive: Annotated[float | None, BeforeValidator(_duration)] = None
     n: int | None = Field(None, ge=1, le=1, description="only one choice per request")
+    cache: bool = Field(True, description="false: neither read nor fill the response cache")
 
     def sampling(self) -> dict[str, Any]:
         """The backend's sampling options: only what the client set, so backend defaults apply."""
@@ -288,9 +289,10 @@ class _Stream(StreamingResponse):
     (a client that leaves before the first byte), so the in-flight count and the model lease
     are never leaked."""
 
-    def __init__(self, body: AsyncGenerator[str, None], on_close: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, body: AsyncGenerator[str, None], on_close: Callable[[], Awaitable[None]],
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(body, media_type="text/event-stream",
-                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})})
         self._body = body
         self._on_close = on_close
 
@@ -340,12 +342,13 @@ def _usage(chunk: Chunk) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def _corral_stats(chunk: Chunk, request_id: str, session_id: str | None) -> dict[str, Any]:
+def _corral_stats(chunk: Chunk, request_id: str, session_id: str | None, cache: str | None) -> dict[str, Any]:
     s = chunk.stats
     return {
         "request_id": request_id, "session_id": session_id,
         "queue_wait_s": s.queue_wait_s if s else None, "ttft_s": s.ttft_s if s else None,
         "duration_s": s.duration_s if s else None, "tokens_per_s": s.tokens_per_s if s else None,
+        "cache": cache,
     }
 
 
@@ -357,6 +360,11 @@ class _Shape:
     response_id: str
     model: str
     created: int
+    cache: str | None = None  # the response cache's verdict, from the request's first chunk
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"x-corral-cache": self.cache} if self.cache else {}
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.response_id, "object": obj, "created": self.created, "model": self.model}
@@ -374,7 +382,7 @@ class _Shape:
     def final_piece(self, chunk: Chunk, first: bool, request_id: str, session_id: str | None) -> dict[str, Any]:
         data = self.piece(chunk.text, first, chunk.finish_reason or "error")
         data["usage"] = _usage(chunk)
-        data["corral"] = _corral_stats(chunk, request_id, session_id)
+        data["corral"] = _corral_stats(chunk, request_id, session_id, self.cache)
         if chunk.finish_reason == "error":
             data["error"] = _error_body("generation_failed", chunk.error or "generation failed",
                                         request_id)["error"]
@@ -389,7 +397,7 @@ class _Shape:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
             data = {**self._base("text_completion"), "choices": [choice]}
         data["usage"] = _usage(last)
-        data["corral"] = _corral_stats(last, request_id, session_id)
+        data["corral"] = _corral_stats(last, request_id, session_id, self.cache)
         return data
 
 
@@ -423,6 +431,7 @@ async def _generate(request: Request, body: _Generation, shape: _Shape,
     except BaseException:
         await flight.close(stream)
         raise
+    shape.cache = first.cache
 
     if not body.stream:
         try:
@@ -440,7 +449,8 @@ async def _generate(request: Request, body: _Generation, shape: _Shape,
             state.metrics.unfinished(body.model, last.finish_reason)
         if last.finish_reason == "error":
             raise GenerationFailed(f"model {body.model!r}: {last.error or 'generation failed'}")
-        return JSONResponse(shape.whole("".join(c.text for c in chunks), last, request_id, session_id))
+        return JSONResponse(shape.whole("".join(c.text for c in chunks), last, request_id, session_id),
+                            headers=shape.headers)
 
     async def events() -> AsyncGenerator[str, None]:
         chunk, first_piece = first, True
@@ -466,7 +476,7 @@ async def _generate(request: Request, body: _Generation, shape: _Shape,
                 first_piece, request_id, session_id))
         yield "data: [DONE]\n\n"
 
-    return _Stream(events(), on_close=lambda: flight.close(stream))
+    return _Stream(events(), on_close=lambda: flight.close(stream), headers=shape.headers)
 
 
 # -- middleware ------------------------------------------------------------------------------
@@ -641,6 +651,9 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="corral", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   redirect_slashes=False)  # a redirect would skip auth and echo the Host header
     app.state.corral = state
+    cache = getattr(backend, "response_cache", None)  # only an in-process backend keeps one
+    if cache is not None:
+        state.metrics.track_cache(cache.stats)
     _install_error_handlers(app)
     app.add_middleware(RequestContext, state=state)
 
@@ -723,7 +736,7 @@ def _openai_routes(api: APIRouter, state: ServerState) -> None:
         messages = [m.as_dict() for m in body.messages]
         return await _generate(request, body, shape, lambda: backend.chat(
             body.model, messages, request_id=request_id, session_id=session_id, keep_alive=body.keep_alive,
-            **body.sampling()))
+            cache=body.cache, **body.sampling()))
 
     @api.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -733,7 +746,7 @@ def _openai_routes(api: APIRouter, state: ServerState) -> None:
         shape = _Shape(False, f"cmpl-{request_id}", body.model, int(time.time()))
         return await _generate(request, body, shape, lambda: backend.complete(
             body.model, body.prompt, request_id=request_id, session_id=session_id, keep_alive=body.keep_alive,
-            **body.sampling()))
+            cache=body.cache, **body.sampling()))
 
     @api.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:

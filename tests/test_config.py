@@ -481,3 +481,28 @@ def test_server_section_and_api_key_from_the_environment(tmp_path: Path) -> None
     assert load_settings(config, env={"CORRAL_API_KEY": "from-the-env-1"}).server.api_key == "from-the-env-1"
     with pytest.raises(ConfigError, match="server.api_key"):
         load_settings(config, env={"CORRAL_API_KEY": "short"})
+
+
+def test_cache_section_defaults_and_values() -> None:
+    cache = settings_from_dict({}).cache
+    assert cache.enabled and (cache.ttl, cache.max_entries, cache.max_bytes) == (600.0, 1024, 64 * 2**20)
+    assert (cache.hard_seconds, cache.soft_seconds) == (600.0, 480.0)  # soft: four fifths of ttl
+    cache = settings_from_dict({"cache": {"ttl": "1h", "soft_ttl": "50m", "max_bytes": "1MiB"}}).cache
+    assert (cache.hard_seconds, cache.soft_seconds, cache.max_bytes) == (3600.0, 3000.0, 2**20)
+    forever = settings_from_dict({"cache": {"ttl": -1, "soft_ttl": -1}}).cache
+    assert forever.hard_seconds is None and forever.soft_seconds is None
+
+
+@pytest.mark.parametrize(("data", "key", "rule"), [
+    ({"ttl": 0}, "cache.ttl = 0", "set enabled = false to turn the cache off"),
+    ({"ttl": "soon"}, "cache.ttl = 'soon'", "not a duration"),
+    ({"soft_ttl": "20m"}, "cache.soft_ttl = '20m'", "must be shorter than ttl (600 s)"),
+    ({"soft_ttl": 0}, "cache.soft_ttl = 0", "-1 for no soft expiry"),
+    ({"max_entries": 0}, "cache.max_entries = 0", "greater than or equal to 1"),
+    ({"max_bytes": "lots"}, "cache.max_bytes = 'lots'", "not a size"),
+    ({"enabled": "yes please"}, "cache.enabled = 'yes please'", "boolean"),
+])
+def test_cache_section_errors_name_the_key(data: dict[str, Any], key: str, rule: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings_from_dict({"cache": data}, source="conf.toml")
+    assert f"conf.toml: {key}: " in str(info.value) and rule in str(info.value)
