@@ -17,19 +17,22 @@ import logging
 import threading
 import time
 import weakref
+from pathlib import Path
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .chat import validate_messages
-from .config import Settings, load_settings
-from .errors import BadRequest
-from .events import Event, EventBus, RequestFinished
+from .config import ConfigSource, Settings, config_source
+from .errors import BadRequest, ConfigError
+from .files import write_atomic
+from .events import ConfigApplied, ConfigRejected, Event, EventBus, Notice, RequestFinished
 from .generation import Chunk, Embeddings, SamplingParams, sampling_params
 from .respcache import BYPASS, MISS, STALE, CacheKey, Lookup, ResponseCache, model_fingerprint, relay, request_key
 from .snapshot import ModelInfo, Status
 from .telemetry import Telemetry
+from .versions import ConfigHistory, ConfigVersion, diff_settings
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -60,6 +63,10 @@ class Backend(Protocol):
     async def rescan(self) -> list[ModelInfo]: ...
     def events(self, after_seq: int | None = None) -> AsyncIterator[Event]: ...
     async def ready(self) -> None: ...
+    async def warmed(self) -> None: ...
+    async def reload_config(self, source: str = "api") -> ConfigVersion: ...
+    async def rollback_config(self, number: int, source: str = "api") -> ConfigVersion: ...
+    async def config_versions(self) -> list[ConfigVersion]: ...
     async def aclose(self) -> None: ...
 
 
@@ -69,8 +76,23 @@ class LocalBackend:
     kind = "local"
     label = "embedded"
 
-    def __init__(self, settings: Settings | None = None, *, config_path: str | None = None) -> None:
-        self.settings = settings if settings is not None else load_settings(config_path)
+    def __init__(self, settings: Settings | None = None, *, config: ConfigSource | str | None = None,
+                 watch_config: bool = False, state_file: Path | None = None) -> None:
+        """`settings` as given, or read from `config` (a ConfigSource or a TOML path; None: the
+        default file). Only a backend with a config source can reload it; `watch_config`
+        reloads on every change of the file. `state_file` enables warm restarts."""
+        if settings is not None and config is None:
+            self._source: ConfigSource | None = None
+            text = None
+        else:
+            self._source = config if isinstance(config, ConfigSource) else config_source(config)
+            read, text = self._source.read()
+            settings = settings or read
+        self.settings = settings
+        self.history = ConfigHistory()
+        self.history.record(settings, text, "start", [], [])
+        self._config_lock: asyncio.Lock | None = None  # made on the backend loop
+        self._state_file = state_file
         self.bus = EventBus()
         self.response_cache = ResponseCache(self.settings.cache, bus=self.bus)
         self._refreshes: set[Future[None]] = set()  # background recomputes of stale answers
@@ -80,6 +102,9 @@ class LocalBackend:
         self._thread.start()
         self.manager: Manager = self._submit(self._create_manager()).result()
         self._started: Future[None] = self._submit(self.manager.start())
+        self._watcher: Future[None] | None = None
+        if watch_config and self._source is not None:
+            self._watcher = self._submit(self._watch_config(self._source.file))
         self._closed = False
         self.sync = SyncBackend(self)
         _live.add(self)
@@ -87,7 +112,9 @@ class LocalBackend:
     async def _create_manager(self) -> Manager:
         from .manager import Manager  # llama.cpp is loaded only by a backend that runs models
 
-        return Manager(self.settings, self.bus, telemetry=self.telemetry)
+        self._config_lock = asyncio.Lock()
+        self._stop_watching = asyncio.Event()
+        return Manager(self.settings, self.bus, telemetry=self.telemetry, state_file=self._state_file)
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -101,6 +128,74 @@ class LocalBackend:
     async def ready(self) -> None:
         """Wait until the catalog is scanned (preloads go on in the background)."""
         await asyncio.wrap_future(self._started)
+
+    async def warmed(self) -> None:
+        """Wait until the models of the last run are loaded again (warm restart) as well."""
+        await self.ready()
+        if self.manager.restored is not None:
+            await self._call(_wait_quietly(self.manager.restored))
+
+    # -- configuration ---------------------------------------------------------------------
+
+    async def reload_config(self, source: str = "api") -> ConfigVersion:
+        """Read the config file again and apply what changed; an invalid file changes nothing
+        (ConfigError, and a `config_rejected` event says why)."""
+        await self.ready()
+        return await self._call(self._apply_text(None, source))
+
+    async def rollback_config(self, number: int, source: str = "api") -> ConfigVersion:
+        """Apply version `number` again, as a new version, and write its text back to the
+        file so that the file stays the truth (a later reload keeps the rollback)."""
+        await self.ready()
+        version = self.history.get(number)
+        return await self._call(self._apply_text(version.text, source, rollback_of=version))
+
+    async def config_versions(self) -> list[ConfigVersion]:
+        return self.history.all()
+
+    async def _apply_text(self, text: str | None, source: str, rollback_of: ConfigVersion | None = None) -> ConfigVersion:
+        """On the backend loop, one change at a time: parse, validate, diff, apply, record."""
+        assert self._config_lock is not None
+        async with self._config_lock:
+            try:
+                if self._source is None:
+                    raise ConfigError("this backend was started with settings, not a config file: "
+                                      "there is nothing to reload")
+                if rollback_of is None:
+                    text = await asyncio.to_thread(self._source.read_text)
+                new = self._source.parse(text)
+                current = self.history.current
+                diff = diff_settings(current.settings, new)
+                if not diff and rollback_of is None:
+                    return current
+                actions = await self.manager.apply_settings(new)
+            except ConfigError as exc:
+                self.bus.publish(ConfigRejected(source=source, error=exc.message))
+                raise
+            if rollback_of is not None and text is not None:
+                await asyncio.to_thread(write_atomic, self._source.file, text)
+            self.settings = new
+            source = f"{source} (rollback to {rollback_of.number})" if rollback_of else source
+            version = self.history.record(new, text, source, diff, actions)
+            self.bus.publish(ConfigApplied(version=version.number, source=source, diff=tuple(diff),
+                                           actions=tuple(actions)))
+            return version
+
+    async def _watch_config(self, file: Path) -> None:
+        """Reload whenever the file changes (editors write, rename or replace it)."""
+        import watchfiles
+
+        folder = file.parent
+        if not folder.is_dir():
+            self.bus.publish(Notice(level="info", message=f"{folder}: no such folder, so no config file to "
+                                    "watch; after creating one, reload with `corral reload` or restart"))
+            return
+        await self.ready()
+        async for changes in watchfiles.awatch(folder, watch_filter=lambda _, path: Path(path) == file,
+                                               stop_event=self._stop_watching):
+            if changes:
+                with contextlib.suppress(ConfigError):  # already published as config_rejected
+                    await self._apply_text(None, "file change")
 
     # -- queries and actions ---------------------------------------------------------------
 
@@ -142,7 +237,7 @@ class LocalBackend:
                        cache: bool = True, **options: Any) -> AsyncIterator[Chunk]:
         """Stream a plain-text completion of `prompt` (the model is loaded if needed); a
         deterministic request may be answered from the response cache unless `cache=False`."""
-        params = sampling_params(options)
+        params = sampling_params(self._with_defaults(model, options))
         if not isinstance(prompt, str):
             raise BadRequest("prompt must be a string")
         request = _Generation(model, "completion", prompt, params, keep_alive,
@@ -156,8 +251,9 @@ class LocalBackend:
                    cache: bool = True, **options: Any) -> AsyncIterator[Chunk]:
         """Stream the assistant's reply to `messages`, formatted with the model's chat template;
         a deterministic request may be answered from the response cache unless `cache=False`."""
-        params = sampling_params(options)
+        params = sampling_params(self._with_defaults(model, options))
         validate_messages(messages)  # before a possible auto-load, not after
+        messages = self._with_system(model, messages)
         request = _Generation(model, "chat", messages, params, keep_alive,
                               functools.partial(_chat_tokens, messages=messages))
         async with contextlib.aclosing(self._answer(request, cache, request_id, session_id)) as chunks:
@@ -199,10 +295,12 @@ class LocalBackend:
 
     def _key_of(self, settings: Settings, request: _Generation) -> CacheKey | None:
         """Blocking: stats the model's file and hashes the whole prompt."""
-        entry = next((e for e in self.manager.catalog.entries() if e.name == request.model), None)
+        alias = settings.alias_for(request.model)  # its prompt and params are in the request already
+        base = alias.model if alias else request.model
+        entry = next((e for e in self.manager.catalog.entries() if e.name == base), None)
         if entry is None or not entry.usable or entry.path is None:
             return None  # the lease reports an unknown or broken model with its proper error
-        fingerprint = model_fingerprint(settings, request.model, entry.path)
+        fingerprint = model_fingerprint(settings, base, entry.path)
         return request_key(request.model, fingerprint, request.kind, request.payload, request.params)
 
     async def _decode(self, request: _Generation, request_id: str | None,
@@ -266,6 +364,22 @@ class LocalBackend:
                                          tokens_per_s=None))
         return Embeddings(vectors, tokens)
 
+    def _with_defaults(self, model: str, options: dict[str, Any]) -> dict[str, Any]:
+        """The request's options over the alias's defaults over the model's (config `params`),
+        read from the settings current as the request starts."""
+        settings = self.settings
+        alias = settings.alias_for(model)
+        entry = settings.model_config_for(alias.model if alias else model)
+        defaults = {**(entry.params.options() if entry else {}), **(alias.params.options() if alias else {})}
+        return {**defaults, **{k: v for k, v in options.items() if v is not None}}
+
+    def _with_system(self, model: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """An alias's system prompt leads a chat that brings none of its own."""
+        alias = self.settings.alias_for(model)
+        if alias is None or alias.system is None or any(m.get("role") == "system" for m in messages):
+            return messages
+        return [{"role": "system", "content": alias.system}, *messages]
+
     def _lease(self, model: str, keep_alive: float | str | None) -> _LeaseScope:
         return _LeaseScope(self, model, keep_alive)
 
@@ -310,6 +424,10 @@ class LocalBackend:
         try:
             with contextlib.suppress(Exception):
                 self._started.result(timeout=120)  # never close under a start still running
+            if self._watcher is not None:
+                self._loop.call_soon_threadsafe(self._stop_watching.set)
+                with contextlib.suppress(Exception):
+                    self._watcher.result(timeout=10)
             self._submit(self.manager.close()).result(timeout=120)
         finally:
             self.bus.close()
@@ -415,6 +533,19 @@ class SyncBackend:
     def embed(self, model: str, inputs: list[str] | str, **options: Any) -> Embeddings:
         return self._run(self._backend.embed(model, inputs, **options))
 
+    def reload_config(self, source: str = "api") -> ConfigVersion:
+        return self._run(self._backend.reload_config(source))
+
+    def rollback_config(self, number: int, source: str = "api") -> ConfigVersion:
+        return self._run(self._backend.rollback_config(number, source))
+
+    def config_versions(self) -> list[ConfigVersion]:
+        return self._run(self._backend.config_versions())
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run any coroutine on the backend's loop and wait for it (scripts, tests)."""
+        return self._run(coro)
+
     def text(self, model: str, prompt: str, **options: Any) -> str:
         """The whole completion as one string."""
         return "".join(chunk.text for chunk in self.complete(model, prompt, **options))
@@ -428,6 +559,12 @@ class SyncBackend:
                     return
         finally:
             self._run(stream.aclose())
+
+
+async def _wait_quietly(task: asyncio.Task[None]) -> None:
+    """Wait for a background task whose failures are reported as events, not raised."""
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.shield(task)
 
 
 _live: weakref.WeakSet[LocalBackend] = weakref.WeakSet()

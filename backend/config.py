@@ -6,11 +6,13 @@ editing a file over SSH needs to know exactly which line to fix.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
 from pathlib import Path
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
@@ -69,10 +71,30 @@ class ModelDefaults(_Strict):
     max_queue: int = Field(64, ge=0, le=100_000)
 
 
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+
+
+class SamplingDefaults(_Strict):
+    """Default sampling parameters of a model or alias; a request's own values win."""
+
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, gt=0, le=10)
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    stop: list[str] | None = Field(None, max_length=16)
+
+    def options(self) -> dict[str, Any]:
+        """The parameters that are set, as request options."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class ModelConfig(_Strict):
     """An explicit `[[models]]` entry: a name for a file, and per-model overrides."""
 
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    name: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME)
     path: Path
     n_ctx: int | None = Field(None, ge=64, le=1 << 20)
     n_parallel: int | None = Field(None, ge=1, le=256)
@@ -85,6 +107,19 @@ class ModelConfig(_Strict):
     chat_format: str | None = None
     chat_template: str | None = None
     max_queue: int | None = Field(None, ge=0, le=100_000)
+    preload: bool = False
+    priority: int = Field(0, ge=-1000, le=1000, description="waiting loads start highest first")
+    params: SamplingDefaults = SamplingDefaults()
+
+
+class AliasConfig(_Strict):
+    """A virtual model (`[[alias]]`): its own name, system prompt and defaults over a base
+    model whose loaded weights and slots it shares."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME)
+    model: str = Field(min_length=1, description="the base model's name")
+    system: str | None = Field(None, description="system prompt put before a chat's messages")
+    params: SamplingDefaults = SamplingDefaults()
 
 
 class Budgets(_Strict):
@@ -184,14 +219,23 @@ class Settings(_Strict):
     cache: CacheSettings = CacheSettings()
     console: ConsoleSettings = ConsoleSettings()
     models: list[ModelConfig] = Field(default_factory=list)
+    aliases: list[AliasConfig] = Field(default_factory=list, alias="alias")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         seen: set[str] = set()
-        for entry in self.models:
+        for kind, entry in [("models", m) for m in self.models] + [("alias", a) for a in self.aliases]:
             if entry.name in seen:
-                raise ValueError(f"models: name {entry.name!r} appears twice; names must be unique")
+                raise ValueError(f"{kind}: name {entry.name!r} appears twice; model and alias names "
+                                 "must be unique")
             seen.add(entry.name)
+        aliases = {a.name for a in self.aliases}
+        for alias in self.aliases:
+            if alias.model in aliases:
+                raise ValueError(f"alias {alias.name!r}: its model {alias.model!r} is itself an alias; "
+                                 "name a real model")
         for where, values in [("defaults", self.defaults)] + [
                 (f"models[{i}] ({m.name})", self.effective(m.name)) for i, m in enumerate(self.models)]:
             if values.n_batch < values.n_parallel:
@@ -199,6 +243,9 @@ class Settings(_Strict):
                 raise ValueError(f"{where}: n_batch = {values.n_batch} is smaller than n_parallel = "
                                  f"{values.n_parallel}; raise n_batch or lower n_parallel")
         return self
+
+    def alias_for(self, name: str) -> AliasConfig | None:
+        return next((a for a in self.aliases if a.name == name), None)
 
     def model_config_for(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -227,40 +274,86 @@ _ENV_KEYS = {
 }
 
 
+def default_state_path(env: Mapping[str, str] | None = None) -> Path:
+    """Where `corral` and `corral serve` keep the loaded and pinned set for a warm restart:
+    $CORRAL_STATE_FILE, else $XDG_STATE_HOME/corral/state.json (~/.local/state/...)."""
+    env = os.environ if env is None else env
+    if env.get(f"{ENV_PREFIX}STATE_FILE"):
+        return Path(env[f"{ENV_PREFIX}STATE_FILE"]).expanduser()
+    home = env.get("HOME") or str(Path.home())
+    return Path(env.get("XDG_STATE_HOME") or Path(home) / ".local" / "state") / "corral" / "state.json"
+
+
 def default_config_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     home = env.get("HOME") or str(Path.home())
     return Path(env.get("XDG_CONFIG_HOME") or Path(home) / ".config") / "corral" / "config.toml"
 
 
-def load_settings(path: str | os.PathLike | None = None, *, env: dict[str, str] | None = None,
-                  overrides: dict[str, Any] | None = None) -> Settings:
-    """Read the TOML file (if it exists), then environment, then overrides; validate once."""
-    env = dict(os.environ) if env is None else env
-    data: dict[str, Any] = {}
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where the settings come from: a TOML file, then CORRAL_* environment, then overrides.
+
+    Kept for the process's life so that a reload or a rollback builds settings exactly as the
+    start did (same environment, same command-line overrides) from new file text.
+    """
+
+    file: Path
+    explicit: bool  # named by --config or CORRAL_CONFIG: it must exist
+    env: Mapping[str, str]
+    overrides: Mapping[str, Any]
+
+    def read_text(self) -> str | None:
+        """The file's text; None when there is no file and none was asked for."""
+        try:
+            return self.file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            if self.explicit:
+                raise ConfigError(f"{self.file}: config file not found; create it or drop --config") from None
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{self.file}: cannot read: {reason}") from None
+
+    def read(self) -> tuple[Settings, str | None]:
+        text = self.read_text()
+        return self.parse(text), text
+
+    def parse(self, text: str | None) -> Settings:
+        """Settings from `text` as the file's content (None: no file), with env and overrides."""
+        data: dict[str, Any] = {}
+        if text is not None:
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{self.file}: not valid TOML: {exc}") from None
+        from_env: dict[str, str] = {}
+        for key, (dotted, convert) in _ENV_KEYS.items():
+            name = f"{ENV_PREFIX}{key}"
+            if name in self.env:
+                try:
+                    _set_dotted(data, dotted, convert(self.env[name]))
+                except ValueError:
+                    raise ConfigError(f"environment {name}={self.env[name]!r}: not a valid value for "
+                                      f"{dotted}") from None
+                from_env[dotted] = f"environment {name}={self.env[name]!r}"
+        for dotted, value in self.overrides.items():
+            _set_dotted(data, dotted, value)
+        return settings_from_dict(data, source=str(self.file), origins=from_env)
+
+
+def config_source(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> ConfigSource:
+    env = dict(os.environ) if env is None else dict(env)
     explicit = path is not None or f"{ENV_PREFIX}CONFIG" in env
     file = Path(path or env.get(f"{ENV_PREFIX}CONFIG") or default_config_path(env)).expanduser()
-    if file.exists():
-        try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
-    elif explicit:
-        raise ConfigError(f"{file}: config file not found; create it or drop --config")
-    from_env: dict[str, str] = {}
-    for key, (dotted, convert) in _ENV_KEYS.items():
-        name = f"{ENV_PREFIX}{key}"
-        if name in env:
-            try:
-                _set_dotted(data, dotted, convert(env[name]))
-            except ValueError:
-                raise ConfigError(f"environment {name}={env[name]!r}: not a valid value for {dotted}") from None
-            from_env[dotted] = f"environment {name}={env[name]!r}"
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
-    return settings_from_dict(data, source=str(file), origins=from_env)
+    return ConfigSource(file, explicit, env, dict(overrides or {}))
+
+
+def load_settings(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read the TOML file (if it exists), then environment, then overrides; validate once."""
+    return config_source(path, env=env, overrides=overrides).read()[0]
 
 
 def settings_from_dict(data: dict[str, Any], source: str = "config",
@@ -281,11 +374,13 @@ def _with_paths_expanded(settings: Settings) -> Settings:
 
 
 def _describe(err: Any, source: str, origins: Mapping[str, str]) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    key = ".".join(str(p) for p in err["loc"])
     where = origins.get(key, source)
     message = err["msg"].removeprefix("Value error, ")
+    if not key:  # a rule across keys: its message names them
+        return f"{where}: {message}"
     if err["type"] == "extra_forbidden":
-        return f"{where}: {key}: unknown key (check its spelling)"
+        return f"{where}: {key}: unknown key{_suggestion(err['loc'])}"
     if err["type"] == "missing":
         return f"{where}: {key}: required"
     return f"{where}: {key} = {err.get('input')!r}: {message}"
@@ -297,3 +392,21 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for part in parents:
         node = node.setdefault(part, {})
     node[leaf] = value
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    """' (did you mean 'keep_alive'?)' for a misspelt key, from the keys allowed where it sits."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None)
+        annotation = getattr(field, "annotation", None)
+        inner = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)] or [annotation]
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return " (check its spelling)"
+    known = [f.alias or name for name, f in model.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(sorted(known))})"

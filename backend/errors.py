@@ -26,6 +26,13 @@ class ConfigError(CorralError):
     code = "invalid_config"
 
 
+class NotFound(CorralError):
+    """Something named in a request does not exist (a config version, ...)."""
+
+    http_status = 404
+    code = "not_found"
+
+
 class ModelNotFound(CorralError):
     """A model name that the catalog does not know."""
 

@@ -102,6 +102,26 @@ class Notice(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ConfigApplied(Event):
+    """A configuration became the running one: a numbered version with its diff."""
+
+    type: ClassVar[str] = "config_applied"
+    version: int
+    source: str
+    diff: tuple[str, ...]
+    actions: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigRejected(Event):
+    """A reload that changed nothing because the new configuration is invalid."""
+
+    type: ClassVar[str] = "config_rejected"
+    source: str
+    error: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Dropped(Event):
     """Delivered to a subscriber in place of events it was too slow to read."""
 
@@ -248,6 +268,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RequestStarted,
         RequestFinished,
         Notice,
+        ConfigApplied,
+        ConfigRejected,
         Dropped,
     )
 }
@@ -257,7 +279,8 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     """Rebuild a typed event from its dict form (the remote backend's SSE payloads)."""
     cls = EVENT_TYPES.get(data.get("type", ""), Event)
     names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})
+    # JSON has no tuples; frozen events keep their sequences as tuples
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names})
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:

@@ -13,20 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import heapq
+import itertools
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from .catalog import Catalog, CatalogEntry, entry_for
-from .config import ModelDefaults, Settings, parse_duration
+from .config import AliasConfig, ConfigError, ModelDefaults, Settings, parse_duration
 from .engine import ContextSettings, Engine, ModelWeights
 from .errors import (BadRequest, BudgetExceeded, CorralError, IllegalTransition, LoadFailed, ModelBusy,
-                     ModelPinned, ModelUnusable)
+                     ModelNotFound, ModelPinned, ModelUnusable)
 from .events import (EventBus, LoadProgress, ModelLoaded, Notice, PinChanged, RequestFinished, StateChanged,
                      Subscription, wait_event)
+from .files import write_atomic
 from .ggufmeta import GGUFInfo
 from .memory import MemoryEstimate, default_ram_budget, estimate, format_bytes, process_rss
 from .snapshot import ModelInfo, RequestPercentiles
@@ -89,6 +96,7 @@ class Record:
     keep_alive_override: float | None = None  # from the latest request, until unload
     unload_task: asyncio.Task[None] | None = None
     template_source: str | None = None
+    priority: int = 0
     chat_format: str | None = None
     chat_template: str | None = None
     recent: deque[RequestSample] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
@@ -132,9 +140,54 @@ class Lease:
         self.engine.weights.retain()
 
 
+class PriorityGate:
+    """One load at a time (admission must see settled numbers); when several loads wait, the
+    highest priority goes next, first come first served among equals."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: list[tuple[int, int, asyncio.Future[None], str]] = []
+        self._order = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str, priority: int) -> AsyncIterator[None]:
+        if self._busy:
+            ticket = (-priority, next(self._order), asyncio.get_running_loop().create_future(), name)
+            heapq.heappush(self._waiting, ticket)
+            try:
+                await ticket[2]
+            except asyncio.CancelledError:
+                if ticket in self._waiting:
+                    self._waiting.remove(ticket)
+                    heapq.heapify(self._waiting)
+                elif ticket[2].done() and not ticket[2].cancelled():
+                    self._pass_on()  # we were handed the gate as we were cancelled: hand it on
+                raise
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        while self._waiting:
+            _, _, future, _ = heapq.heappop(self._waiting)
+            if not future.done():
+                future.set_result(None)  # the gate stays busy: it passes straight to this waiter
+                return
+        self._busy = False
+
+    def waiting(self) -> list[str]:
+        """Names of the waiting loads, next first."""
+        return [name for *_, name in sorted(self._waiting)]
+
+
+RELOAD_KEYS = ("n_ctx", "n_parallel", "n_batch", "n_threads", "n_gpu_layers", "flash_attn", "max_queue")
+
+
 class Manager:
     def __init__(self, settings: Settings, bus: EventBus, catalog: Catalog | None = None,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None, state_file: Path | None = None) -> None:
         self.settings = settings
         self.bus = bus
         self.telemetry = telemetry or Telemetry()
@@ -143,7 +196,12 @@ class Manager:
         )
         self.ram_budget = settings.budgets.ram_bytes or default_ram_budget(settings.budgets.ram_fraction)
         self._records: dict[str, Record] = {}
-        self._admission = asyncio.Lock()
+        self._aliases: dict[str, AliasConfig] = {}
+        self._admission = PriorityGate()
+        self.state_file = state_file  # the loaded and pinned set, for a warm restart
+        self._saved_state: dict[str, list[str]] | None = None
+        self.restored: asyncio.Task[None] | None = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="corral-state")  # in order, off the loop
         self._changed = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
         self._collector: asyncio.Task[None] | None = None
@@ -154,11 +212,75 @@ class Manager:
     async def start(self) -> None:
         """Scan the catalog, start the idle reaper and the preload list (failures become events)."""
         await self.rescan()
+        for alias in self.settings.aliases:
+            try:
+                self._check_alias(alias, self.catalog.names())
+            except ConfigError as exc:  # at start a bad alias must not keep everything else down
+                self.bus.publish(Notice(model=alias.name, level="error", message=f"{exc}; alias left out"))
+            else:
+                self._aliases[alias.name] = alias
         self._reaper = asyncio.create_task(self._reap_idle(), name="corral-ttl-reaper")
         self._collector = asyncio.create_task(self._collect_requests(self.bus.subscribe()),
                                               name="corral-request-stats")
-        for name in self.settings.preload:
+        saved = await asyncio.to_thread(self._read_state)
+        for name in saved.get("pinned", []):
+            if name in self._records:
+                self._records[name].pinned = True
+        restore = [n for n in saved.get("loaded", []) if n in self._records]
+        self.restored = asyncio.create_task(self._restore(restore), name="corral-warm-restart")
+        for name in self._preload_names(self.settings):
             asyncio.create_task(self._preload(name))
+
+    @staticmethod
+    def _preload_names(settings: Settings) -> list[str]:
+        return list(dict.fromkeys([*settings.preload, *(m.name for m in settings.models if m.preload)]))
+
+    async def _restore(self, names: list[str]) -> None:
+        """Load what was loaded when the last process stopped, highest priority first."""
+        for name in sorted(names, key=lambda n: -self._records[n].priority):
+            await self._preload(name, "warm restart")
+
+    # -- warm-restart state ----------------------------------------------------------------
+
+    def _read_state(self) -> dict[str, list[str]]:
+        if self.state_file is None:
+            return {}
+        try:
+            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+            state = {k: [str(n) for n in data.get(k, [])] for k in ("loaded", "pinned")}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            self.bus.publish(Notice(level="warning", message=f"{self.state_file}: unreadable warm-restart "
+                                    f"state ({exc}); starting cold"))
+            return {}
+        self._saved_state = state
+        return state
+
+    def _save_state(self) -> None:
+        """Record the loaded and pinned set when it changed (atomically: a crash mid-write
+        leaves the previous file, never half of one)."""
+        if self.state_file is None or self._closed:
+            return
+        state = {"loaded": sorted(r.name for r in self._records.values() if r.state in (State.READY, State.BUSY)),
+                 "pinned": sorted(r.name for r in self._records.values() if r.pinned)}
+        if state == self._saved_state:
+            return
+        self._saved_state = state
+        self._writer.submit(self._write_state, self.state_file, json.dumps(state, indent=1) + "\n")
+
+    async def _state_saved(self) -> None:
+        """Wait for the state writes queued so far: an operator's action is on disk when its
+        call returns, so a crash right after it still restarts with it."""
+        if self.state_file is not None and not self._closed:
+            await asyncio.wrap_future(self._writer.submit(lambda: None))
+
+    @staticmethod
+    def _write_state(path: Path, text: str) -> None:
+        try:
+            write_atomic(path, text)
+        except OSError as exc:
+            log.warning("cannot save warm-restart state to %s: %s", path, exc)
 
     async def rescan(self) -> list[ModelInfo]:
         entries = await asyncio.to_thread(self.catalog.refresh)
@@ -178,7 +300,7 @@ class Manager:
         settings = self.settings.effective(entry.name)
         explicit = self.settings.model_config_for(entry.name)
         record = Record(entry=entry, settings=settings, pinned=bool(explicit and explicit.pinned),
-                        estimate=self._estimate(entry, settings))
+                        estimate=self._estimate(entry, settings), priority=explicit.priority if explicit else 0)
         if explicit is not None:
             record.chat_format, record.chat_template = explicit.chat_format, explicit.chat_template
         if record.chat_format is None:
@@ -194,16 +316,17 @@ class Manager:
         return estimate(entry.info, n_ctx=s.n_ctx, n_parallel=s.n_parallel, n_ubatch=s.n_batch,
                         flash_attn=s.flash_attn)
 
-    async def _preload(self, name: str) -> None:
+    async def _preload(self, name: str, why: str = "preload") -> None:
         try:
             await self.load(name)
         except CorralError as exc:
-            self.bus.publish(Notice(model=name, level="error", message=f"preload failed: {exc}"))
+            self.bus.publish(Notice(model=name, level="error", message=f"{why} failed: {exc}"))
 
     async def close(self) -> None:
         """Unload every model (cancelling its requests) and stop background tasks."""
         self._closed = True
-        for task in (self._reaper, self._collector):
+        self._writer.shutdown(wait=False)  # queued state writes still run
+        for task in (self._reaper, self._collector, self.restored):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -220,22 +343,138 @@ class Manager:
         the bus (from their own threads), so the manager reads them there like any consumer
         rather than reaching into the engine."""
         async for event in events:
-            if isinstance(event, RequestFinished) and event.finish_reason in COMPLETED:
+            # a cached answer says nothing about the model's speed
+            if isinstance(event, RequestFinished) and event.finish_reason in COMPLETED and not event.cached:
                 record = self._records.get(event.model or "")
                 if record is not None:
                     record.recent.append(RequestSample(event.ttft_s, event.duration_s, event.tokens_per_s))
 
+    # -- configuration changes -------------------------------------------------------------
+
+    async def apply_settings(self, new: Settings) -> list[str]:
+        """Make `new` the running configuration, touching only what changed; returns what was
+        done, one line each. A config that cannot apply raises ConfigError and changes nothing.
+
+        A changed keep_alive, pin, priority or budget applies at once. A change to how a
+        loaded model is built (n_ctx, n_parallel, ...) reloads it in the background after its
+        in-flight requests finish; requests arriving meanwhile wait for the new load. Requests
+        already running keep the settings they started with."""
+        old = self.settings
+        catalog = self.catalog
+        if _catalog_sources(new) != _catalog_sources(old):
+            catalog = Catalog(new.model_dirs, {m.name: m.path for m in new.models}, new.include_default_model)
+            await asyncio.to_thread(catalog.refresh)
+        names = catalog.names()
+        for alias in new.aliases:
+            self._check_alias(alias, names)
+        self.settings, self.catalog = new, catalog
+        self._aliases = {a.name: a for a in new.aliases}
+        actions: list[str] = []
+        if new.budgets != old.budgets:
+            self.ram_budget = new.budgets.ram_bytes or default_ram_budget(new.budgets.ram_fraction)
+            actions.append(f"budgets applied (RAM budget {format_bytes(self.ram_budget)}, "
+                           f"max_loaded {new.budgets.max_loaded})")
+        await self.rescan()
+        for name, record in list(self._records.items()):
+            actions += self._retire(record) if name not in names else self._reconfigure(record, old, new)
+        for name in self._preload_names(new):
+            if name not in self._preload_names(old):
+                asyncio.create_task(self._preload(name))
+                actions.append(f"{name}: preloading")
+        if new.server != old.server:
+            actions.append("server settings apply when `corral serve` next starts")
+        self._notify()
+        return actions
+
+    def _check_alias(self, alias: AliasConfig, names: list[str]) -> None:
+        if alias.name in names:
+            raise ConfigError(f"alias {alias.name!r}: a model of that name is in the catalog; rename the alias")
+        if alias.model not in names:
+            raise ConfigError(f"alias {alias.name!r}: its model {alias.model!r} is not in the catalog "
+                              f"(known: {', '.join(names) or 'none'}); fix `model` or add the model")
+
+    def _reconfigure(self, r: Record, old: Settings, new: Settings) -> list[str]:
+        settings = new.effective(r.name)
+        entry, old_entry = new.model_config_for(r.name), old.model_config_for(r.name)
+        template = ((entry.chat_format if entry else None) or settings.chat_format,
+                    entry.chat_template if entry else None)
+        rebuild = [k for k in RELOAD_KEYS if getattr(settings, k) != getattr(r.settings, k)]
+        if template != (r.chat_format, r.chat_template):
+            rebuild.append("chat template")
+        if r.engine is not None and self.catalog.get(r.name).path != r.entry.path:
+            rebuild.append("path")
+        actions = []
+        if settings.keep_alive != r.settings.keep_alive:
+            actions.append(f"{r.name}: keep_alive {r.settings.keep_alive:g} s → {settings.keep_alive:g} s")
+        r.settings, (r.chat_format, r.chat_template) = settings, template
+        r.priority = entry.priority if entry else 0
+        pinned = bool(entry and entry.pinned)
+        if pinned != bool(old_entry and old_entry.pinned) and pinned != r.pinned:
+            r.pinned = pinned
+            self.bus.publish(PinChanged(model=r.name, pinned=pinned))
+            self._save_state()
+            actions.append(f"{r.name}: {'pinned' if pinned else 'unpinned'}")
+        if r.state in (State.READY, State.BUSY):
+            self._set_expiry(r)
+        if rebuild and r.engine is not None:
+            asyncio.create_task(self._reload(r, ", ".join(rebuild)), name=f"reload-{r.name}")
+            actions.append(f"{r.name}: reloading for {', '.join(rebuild)} once its requests finish")
+        elif rebuild:
+            r.estimate = self._estimate(r.entry, settings)
+            actions.append(f"{r.name}: {', '.join(rebuild)} apply at its next load")
+        return actions
+
+    async def _reload(self, r: Record, why: str) -> None:
+        await self._unload_when_drained(r, f"reload for {why}")
+        r.entry = self.catalog.get(r.name)
+        await self._preload(r.name, f"reload for {why}")
+
+    async def _unload_when_drained(self, r: Record, why: str) -> None:
+        """Drain however long it takes (the operator's config asked for it), then unload."""
+        if r.load_task and not r.load_task.done():
+            with contextlib.suppress(CorralError):
+                await asyncio.shield(r.load_task)
+        while r.state in (State.READY, State.BUSY):
+            try:
+                await self.evict(r.name, force=True)
+            except ModelBusy:
+                self.bus.publish(Notice(model=r.name, level="warning",
+                                        message=f"{why} is waiting for requests to finish"))
+
+    def _retire(self, r: Record) -> list[str]:
+        """A model the new config no longer has: it goes once its requests finish."""
+        if r.state in (State.AVAILABLE, State.FAILED) and r.load_task is None:
+            del self._records[r.name]
+            return [f"{r.name}: removed"]
+
+        async def unload_then_forget() -> None:
+            with contextlib.suppress(CorralError):
+                await self._unload_when_drained(r, "removal from the config")
+            if self._records.get(r.name) is r and r.state in (State.AVAILABLE, State.FAILED):
+                del self._records[r.name]
+                self._notify()
+
+        asyncio.create_task(unload_then_forget(), name=f"retire-{r.name}")
+        return [f"{r.name}: no longer configured; unloading once its requests finish"]
+
     # -- queries ---------------------------------------------------------------------------
 
     def record(self, name: str) -> Record:
-        record = self._records.get(name)
+        """The model called `name`; for an alias, its base model (they share one load)."""
+        alias = self._aliases.get(name)
+        record = self._records.get(alias.model if alias else name)
         if record is None:
-            self.catalog.get(name)  # raises ModelNotFound with the known names
-            raise AssertionError("catalog and manager disagree")  # pragma: no cover
+            raise ModelNotFound(name, [*self._records, *self._aliases])
         return record
 
+    def alias(self, name: str) -> AliasConfig | None:
+        return self._aliases.get(name)
+
     def models(self) -> list[ModelInfo]:
-        return [self.info(r) for r in sorted(self._records.values(), key=lambda r: r.name)]
+        infos = [self.info(r) for r in self._records.values()]
+        infos += [dataclasses.replace(self.info(self._records[a.model]), name=a.name, source="alias", alias_of=a.model)
+                  for a in self._aliases.values() if a.model in self._records]
+        return sorted(infos, key=lambda info: info.name)
 
     def ram_reserved(self) -> int:
         return sum(r.reserved for r in self._records.values())
@@ -263,8 +502,12 @@ class Manager:
             measured_bytes=r.measured, measured_vram=r.measured_vram, load_seconds=r.load_seconds, load_percent=r.load_percent,
             last_used=r.last_used, chat_template=r.template_source,
             oldest_wait_s=load.oldest_wait_s if load and load.queued else 0.0,
-            requests=r.percentiles(),
+            requests=r.percentiles(), priority=r.priority, load_position=self._load_position(r.name),
         )
+
+    def _load_position(self, name: str) -> int | None:
+        waiting = self._admission.waiting()
+        return waiting.index(name) + 1 if name in waiting else None
 
     # -- state machine ---------------------------------------------------------------------
 
@@ -276,6 +519,8 @@ class Manager:
         log.info("model %s: %s → %s %s", r.name, old.value, new.value, reason)
         self.bus.publish(StateChanged(model=r.name, old=old.value, new=new.value, reason=reason))
         self._notify()
+        if State.READY in (old, new) and State.BUSY not in (old, new):
+            self._save_state()  # loaded or unloaded: the warm-restart set changed
 
     def _notify(self) -> None:
         """Wake everything waiting for a change (drains, the reaper, waiting loads)."""
@@ -291,6 +536,7 @@ class Manager:
         """Load `name` if it is not loaded (single-flight: concurrent callers share one load)."""
         record = self.record(name)
         await self._ensure_loaded(record)
+        await self._state_saved()
         return self.info(record)
 
     async def _ensure_loaded(self, r: Record) -> None:
@@ -307,7 +553,7 @@ class Manager:
             await asyncio.shield(r.load_task)
 
     async def _load(self, r: Record) -> None:
-        async with self._admission:  # one load at a time: admission sees settled numbers
+        async with self._admission.hold(r.name, r.priority):
             info = await asyncio.to_thread(self._check_file, r)
             r.estimate = self._estimate(r.entry, r.settings) if info is not None else r.estimate
             if info is not None:
@@ -439,6 +685,7 @@ class Manager:
         await self._drain(r)
         if r.state in (State.READY, State.BUSY) or r.unload_task is not None:
             await self._unload(r, "evicted by operator" + (" (forced)" if force else ""))
+            await self._state_saved()
         return self.info(r)
 
     async def _drain(self, r: Record) -> None:
@@ -510,6 +757,8 @@ class Manager:
             self._set_expiry(r)
             self.bus.publish(PinChanged(model=name, pinned=pinned))
             self._notify()
+            self._save_state()
+            await self._state_saved()
         return self.info(r)
 
     def _set_expiry(self, r: Record) -> None:
@@ -578,3 +827,9 @@ def _keep_alive_seconds(value: object) -> float:
         return parse_duration(value)
     except ValueError as exc:
         raise BadRequest(f"keep_alive = {value!r}: {exc}") from None
+
+
+
+def _catalog_sources(settings: Settings) -> tuple[object, ...]:
+    return (tuple(settings.model_dirs), tuple((m.name, m.path) for m in settings.models),
+            settings.include_default_model)

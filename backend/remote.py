@@ -30,6 +30,7 @@ from .errors import (BudgetExceeded, CorralError, ModelFileError, ModelNotFound,
 from .events import Dropped, Event, Notice, event_from_dict
 from .generation import Chunk, Embeddings, RequestStats, sampling_params
 from .respcache import HIT, STALE
+from .versions import ConfigVersion
 from .snapshot import ModelInfo, Status
 
 # Reconnecting the event stream: start fast (a restart of the server takes a second or two),
@@ -216,8 +217,30 @@ class RemoteBackend:
                 raise _unreachable(self.url, reason)
             await asyncio.sleep(0.1)
 
+    async def warmed(self) -> None:
+        """The server's health is 200 only once its warm restart is done: `ready` covers it."""
+        await self.ready()
+
     async def status(self) -> Status:
         return Status.from_dict(await self._request("GET", "/api/ps"))
+
+    # -- configuration ---------------------------------------------------------------------
+
+    async def reload_config(self, source: str = "api") -> ConfigVersion:
+        """Ask the server to read its config file again (`source` is the server's to name)."""
+        return ConfigVersion.from_dict(await self._request("POST", "/api/config/reload", timeout=self._waiting()))
+
+    async def rollback_config(self, number: int, source: str = "api") -> ConfigVersion:
+        return ConfigVersion.from_dict(await self._request("POST", f"/api/config/rollback/{int(number)}",
+                                                           timeout=self._waiting()))
+
+    async def config_versions(self) -> list[ConfigVersion]:
+        data = await self._request("GET", "/api/config/versions")
+        return [ConfigVersion.from_dict(v) for v in data["versions"]]
+
+    async def config_text(self, number: int) -> str | None:
+        """The TOML text version `number` came from (None: it had no file)."""
+        return (await self._request("GET", f"/api/config/versions/{int(number)}")).get("text")
 
     async def models(self) -> list[ModelInfo]:
         return list((await self.status()).models)
@@ -299,7 +322,7 @@ class RemoteBackend:
                     await response.aread()
                     raise self._error(response, body["model"])
                 verdict = response.headers.get("x-corral-cache")
-                async for _, _, data in _sse(response):
+                async for _, _, data in sse_events(response):
                     if final is not None or data.strip() == "[DONE]":
                         continue  # read to the end, so the connection goes back to the pool
                     try:
@@ -374,7 +397,7 @@ class RemoteBackend:
                             yield _notice("info", f"reconnected to corral server at {self.url}")
                         connected_at = loop.time()
                         first = True
-                        async for _, _, data in _sse(response):
+                        async for _, _, data in sse_events(response):
                             try:
                                 event = event_from_dict(json.loads(data))
                             except (ValueError, TypeError) as exc:
@@ -437,7 +460,7 @@ class RemoteBackend:
         return f"RemoteBackend({self.url!r})"
 
 
-async def _sse(response: httpx.Response) -> AsyncIterator[tuple[str | None, str, str]]:
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str | None, str, str]]:
     """Server-sent events as (id, event name, data); comments such as `: ping` are skipped."""
     event_id: str | None = None
     name = "message"

@@ -50,7 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api import Backend
 from .config import parse_duration
-from .errors import (BadRequest, CorralError, GenerationFailed, ModelNotFound, QueueFull, ShuttingDown,
+from .errors import (BadRequest, CorralError, GenerationFailed, ModelNotFound, NotFound, QueueFull, ShuttingDown,
                      Unauthorized)
 from .events import Event, wait_event
 from .generation import Chunk
@@ -212,9 +212,10 @@ class ServerState:
         self.idle.set()
 
     async def wait_ready(self) -> None:
-        """Health turns 200 once the backend's catalog is scanned."""
+        """Health turns 200 once the catalog is scanned and a warm restart has loaded the
+        models of the last run."""
         try:
-            await self.backend.ready()
+            await self.backend.warmed()
         except Exception as exc:  # shown by /health; the first request will raise it again
             log.exception("backend failed to start")
             self.ready_error = f"backend failed to start: {exc}"
@@ -663,7 +664,8 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
             return JSONResponse({"status": "draining", "reason": "shutting down: finishing in-flight requests"},
                                 status_code=503)
         if not state.ready:
-            return JSONResponse({"status": "starting", "reason": state.ready_error or "scanning the model catalog"},
+            return JSONResponse({"status": "starting", "reason": state.ready_error or
+                                 "scanning the model catalog and restoring the models of the last run"},
                                 status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -793,6 +795,27 @@ def _admin_routes(api: APIRouter, state: ServerState) -> None:
     @api.get("/api/ps")
     async def ps() -> dict[str, Any]:
         return (await backend.status()).to_dict()
+
+    @api.post("/api/config/reload")
+    async def reload_config() -> dict[str, Any]:
+        """Read the config file again and apply what changed (400 naming the key if invalid)."""
+        return (await backend.reload_config("api")).to_dict()
+
+    @api.get("/api/config/versions")
+    async def config_versions() -> dict[str, Any]:
+        versions = await backend.config_versions()
+        return {"current": versions[-1].number, "versions": [v.to_dict() for v in versions]}
+
+    @api.get("/api/config/versions/{number}")
+    async def config_version(number: int) -> dict[str, Any]:
+        for version in await backend.config_versions():
+            if version.number == number:
+                return version.to_dict(with_settings=True)
+        raise NotFound(f"config version {number} does not exist; list them at /api/config/versions")
+
+    @api.post("/api/config/rollback/{number}")
+    async def rollback_config(number: int) -> dict[str, Any]:
+        return (await backend.rollback_config(number, "api")).to_dict()
 
     @api.post("/api/models/{name:path}/load")
     async def load(name: str) -> dict[str, Any]:
@@ -957,9 +980,14 @@ async def serve(backend: Backend, *, host: str = "127.0.0.1", port: int = 8377, 
             log.info("%s: shutting down (grace %.0f s for running requests)", signal.Signals(signum).name, grace_s)
             stop.set()
 
+    def on_hangup() -> None:  # the Unix way to say "read your config again"
+        reloading = asyncio.ensure_future(backend.reload_config("signal"))
+        reloading.add_done_callback(_log_reload)
+
     handled = (signal.SIGTERM, signal.SIGINT)
     for signum in handled:
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     serving = asyncio.create_task(server.serve(sockets=[sock]), name="corral-uvicorn")
     announce = asyncio.create_task(_announce(server, backend, host, port, on_listening))
     try:
@@ -990,10 +1018,22 @@ async def serve(backend: Backend, *, host: str = "127.0.0.1", port: int = 8377, 
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.lifespan.shutdown(), 5)
     finally:
-        for signum in handled:
+        for signum in (*handled, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         with contextlib.suppress(Exception):
             sock.close()
+
+
+def _log_reload(task: asyncio.Future[Any]) -> None:
+    """A SIGHUP reload has no caller to answer: its outcome goes to the log (and, from the
+    backend, to the event stream)."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.error("SIGHUP reload: %s", error)
+    else:
+        log.info("SIGHUP reload: config version %d", task.result().number)
 
 
 async def _until(work: Awaitable[Any], hurry: asyncio.Event, timeout: float | None = None) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from .telemetry import GPUStats, HostStats
@@ -85,6 +85,9 @@ class ModelInfo:
     chat_template: str | None  # which template chats use (gguf / config / fallback:<name>)
     oldest_wait_s: float = 0.0  # how long the longest-waiting queued request has waited
     requests: RequestPercentiles | None = None  # over recent requests; None before the first
+    priority: int = 0  # waiting loads start highest first
+    load_position: int | None = None  # 1 = next to load, while waiting behind another load
+    alias_of: str | None = None  # a virtual model: the base model whose weights it shares
 
     @property
     def loaded(self) -> bool:
@@ -95,14 +98,12 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
-        values = {f.name: data.get(f.name) for f in fields(cls)}
+        values = {f.name: data.get(f.name) for f in fields(cls) if f.name in data or f.default is MISSING}
         if values["measured_vram"]:  # JSON turned the GPU indexes into strings
             values["measured_vram"] = {int(k): v for k, v in values["measured_vram"].items()}
-        if values["requests"] is not None:
+        if values.get("requests") is not None:
             values["requests"] = RequestPercentiles(**values["requests"])
-        if values["oldest_wait_s"] is None:  # a server from before the field existed
-            values["oldest_wait_s"] = 0.0
-        return cls(**values)
+        return cls(**values)  # fields a server from before them did not send keep their defaults
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from corral.backend.config import parse_duration
-from corral.backend.remote import _sse
+from corral.backend.remote import sse_events
 from corral.backend.snapshot import percentile
 
 SCENARIOS = ("short_chat", "long_prompt", "stream", "embeddings")
@@ -327,7 +327,7 @@ async def _streamed(client: httpx.AsyncClient, call: Call, started: float) -> Ou
         if response.status_code >= 300:
             await response.aread()
             return _refusal_or_error(call, response, started)
-        async for _, _, data in _sse(response):
+        async for _, _, data in sse_events(response):
             if data.strip() == "[DONE]":
                 break
             chunk = json.loads(data)

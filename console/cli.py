@@ -44,13 +44,37 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
                                          "(default: $CORRAL_API_KEY, else [server] api_key; prefer those: "
                                          "arguments show in ps)")
+    serve.add_argument("--no-watch", action="store_true",
+                       help="do not reload when the config file changes (reload with `corral reload` or SIGHUP)")
     serve.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, how long running requests may finish before they are ended (default: 10)")
 
     attach = sub.add_parser("attach", help="open the console on a running `corral serve`")
     attach.add_argument("url", help="the server, e.g. http://127.0.0.1:8377")
     attach.add_argument("--api-key", help="the server's key (default: $CORRAL_API_KEY)")
+
+    reload = sub.add_parser("reload", help="make a running `corral serve` read its config file again")
+    _server_arguments(reload)
+    config = sub.add_parser("config", help="a running server's config versions: history, show, rollback")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    _server_arguments(config_sub.add_parser("history", help="list the applied versions with their changes"))
+    show = config_sub.add_parser("show", help="print the TOML text of one version")
+    show.add_argument("number", type=int)
+    _server_arguments(show)
+    rollback = config_sub.add_parser("rollback", help="apply an earlier version again (and write it to the file)")
+    rollback.add_argument("number", type=int)
+    _server_arguments(rollback)
+
+    from corral.console.bench import add_arguments as bench_arguments  # light: httpx, no llama_cpp/textual
+
+    bench_arguments(sub.add_parser("bench", help="load-test a running server: concurrency steps, a scenario "
+                                                 "mix, host monitoring; --duration for a soak"))
     return parser
+
+
+def _server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8377", help="the server (default: %(default)s)")
+    parser.add_argument("--api-key", help="the server's key (default: $CORRAL_API_KEY)")
 
 
 def _port(text: str) -> int:
@@ -77,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "attach":
             return _attach(args)
+        if args.command in ("reload", "config"):
+            return _config_command(args)
+        if args.command == "bench":
+            from corral.console.bench import run as bench
+
+            return bench(args)
         return _console(args)
     except CorralError as exc:
         print(f"corral: {exc}", file=sys.stderr)
@@ -105,10 +135,15 @@ def _configure_logging(args: argparse.Namespace) -> None:
         uvicorn_log.propagate = False
 
 
-def _backend(args: argparse.Namespace) -> Any:
-    from corral.backend import LocalBackend, load_settings
+def _backend(args: argparse.Namespace, *, lasting: bool = False, path: str | None = None) -> Any:
+    """A LocalBackend on the config file. A `lasting` one (the console, the server) watches the
+    file for changes and restores the models of its last run; a one-shot command does neither."""
+    from corral.backend import LocalBackend
+    from corral.backend.config import config_source, default_state_path
 
-    return LocalBackend(load_settings(args.config))
+    watch = lasting and not getattr(args, "no_watch", False)
+    return LocalBackend(config=config_source(path or args.config), watch_config=watch,
+                        state_file=default_state_path() if lasting else None)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -159,16 +194,16 @@ def _serve(args: argparse.Namespace) -> int:
     """Run the HTTP server until SIGTERM/SIGINT, then drain and exit 0 (never 143)."""
     import asyncio
 
-    from corral.backend import LocalBackend, load_settings
     from corral.backend.errors import ConfigError
     from corral.backend.server import serve
 
-    settings = load_settings(args.serve_config or args.config)  # CORRAL_API_KEY lands in server.api_key
+    if args.api_key is not None and len(args.api_key) < 8:
+        raise ConfigError("--api-key: use at least 8 characters (a short key is easy to guess)")
+    backend = _backend(args, lasting=True, path=args.serve_config)
+    settings = backend.settings  # CORRAL_API_KEY lands in server.api_key
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port
     api_key = args.api_key or settings.server.api_key
-    if args.api_key is not None and len(args.api_key) < 8:
-        raise ConfigError("--api-key: use at least 8 characters (a short key is easy to guess)")
     warning = exposure_warning(host, api_key)
     if warning:
         print(f"corral serve: warning: {warning}", file=sys.stderr, flush=True)
@@ -177,7 +212,6 @@ def _serve(args: argparse.Namespace) -> int:
         shown = f"[{host}]" if ":" in host else host
         print(f"corral serve: listening on http://{shown}:{port} ({models} models)", flush=True)
 
-    backend = LocalBackend(settings)
     try:
         asyncio.run(serve(backend, host=host, port=port, api_key=api_key, grace_s=args.grace,
                           on_listening=listening))
@@ -224,7 +258,7 @@ def _attach(args: argparse.Namespace) -> int:
 def _console(args: argparse.Namespace) -> int:
     from corral.console.app import create_app
 
-    backend = _backend(args)
+    backend = _backend(args, lasting=True)
     console = backend.settings.console
     try:
         create_app(backend, theme=console.theme, keymap=console.keymap).run()
@@ -235,3 +269,38 @@ def _console(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    """`corral reload` and `corral config ...`: ask a running server over its admin API."""
+    import asyncio
+    import os
+
+    from corral.backend.remote import RemoteBackend
+
+    async def talk() -> int:
+        async with RemoteBackend(args.url, api_key=args.api_key or os.environ.get("CORRAL_API_KEY") or None) as remote:
+            if args.command == "reload":
+                _print_version(await remote.reload_config())
+            elif args.config_command == "history":
+                for version in await remote.config_versions():
+                    _print_version(version)
+            elif args.config_command == "show":
+                text = await remote.config_text(args.number)
+                print(text if text is not None else "# (no config file: defaults and environment only)")
+            else:
+                _print_version(await remote.rollback_config(args.number))
+        return 0
+
+    return asyncio.run(talk())
+
+
+def _print_version(version: Any) -> None:
+    import time
+
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(version.applied_at))
+    print(f"version {version.number}  {when}  {version.source}")
+    for line in version.diff or ("(no changes)",):
+        print(f"    {line}")
+    for line in version.actions:
+        print(f"    -> {line}")

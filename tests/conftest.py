@@ -11,6 +11,15 @@ import pytest
 from ggufs import write_tiny_llama
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_state_file(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The console and `corral serve` keep their warm-restart state in the user's state dir;
+    the suite's runs (in-process and the commands it starts) keep theirs apart."""
+    import os
+
+    os.environ["CORRAL_STATE_FILE"] = str(tmp_path_factory.mktemp("state") / "state.json")
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """A factory `make(name, **kw) -> Path` for tiny llama GGUFs, one file per distinct args.

@@ -25,8 +25,10 @@ from dataclasses import replace
 from typing import Any
 
 from corral.backend.generation import Chunk, Embeddings, RequestStats
-from corral.backend.errors import LoadFailed, ModelNotFound, ModelPinned
+from corral.backend.errors import ConfigError, LoadFailed, ModelNotFound, ModelPinned, NotFound
 from corral.backend.events import (
+    ConfigApplied,
+    ConfigRejected,
     Event,
     LoadProgress,
     ModelLoaded,
@@ -36,6 +38,7 @@ from corral.backend.events import (
     StateChanged,
 )
 from corral.backend.snapshot import ModelInfo, Status
+from corral.backend.versions import ConfigVersion
 from corral.backend.telemetry import GPUStats, HostStats
 
 FIXED_NOW = 1_750_000_000.0  # 2025-06-15 15:06:40 UTC
@@ -108,6 +111,9 @@ class FakeBackend:
         self._subscribers: list[asyncio.Queue[Event | None]] = []
         self.calls: list[tuple[Any, ...]] = []
         self.closed = False
+        self._versions: list[ConfigVersion] = []
+        self.reload_error: str | None = None
+        self.reload_diff: tuple[str, ...] = ("defaults.keep_alive: 300.0 → 60.0",)
 
     # -- test helpers -----------------------------------------------------------------------
 
@@ -269,6 +275,35 @@ class FakeBackend:
 
     async def ready(self) -> None:
         return None
+
+    async def warmed(self) -> None:
+        return None
+
+    # -- configuration: versions without a file; `reload_error` makes the next reload fail ---
+
+    async def config_versions(self) -> list[ConfigVersion]:
+        if not self._versions:
+            self._versions.append(ConfigVersion(1, 0.0, "start", (), (), None, None))
+        return list(self._versions)
+
+    async def reload_config(self, source: str = "api") -> ConfigVersion:
+        versions = await self.config_versions()
+        if self.reload_error is not None:
+            self.publish(ConfigRejected(source=source, error=self.reload_error))
+            raise ConfigError(self.reload_error)
+        return self._new_version(versions, source, self.reload_diff)
+
+    async def rollback_config(self, number: int, source: str = "api") -> ConfigVersion:
+        versions = await self.config_versions()
+        if number not in [v.number for v in versions]:
+            raise NotFound(f"config version {number} does not exist")
+        return self._new_version(versions, f"{source} (rollback to {number})", ())
+
+    def _new_version(self, versions: list[ConfigVersion], source: str, diff: tuple[str, ...]) -> ConfigVersion:
+        version = ConfigVersion(versions[-1].number + 1, self.clock(), source, diff, (), None, None)
+        self._versions.append(version)
+        self.publish(ConfigApplied(version=version.number, source=source, diff=diff, actions=()))
+        return version
 
     async def aclose(self) -> None:
         self.closed = True

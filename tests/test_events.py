@@ -20,6 +20,8 @@ import pytest
 from corral.backend import events as events_module
 from corral.backend.events import (
     EVENT_TYPES,
+    ConfigApplied,
+    ConfigRejected,
     Dropped,
     Event,
     EventBus,
@@ -502,6 +504,9 @@ SAMPLES: dict[str, Event] = {
     "request_finished": RequestFinished(finish_reason="length", prompt_tokens=12, completion_tokens=64,
                                         ttft_s=0.05, duration_s=1.5, tokens_per_s=42.5, error=None),
     "notice": Notice(level="error", message="refused: needs 3 GB, 1 GB free"),
+    "config_applied": ConfigApplied(version=4, source="file change", diff=("defaults.keep_alive: 300.0 → 60.0",),
+                                    actions=("tiny: keep_alive 300 s → 60 s",)),
+    "config_rejected": ConfigRejected(source="signal", error="corral.toml: not valid TOML"),
     "dropped": Dropped(count=7),
 }
 

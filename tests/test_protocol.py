@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -73,6 +74,7 @@ class ServeProcess:
 
     def __init__(self, config: Path, log: Path, *, api_key: str | None = None) -> None:
         self.config, self.log, self.api_key = config, log, api_key
+        self.state_file = log.with_name("state.json")  # its own warm-restart state
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -83,7 +85,8 @@ class ServeProcess:
         if self.api_key:
             args += ["--api-key", self.api_key]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, "CORRAL_STATE_FILE": str(self.state_file)})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -387,6 +390,7 @@ async def test_events_reconnect_after_a_server_restart(stop: str, tmp_path: Path
             assert running.proc is not None and running.proc.returncode == (-9 if stop == "crash" else 0)
             lost = await reader.expect(lambda e: isinstance(e, Notice) and e.level == "warning")
             assert running.url in lost.message and "reconnecting" in lost.message
+            running.state_file.unlink()  # a cold start: no warm-restart loads before ours
             running.start()  # a new process on the same port: its seq counts from 1 again
             await remote.load("tiny-c")
             loading = await reader.expect(lambda e: isinstance(e, StateChanged) and e.model == "tiny-c")

@@ -36,6 +36,7 @@ from starlette.testclient import TestClient
 from corral.backend.server import create_app
 from corral.console.cli import exposure_warning
 from ggufs import write_tiny_llama
+from polling import wait_for
 
 TINY = ("tiny-a", "tiny-b", "tiny-c")
 SLOW = "slow"
@@ -96,7 +97,8 @@ def write_config(root: Path, model_dir: Path, slow: Path) -> Path:
     return config
 
 
-def start_server(root: Path, config: Path, *, api_key: str | None = None, grace: float = 1.0) -> Server:
+def start_server(root: Path, config: Path, *, api_key: str | None = None, grace: float = 1.0,
+                 extra: tuple[str, ...] = ()) -> Server:
     """Start `corral serve --port 0` and wait for its listening line and a 200 from /health."""
     root.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_") and k != "PYTHONPATH"}
@@ -106,7 +108,7 @@ def start_server(root: Path, config: Path, *, api_key: str | None = None, grace:
     stdout, stderr = root / "stdout.txt", root / "stderr.txt"
     with stdout.open("wb") as out, stderr.open("wb") as err:
         proc = subprocess.Popen([sys.executable, "-c", WRAPPER, "serve", "--config", str(config), "--port", "0",
-                                 "--grace", str(grace)], stdout=out, stderr=err, env=env, cwd=root)
+                                 "--grace", str(grace), *extra], stdout=out, stderr=err, env=env, cwd=root)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         match = re.search(r"listening on (http://127\.0\.0\.1:\d+) \((\d+) models\)", stdout.read_text())
@@ -156,16 +158,6 @@ def post(http: httpx.Client, path: str, body: Any, **kw: Any) -> httpx.Response:
 
 def model_state(http: httpx.Client, name: str) -> dict[str, Any]:
     return next(m for m in http.get("/api/ps").json()["models"] if m["name"] == name)
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def replayed_events(http: httpx.Client, after: int = 0) -> Iterator[dict[str, Any]]:
@@ -634,6 +626,9 @@ class StubBackend:
     async def ready(self) -> None:
         await asyncio.to_thread(self.started.wait)
 
+    async def warmed(self) -> None:
+        await self.ready()
+
     async def models(self) -> list[Any]:
         raise RuntimeError("secret detail from deep inside")
 
@@ -688,3 +683,74 @@ def test_arbitrary_methods_cannot_grow_the_metrics(http: httpx.Client) -> None:
         http.request(f"X{i}YZ", "/nothing")
     text = http.get("/metrics").text
     assert "X0YZ" not in text and 'method="other"' in text
+
+
+# -- live configuration --------------------------------------------------------------------------
+
+
+def corral_cli(*args: str, root: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    return subprocess.run([sys.executable, "-c", "from corral.console.cli import main; raise SystemExit(main())",
+                           *args], capture_output=True, text=True, env=env, cwd=root, timeout=60)
+
+
+def test_config_reload_versions_rollback_and_sighup(tmp_path: Path, models: tuple[Path, Path]) -> None:
+    config = write_config(tmp_path, *models)
+    original = config.read_text()
+    server = start_server(tmp_path / "srv", config, extra=("--no-watch",))
+    try:
+        with server.http() as http:
+            config.write_text(original.replace("keep_alive = -1", "keep_alive = 120"))
+            applied = post(http, "/api/config/reload", None)
+            assert applied.status_code == 200, applied.text
+            version = applied.json()
+            assert version["number"] == 2 and version["diff"] == ["defaults.keep_alive: -1.0 → 120.0"]
+            assert {m["name"]: m["keep_alive_s"] for m in http.get("/api/ps").json()["models"]}["tiny-a"] == 120
+
+            config.write_text(original + "[server]\nprot = 1\n")
+            assert_error(post(http, "/api/config/reload", None), 400, "invalid_config", "did you mean 'port'")
+            listed = http.get("/api/config/versions").json()
+            assert listed["current"] == 2 and [v["number"] for v in listed["versions"]] == [1, 2]
+
+            rolled = post(http, "/api/config/rollback/1", None).json()
+            assert rolled["number"] == 3 and "rollback to 1" in rolled["source"]
+            assert config.read_text() == original  # the file follows the rollback
+            assert_error(post(http, "/api/config/rollback/99", None), 404, "not_found", "version 99")
+            shown = http.get("/api/config/versions/2").json()
+            assert shown["settings"]["defaults"]["keep_alive"] == 120 and "keep_alive = 120" in shown["text"]
+
+            config.write_text(original.replace("keep_alive = -1", "keep_alive = 30"))
+            server.proc.send_signal(signal.SIGHUP)
+            latest = wait_for(lambda: http.get("/api/config/versions").json()["current"] == 4 and
+                              http.get("/api/config/versions").json()["versions"][-1], what="the SIGHUP reload")
+            assert latest["source"] == "signal" and latest["diff"] == ["defaults.keep_alive: -1.0 → 30.0"]
+
+        history = corral_cli("config", "history", "--url", server.url, root=tmp_path)
+        assert history.returncode == 0, history.stderr
+        assert "version 4" in history.stdout and "defaults.keep_alive: -1.0 → 30.0" in history.stdout
+        config.write_text(original)
+        reloaded = corral_cli("reload", "--url", server.url, root=tmp_path)
+        assert reloaded.returncode == 0 and "version 5" in reloaded.stdout, reloaded.stderr
+        missing = corral_cli("config", "rollback", "42", "--url", server.url, root=tmp_path)
+        assert missing.returncode == 1 and "config version 42 does not exist" in missing.stderr
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_restart_restores_the_loaded_models_before_health_is_ok(tmp_path: Path, models: tuple[Path, Path]) -> None:
+    config = write_config(tmp_path, *models)
+    root = tmp_path / "srv"
+    server = start_server(root, config)
+    with server.http() as http:
+        assert post(http, "/api/models/tiny-b/load", None).status_code == 200
+        assert post(http, "/api/models/tiny-c/pin", None).status_code == 200
+    server.proc.kill()  # a crash: nothing gets to save anything at exit
+    server.proc.wait()
+    restarted = start_server(root, config)  # start_server waits for health 200
+    try:
+        with restarted.http() as http:
+            infos = {m["name"]: m for m in http.get("/api/ps").json()["models"]}
+            assert infos["tiny-b"]["state"] == "ready" and infos["tiny-c"]["pinned"]
+            assert infos["tiny-a"]["state"] == "available"
+    finally:
+        assert restarted.stop() == 0
