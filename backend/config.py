@@ -49,8 +49,21 @@ def parse_duration(value: Any) -> float:
     return float(match.group(1)) * _DURATIONS[match.group(2)]
 
 
+def parse_gpu_layers(value: Any) -> int | str:
+    """n_gpu_layers: "auto" (planned from free VRAM), 0 (CPU), -1 (all) or a layer count."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= -1:
+        return value
+    raise ValueError('must be "auto" or a whole number greater than or equal to -1 '
+                     "(0 = CPU, -1 = every layer)")
+
+
 Bytes = Annotated[int, BeforeValidator(parse_bytes)]
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
+GPULayers = Annotated[int | str, BeforeValidator(parse_gpu_layers)]
 
 
 class _Strict(BaseModel):
@@ -64,7 +77,7 @@ class ModelDefaults(_Strict):
     n_parallel: int = Field(4, ge=1, le=256)
     n_batch: int = Field(512, ge=1, le=1 << 16)
     n_threads: int = Field(0, ge=0, le=1024, description="0 = physical cores")
-    n_gpu_layers: int = Field(0, ge=-1)
+    n_gpu_layers: GPULayers = Field("auto", description='"auto" = as many as fit in free VRAM; an int forces')
     keep_alive: Seconds = 300.0
     flash_attn: bool = False
     chat_format: str | None = None
@@ -100,7 +113,7 @@ class ModelConfig(_Strict):
     n_parallel: int | None = Field(None, ge=1, le=256)
     n_batch: int | None = Field(None, ge=1, le=1 << 16)
     n_threads: int | None = Field(None, ge=0, le=1024)
-    n_gpu_layers: int | None = Field(None, ge=-1)
+    n_gpu_layers: GPULayers | None = None
     keep_alive: Seconds | None = None
     flash_attn: bool | None = None
     pinned: bool = False
@@ -127,6 +140,15 @@ class Budgets(_Strict):
     ram_bytes: Bytes | None = Field(None, ge=0, description="absolute RAM budget; wins over ram_fraction")
     ram_fraction: float = Field(0.8, gt=0, le=1.0, description="of RAM available at start")
     drain_timeout: Seconds = Field(30.0, ge=0)
+    vram_bytes: Bytes | None = Field(None, ge=0, description="absolute VRAM budget per GPU; wins over "
+                                                             "vram_fraction")
+    vram_fraction: float = Field(0.9, gt=0, le=1.0, description="of each GPU's total memory")
+    gpu_oom_retry: bool = Field(True, description="a planned load that runs out of GPU memory is retried "
+                                                  "once with fewer layers")
+
+    def vram_budget(self, total: int) -> int:
+        """corral's budget on a GPU of `total` bytes."""
+        return self.vram_bytes if self.vram_bytes is not None else int(total * self.vram_fraction)
 
 
 class ServerSettings(_Strict):
@@ -268,6 +290,7 @@ _ENV_KEYS = {
     "N_CTX": ("defaults.n_ctx", int),
     "N_PARALLEL": ("defaults.n_parallel", int),
     "N_THREADS": ("defaults.n_threads", int),
+    "N_GPU_LAYERS": ("defaults.n_gpu_layers", str),
     "KEEP_ALIVE": ("defaults.keep_alive", str),
     "PRELOAD": ("preload", lambda v: [p for p in v.split(",") if p]),
     "API_KEY": ("server.api_key", str),

@@ -72,11 +72,15 @@ ProgressFn = Callable[[float], None]
 class ModelWeights:
     """A loaded `llama_model`, shared by reference count; freed when the last user releases it."""
 
-    def __init__(self, path: str, *, n_gpu_layers: int = 0, progress: ProgressFn | None = None) -> None:
+    def __init__(self, path: str, *, n_gpu_layers: int = 0, main_gpu: int | None = None,
+                 progress: ProgressFn | None = None) -> None:
         _init_backend()
         self.path = path
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        if main_gpu is not None:  # placement chose one GPU: keep llama.cpp from splitting over all
+            params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
+            params.main_gpu = main_gpu
         params.use_mmap = True
 
         def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:

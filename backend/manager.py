@@ -36,6 +36,7 @@ from .events import (EventBus, LoadProgress, ModelLoaded, Notice, PinChanged, Re
 from .files import write_atomic
 from .ggufmeta import GGUFInfo
 from .memory import MemoryEstimate, default_ram_budget, estimate, format_bytes, process_rss
+from .placement import GPURoom, Placement, eviction_target, fewer_layers, gpu_oom_line, plan
 from .snapshot import ModelInfo, RequestPercentiles
 from .telemetry import Telemetry, physical_cores
 
@@ -85,6 +86,7 @@ class Record:
     estimate: MemoryEstimate | None = None
     measured: int | None = None
     measured_vram: dict[int, int] | None = None  # per GPU index, where GPUs are present
+    placement: Placement | None = None  # where the current (or last failed) load went
     load_seconds: float | None = None
     load_percent: int | None = None
     engine: Engine | None = None
@@ -124,7 +126,22 @@ class Record:
             return 0
         if self.measured is not None:
             return self.measured
+        if self.placement is not None:
+            return self.placement.ram
         return self.estimate.total if self.estimate else 0
+
+    def vram_on(self, gpu: int) -> int:
+        """What this model counts against GPU `gpu`'s VRAM budget: measured once known."""
+        if self.state not in RESIDENT or self.placement is None or self.placement.gpu != gpu:
+            return 0
+        if self.measured_vram is not None:
+            return self.measured_vram.get(gpu, 0)
+        return self.placement.vram
+
+    @property
+    def evictable(self) -> bool:
+        """Automatic eviction takes idle, unpinned models only (DESIGN.md, Decisions)."""
+        return self.state == State.READY and self.in_flight == 0 and not self.pinned and not self.draining
 
 
 @dataclass
@@ -503,6 +520,7 @@ class Manager:
             last_used=r.last_used, chat_template=r.template_source,
             oldest_wait_s=load.oldest_wait_s if load and load.queued else 0.0,
             requests=r.percentiles(), priority=r.priority, load_position=self._load_position(r.name),
+            **_placement_fields(r),
         )
 
     def _load_position(self, name: str) -> int | None:
@@ -556,16 +574,17 @@ class Manager:
         async with self._admission.hold(r.name, r.priority):
             info = await asyncio.to_thread(self._check_file, r)
             r.estimate = self._estimate(r.entry, r.settings) if info is not None else r.estimate
+            r.placement = None
             if info is not None:
                 await self._make_room(r)
-            self._transition(r, State.LOADING)
+            self._transition(r, State.LOADING, r.placement.reason if r.placement else "")
             r.error, r.load_percent, r.measured, r.measured_vram = None, 0, None, None
             started, rss_before = time.perf_counter(), process_rss()
             try:
                 if info is None:
                     raise ModelUnusable(f"model {r.name!r} ({r.entry.path}): {r.entry.error}; fix or "
                                         "replace the file (or its [[models]] entry), then load it again")
-                engine = await asyncio.to_thread(self._open, r)
+                engine = await self._open_placed(r)
             except CorralError as exc:
                 self._fail(r, exc.message)
                 raise
@@ -599,7 +618,38 @@ class Manager:
         self._transition(r, State.FAILED, message)
         self.bus.publish(Notice(model=r.name, level="error", message=message))
 
-    def _open(self, r: Record) -> Engine:
+    async def _open_placed(self, r: Record) -> Engine:
+        """Open `r` where it was placed. A load that runs out of GPU memory (llama.cpp's lines
+        say so) is retried once with fewer layers when it was planned, not forced, and
+        budgets.gpu_oom_retry allows; otherwise it fails with the numbers."""
+        placement = r.placement
+        assert placement is not None, "_make_room places every usable model"
+        try:
+            return await asyncio.to_thread(self._open, r, placement)
+        except LoadFailed as exc:
+            oom = gpu_oom_line(exc.message) if placement.n_gpu_layers else None
+            if oom is None:
+                raise
+            if not (placement.auto and self.settings.budgets.gpu_oom_retry and r.estimate):
+                raise self._out_of_vram(r, placement, exc) from exc
+        rooms, _ = await self._gpu_rooms(r)
+        r.placement = retry = fewer_layers(r.estimate, placement, rooms, oom)
+        self.bus.publish(Notice(model=r.name, level="warning", message=f"model {r.name!r}: {retry.reason}"))
+        try:
+            return await asyncio.to_thread(self._open, r, retry)
+        except LoadFailed as exc:
+            if not (retry.n_gpu_layers and gpu_oom_line(exc.message)):
+                raise
+            raise self._out_of_vram(r, retry, exc) from exc
+
+    @staticmethod
+    def _out_of_vram(r: Record, placement: Placement, exc: LoadFailed) -> LoadFailed:
+        return LoadFailed(f"model {r.name!r}: out of GPU memory with {placement.n_gpu_layers} of "
+                          f"{placement.layers_total} layers on GPU {placement.gpu} "
+                          f"({format_bytes(placement.vram)} planned; {placement.reason}): {exc.message}. "
+                          "Lower n_gpu_layers, n_ctx or n_parallel, or free the GPU")
+
+    def _open(self, r: Record, placement: Placement) -> Engine:
         """Blocking: weights, context, warmup, scheduler thread. Runs in a worker thread."""
         s = r.settings
         last = [-1]
@@ -612,7 +662,8 @@ class Manager:
                 self.bus.publish(LoadProgress(model=r.name, percent=percent))
 
         vram_before = self.telemetry.gpu_free_bytes()
-        weights = ModelWeights(str(r.entry.path), n_gpu_layers=s.n_gpu_layers, progress=progress)
+        weights = ModelWeights(str(r.entry.path), n_gpu_layers=placement.n_gpu_layers, main_gpu=placement.gpu,
+                               progress=progress)
         try:
             template = weights.chat_template(r.entry.info.architecture if r.entry.info else "",
                                              config_format=r.chat_format, config_template=r.chat_template)
@@ -634,35 +685,59 @@ class Manager:
         return engine
 
     async def _make_room(self, r: Record) -> None:
-        """Evict least-recently-used idle, unpinned models until `r` fits, or refuse."""
-        need = r.estimate.total if r.estimate else 0
+        """Place `r` (placement.py), then evict least-recently-used idle, unpinned models until
+        it fits (max_loaded, RAM, and VRAM on the GPU it goes to), or refuse with the numbers."""
         budgets = self.settings.budgets
-        if need > self.ram_budget:
-            raise self._refuse(r, need, f"needs {format_bytes(need)} but the whole RAM budget is "
-                                        f"{format_bytes(self.ram_budget)}")
+        assert r.estimate is not None, "a usable model has an estimate"
         while True:
+            rooms, no_gpu = await self._gpu_rooms(r)
+            placement = plan(r.estimate, rooms, r.settings.n_gpu_layers, no_gpu=no_gpu)
+            need = placement.ram
+            if need > self.ram_budget:
+                raise self._refuse(r, need, f"needs {format_bytes(need)} of RAM ({placement.reason}) but the "
+                                            f"whole RAM budget is {format_bytes(self.ram_budget)}")
             resident = [x for x in self._records.values() if x is not r and x.state in RESIDENT]
             free = self.ram_budget - sum(x.reserved for x in resident)
-            if len(resident) < budgets.max_loaded and need <= free:
+            gpu = eviction_target(r.estimate, placement, rooms)
+            host_fits = len(resident) < budgets.max_loaded and need <= free
+            if host_fits and gpu is None and placement.fits:
+                r.placement = placement
                 return
-            idle = [x for x in resident
-                    if x.state == State.READY and x.in_flight == 0 and not x.pinned and not x.draining]
+            idle = [x for x in resident if x.evictable and (gpu is None or x.vram_on(gpu) > 0)]
             leaving = [x.unload_task for x in resident if x.unload_task is not None]
             if not idle and leaving:  # memory is on its way back: wait for it, then look again
                 await asyncio.wait(leaving)
                 continue
             if not idle:
                 held = ", ".join(f"{x.name} ({'pinned' if x.pinned else x.state.value})" for x in resident)
-                why = (f"max_loaded = {budgets.max_loaded} reached" if len(resident) >= budgets.max_loaded
-                       else f"needs {format_bytes(need)} but only {format_bytes(free)} of the "
-                            f"{format_bytes(self.ram_budget)} RAM budget is free")
-                raise self._refuse(r, need, f"{why}; nothing can be evicted ({held})", free)
+                if len(resident) >= budgets.max_loaded:
+                    why = f"max_loaded = {budgets.max_loaded} reached"
+                elif need > free:
+                    why = (f"needs {format_bytes(need)} of RAM ({placement.reason}) but only "
+                           f"{format_bytes(free)} of the {format_bytes(self.ram_budget)} RAM budget is free")
+                else:
+                    why = f"VRAM: {placement.reason}"
+                raise self._refuse(r, need, f"{why}; nothing can be evicted ({held or 'no model is loaded'})",
+                                   free)
             victim = min(idle, key=lambda x: x.last_used or 0.0)
-            await self._unload(victim, f"evicted (least recently used) to make room for {r.name}")
+            where = "" if gpu is None else f" on GPU {gpu}"
+            await self._unload(victim, f"evicted (least recently used){where} to make room for {r.name}")
+
+    async def _gpu_rooms(self, r: Record) -> tuple[list[GPURoom], str]:
+        """Each GPU's memory (NVML, off the loop) with corral's budget and what its other
+        resident models hold there; and why there are none, when there are none."""
+        memory, note = await asyncio.to_thread(lambda: (self.telemetry.gpu_memory(), self.telemetry.gpu_note()))
+        others = [x for x in self._records.values() if x is not r]
+        rooms = [GPURoom(index=i, free=free, total=total, budget=self.settings.budgets.vram_budget(total),
+                         reserved=sum(x.vram_on(i) for x in others),
+                         evictable=sum(x.vram_on(i) for x in others if x.evictable))
+                 for i, (free, total) in sorted(memory.items())]
+        return rooms, note
 
     def _refuse(self, r: Record, need: int, why: str, free: int | None = None) -> BudgetExceeded:
         message = (f"model {r.name!r} ({r.entry.path}): cannot load: {why}. Evict or unpin a model, "
-                   "raise budgets.ram_bytes / max_loaded, or lower n_ctx / n_parallel")
+                   "raise budgets.ram_bytes / vram_bytes / max_loaded, or lower n_ctx / n_parallel / "
+                   "n_gpu_layers")
         self.bus.publish(Notice(model=r.name, level="error", message=message))
         return BudgetExceeded(message, needed=need, free=self.ram_budget if free is None else free)
 
@@ -819,6 +894,15 @@ class Manager:
             yield held
         finally:
             await self.release(held)
+
+
+def _placement_fields(r: Record) -> dict[str, object]:
+    """ModelInfo's placement fields: where a resident (or failed) model's load went."""
+    p = r.placement
+    if p is None or r.state == State.AVAILABLE:
+        return {}
+    return {"placement": p.reason, "gpu": p.gpu, "gpu_layers": p.n_gpu_layers,
+            "gpu_layers_total": p.layers_total, "vram_estimate_bytes": p.vram}
 
 
 def _keep_alive_seconds(value: object) -> float:

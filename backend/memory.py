@@ -19,13 +19,52 @@ FIXED_OVERHEAD = 4 * 2**20  # graph metadata, sampler state, tokenizer tables
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Bytes a model needs, and how they divide over llama.cpp's offloadable layers.
+
+    llama.cpp counts `n_layer + 1` offloadable layers: `n_gpu_layers = k` puts the last k
+    blocks (with their share of the KV cache) on the GPU, and only k = n_layer + 1 adds the
+    output head; the token embeddings always stay in RAM. `vram(k)` and `ram(k)` give the
+    two sides of such a split, so placement can plan a partial offload.
+    """
+
     weights: int
     kv_cache: int
     compute: int
+    n_layer: int = 0
+    layer_weights: int = 0  # one repeating block
+    head_weights: int = 0  # the output head; a tied head is a GPU copy of the token embeddings
+    head_tied: bool = True
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.compute
+
+    @property
+    def gpu_layers_total(self) -> int:
+        """The `n_gpu_layers` that offloads everything (llama.cpp's own count)."""
+        return self.n_layer + 1
+
+    def _blocks(self, n_gpu_layers: int) -> tuple[int, bool]:
+        """(blocks on the GPU, whether the output head is) for `n_gpu_layers`."""
+        k = min(max(n_gpu_layers, 0), self.gpu_layers_total)
+        return min(k, self.n_layer), k > self.n_layer
+
+    def vram(self, n_gpu_layers: int) -> int:
+        """GPU memory for `n_gpu_layers`: their weights and KV, plus a compute buffer once any
+        layer is there (llama.cpp sizes it for the worst graph whatever the split)."""
+        blocks, head = self._blocks(n_gpu_layers)
+        if blocks == 0 and not head:
+            return 0
+        kv_per_layer = self.kv_cache // self.n_layer if self.n_layer else 0
+        return blocks * (self.layer_weights + kv_per_layer) + (self.head_weights if head else 0) + self.compute
+
+    def ram(self, n_gpu_layers: int) -> int:
+        """Host memory for `n_gpu_layers`: what is not offloaded, plus the host compute and
+        output buffers (kept whole: llama.cpp always has a host graph for the CPU part)."""
+        blocks, head = self._blocks(n_gpu_layers)
+        kv_left = self.kv_cache * (self.n_layer - blocks) // self.n_layer if self.n_layer else self.kv_cache
+        moved = blocks * self.layer_weights + (self.head_weights if head and not self.head_tied else 0)
+        return max(self.weights - moved, 0) + kv_left + self.compute
 
     def to_dict(self) -> dict[str, int]:
         return {"weights": self.weights, "kv_cache": self.kv_cache, "compute": self.compute,
@@ -56,12 +95,44 @@ def _int_meta(info: GGUFInfo, key: str, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
+def block_parameters(info: GGUFInfo) -> int:
+    """Parameters of one transformer block of the usual shape (attention, gated FFN or
+    experts, two norms), from the header's dimensions."""
+    a = info.architecture
+    experts = _int_meta(info, f"{a}.expert_count", 0)
+    n_ff = _int_meta(info, f"{a}.expert_feed_forward_length" if experts else f"{a}.feed_forward_length",
+                     _int_meta(info, f"{a}.feed_forward_length", info.n_embd * 4))
+    head_dims = info.head_dim_k + info.head_dim_v
+    attention = info.n_embd * (info.n_head + info.n_kv_head) * head_dims
+    ffn = 3 * info.n_embd * n_ff * max(experts, 1) + info.n_embd * experts
+    return attention + ffn + 2 * info.n_embd
+
+
+def weight_split(info: GGUFInfo) -> tuple[int, int, bool]:
+    """(bytes of one block, bytes of the output head, whether the head is tied).
+
+    The header reader keeps totals, not per-tensor sizes, so the split is worked out from
+    the dimensions: the embeddings are vocab x n_embd at the file's average bytes per
+    parameter, and a file holding about two such matrices beyond its blocks has a separate
+    output head; the rest divides evenly over the blocks."""
+    if info.n_layer <= 0 or info.parameter_count <= 0:
+        return 0, 0, True
+    embedding = info.vocab_size * info.n_embd
+    outside = info.parameter_count - info.n_layer * block_parameters(info)
+    tied = outside < 1.5 * embedding
+    head = min(int(embedding * info.tensor_bytes / info.parameter_count), info.tensor_bytes)
+    blocks = max(info.tensor_bytes - head * (1 if tied else 2), 0)
+    return blocks // info.n_layer, head, tied
+
+
 def estimate(info: GGUFInfo, *, n_ctx: int, n_parallel: int, n_ubatch: int = 512,
              flash_attn: bool = False) -> MemoryEstimate:
+    layer, head, tied = weight_split(info)
     return MemoryEstimate(
         weights=info.tensor_bytes,
         kv_cache=kv_cache_bytes(info, n_ctx),
         compute=compute_bytes(info, n_ctx, n_parallel, n_ubatch, flash_attn),
+        n_layer=max(info.n_layer, 0), layer_weights=layer, head_weights=head, head_tied=tied,
     )
 
 

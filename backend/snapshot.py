@@ -88,6 +88,11 @@ class ModelInfo:
     priority: int = 0  # waiting loads start highest first
     load_position: int | None = None  # 1 = next to load, while waiting behind another load
     alias_of: str | None = None  # a virtual model: the base model whose weights it shares
+    placement: str | None = None  # why its layers went where they did (while loaded, or failed)
+    gpu: int | None = None  # the GPU index holding its offloaded layers; None on CPU
+    gpu_layers: int | None = None  # n_gpu_layers it was loaded with
+    gpu_layers_total: int | None = None  # n_gpu_layers that offloads all of it (blocks + output)
+    vram_estimate_bytes: int | None = None  # VRAM planned for those layers
 
     @property
     def loaded(self) -> bool:

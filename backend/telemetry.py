@@ -139,7 +139,7 @@ class Telemetry:
         rss = _bytes(_safe(lambda: self._process.memory_info().rss)) or 0
         with self._lock:
             gpus = self._gpu_stats()
-            note = "" if gpus else self._note or "no GPU (NVML found no devices)"
+            note = "" if gpus else self._why_none()
         return HostStats(
             ts=ts,
             cpu_percent=min(100.0, max(0.0, cpu)),
@@ -154,24 +154,37 @@ class Telemetry:
         )
 
     def gpu_free_bytes(self) -> dict[int, int]:
-        free: dict[int, int] = {}
+        """Free memory per GPU index (the manager measures a load's VRAM as its change)."""
+        return {index: free for index, (free, _total) in self.gpu_memory().items()}
+
+    def gpu_memory(self) -> dict[int, tuple[int, int]]:
+        """(free, total) bytes per GPU index, for placement; GPUs that do not answer are left out."""
+        memory: dict[int, tuple[int, int]] = {}
         with self._lock:
             if not self._ensure_nvml():
-                return free
+                return memory
             for index in range(self._count):
                 handle = self._handle(index)
                 if handle is None:
                     continue
                 info = _safe(lambda: self._nvml.nvmlDeviceGetMemoryInfo(handle))
-                value = _bytes(getattr(info, "free", None))
-                if value is None:
+                total = _bytes(getattr(info, "total", None))
+                free = _bytes(getattr(info, "free", None))
+                if free is None:
                     used = _bytes(getattr(info, "used", None))
-                    total = _bytes(getattr(info, "total", None))
                     if used is None or total is None:
                         continue
-                    value = max(0, total - used)
-                free[index] = value
-        return free
+                    free = max(0, total - used)
+                memory[index] = (free, total if total is not None else free)
+        return memory
+
+    def gpu_note(self) -> str:
+        """Why there are no GPUs ("" while there are some)."""
+        with self._lock:
+            return "" if self._ensure_nvml() and self._count else self._why_none()
+
+    def _why_none(self) -> str:
+        return self._note or "no GPU (NVML found no devices)"
 
     def close(self) -> None:
         with self._lock:

@@ -129,6 +129,9 @@ def test_unknown_key_is_named(data: dict[str, Any], key: str) -> None:
     ({"defaults": {"n_parallel": 0}}, "defaults.n_parallel", "0", "greater than or equal to 1"),
     ({"defaults": {"n_ctx": 10}}, "defaults.n_ctx", "10", "greater than or equal to 64"),
     ({"defaults": {"n_gpu_layers": -2}}, "defaults.n_gpu_layers", "-2", "greater than or equal to -1"),
+    ({"defaults": {"n_gpu_layers": "most"}}, "defaults.n_gpu_layers", "'most'", 'must be "auto" or a whole number'),
+    ({"budgets": {"vram_fraction": 1.5}}, "budgets.vram_fraction", "1.5", "less than or equal to 1"),
+    ({"budgets": {"vram_bytes": "lots"}}, "budgets.vram_bytes", "'lots'", "not a size"),
     ({"defaults": {"keep_alive": "soon"}}, "defaults.keep_alive", "'soon'", "not a duration"),
     ({"budgets": {"ram_bytes": "lots"}}, "budgets.ram_bytes", "'lots'", "not a size"),
     ({"budgets": {"max_loaded": "three"}}, "budgets.max_loaded", "'three'", "valid integer"),
@@ -506,3 +509,14 @@ def test_cache_section_errors_name_the_key(data: dict[str, Any], key: str, rule:
     with pytest.raises(ConfigError) as info:
         settings_from_dict({"cache": data}, source="conf.toml")
     assert f"conf.toml: {key}: " in str(info.value) and rule in str(info.value)
+
+
+def test_gpu_keys_auto_forced_and_vram_budget() -> None:
+    settings = settings_from_dict({"defaults": {"n_gpu_layers": "AUTO"}, "budgets": {"vram_bytes": "10GiB"},
+                                   "models": [{"name": "m", "path": "/m.gguf", "n_gpu_layers": "12"}]})
+    assert settings.defaults.n_gpu_layers == "auto" and settings.effective("m").n_gpu_layers == 12
+    assert settings.budgets.vram_budget(80 * 2**30) == 10 * 2**30 and settings.budgets.gpu_oom_retry
+    default = settings_from_dict({})
+    assert default.defaults.n_gpu_layers == "auto"
+    assert default.budgets.vram_budget(80 * 2**30) == int(80 * 2**30 * 0.9)
+    assert load_settings(None, env={"CORRAL_N_GPU_LAYERS": "0", "HOME": "/nonexistent"}).defaults.n_gpu_layers == 0

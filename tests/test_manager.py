@@ -12,11 +12,13 @@ import pytest
 
 from corral.backend.config import settings_from_dict
 from corral.backend.generation import SamplingParams
-from corral.backend.errors import (BudgetExceeded, CorralError, IllegalTransition, ModelBusy, ModelNotFound,
-                                   ModelPinned)
+from corral.backend.errors import (BudgetExceeded, CorralError, IllegalTransition, LoadFailed, ModelBusy,
+                                   ModelNotFound, ModelPinned)
 from corral.backend.events import Event, EventBus, LoadProgress, ModelLoaded, RequestFinished, StateChanged
 from corral.backend.manager import ALLOWED, Manager, State
 from corral.backend.snapshot import ModelInfo, RequestPercentiles, percentile
+from corral.backend.telemetry import Telemetry
+from fake_nvml import GIB, FakeNVML
 from ggufs import (write_bad_magic, write_corrupt_header, write_tiny_llama, write_truncated,
                    write_unknown_arch)
 
@@ -73,11 +75,11 @@ async def running() -> AsyncIterator[Callable[..., Any]]:
     """Start managers for a test and always close them (models unloaded, threads joined)."""
     started: list[tuple[Manager, Recorder]] = []
 
-    async def start(settings: Any) -> tuple[Manager, Recorder]:
+    async def start(settings: Any, make: Callable[[Any, EventBus], Manager] = Manager) -> tuple[Any, Recorder]:
         bus = EventBus()
         recorder = Recorder(bus)
         await asyncio.sleep(0)  # let the recorder subscribe before anything is published
-        manager = Manager(settings, bus)
+        manager = make(settings, bus)
         await manager.start()
         started.append((manager, recorder))
         return manager, recorder
@@ -486,3 +488,156 @@ def _info_dict(**fields: Any) -> dict[str, Any]:
                   oldest_wait_s=0.0)
     values.update(fields)
     return ModelInfo(**values).to_dict()
+
+
+# -- GPU placement, with a fake NVML -------------------------------------------------------
+
+
+class AllocatingGPU(FakeNVML):
+    """One fake 24 GiB GPU on which a load takes memory the way a real one does: `arm` before
+    a load, and the memory shows as used from the query after the one that measures 'before'."""
+
+    def __init__(self, free: int = 20 * GIB) -> None:
+        super().__init__([dict(name="Fake GPU", uuid="GPU-fake", util=0, total=24 * GIB, used=24 * GIB - free,
+                               temp=40, power_mw=50_000, limit_mw=300_000)])
+        self.held: dict[str, int] = {}
+        self._armed: tuple[str, int] | None = None
+        self._queries_since_arming = 0
+
+    def arm(self, name: str, nbytes: int) -> None:
+        self._armed, self._queries_since_arming = (name, nbytes), 0
+
+    def free(self, name: str) -> None:
+        self.devices[0]["used"] -= self.held.pop(name, 0)
+
+    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Any:
+        if self._armed is not None:
+            self._queries_since_arming += 1
+            if self._queries_since_arming == 2:
+                name, nbytes = self._armed
+                self.held[name], self._armed = nbytes, None
+                self.devices[0]["used"] += nbytes
+        return super().nvmlDeviceGetMemoryInfo(handle)
+
+
+class GPUManager(Manager):
+    """The real manager over real (CPU) llama.cpp loads, with the fake GPU's memory following
+    each placement, and optionally a CUDA out-of-memory for the first loads offloading layers."""
+
+    def __init__(self, settings: Any, bus: EventBus, gpu: AllocatingGPU, ooms: int = 0) -> None:
+        super().__init__(settings, bus, telemetry=Telemetry(nvml=gpu))
+        self.gpu, self.ooms, self.opened = gpu, ooms, []
+
+    def _open(self, r: Any, placement: Any) -> Any:
+        self.opened.append((r.name, placement.gpu, placement.n_gpu_layers))
+        if placement.n_gpu_layers and self.ooms:
+            self.ooms -= 1
+            raise LoadFailed(f"{r.entry.path}: llama.cpp could not load this file: ggml_backend_cuda_buffer_type"
+                             "_alloc_buffer: allocating 4096.00 MiB on device 0: cudaMalloc failed: out of memory")
+        self.gpu.arm(r.name, placement.vram)
+        return super()._open(r, placement)
+
+    async def _close_engine(self, r: Any, reason: str) -> None:
+        await super()._close_engine(r, reason)
+        self.gpu.free(r.name)
+
+
+def on_gpu(ooms: int = 0) -> Callable[[Any, EventBus], GPUManager]:
+    """A `running` factory: a GPUManager on a fresh fake GPU."""
+    return lambda settings, bus: GPUManager(settings, bus, AllocatingGPU(), ooms)
+
+
+async def test_a_load_is_placed_on_the_gpu_and_shown(model_dir: Path, running: Any) -> None:
+    manager, events = await running(make_settings(model_dir), on_gpu())
+    info = await manager.load("tiny-a")
+    assert (info.gpu, info.gpu_layers, info.gpu_layers_total) == (0, 3, 3)  # 2 blocks + the output head
+    assert manager.opened == [("tiny-a", 0, 3)]
+    assert info.placement and info.placement.startswith("all 3 layers on GPU 0")
+    assert info.measured_vram == {0: info.vram_estimate_bytes}
+    await events.settle()
+    assert events.reasons("tiny-a")[0] == info.placement  # available → loading says where it goes
+    assert ModelInfo.from_dict(info.to_dict()) == info
+    await manager.evict("tiny-a")
+    assert manager.info(manager.record("tiny-a")).placement is None
+
+
+async def test_without_a_gpu_the_load_goes_to_the_cpu_with_the_reason(model_dir: Path, running: Any) -> None:
+    manager, _ = await running(make_settings(model_dir))
+    info = await manager.load("tiny-a")
+    assert (info.gpu, info.gpu_layers) == (None, 0)
+    assert info.placement and info.placement.startswith("CPU: no GPU (")
+
+
+async def test_forced_layers_and_cpu_from_the_config(model_dir: Path, running: Any) -> None:
+    settings = make_settings(model_dir, models=[
+        {"name": "tiny-a", "path": str(model_dir / "tiny-a.gguf"), "n_gpu_layers": 1},
+        {"name": "tiny-b", "path": str(model_dir / "tiny-b.gguf"), "n_gpu_layers": 0}])
+    manager, _ = await running(settings, on_gpu())
+    a, b = await manager.load("tiny-a"), await manager.load("tiny-b")
+    assert (a.gpu, a.gpu_layers) == (0, 1) and "(forced;" in (a.placement or "")
+    assert (b.gpu, b.gpu_layers, b.placement) == (None, 0, "CPU: n_gpu_layers = 0")
+
+
+def one_vram(manager: Manager, name: str) -> int:
+    estimate = manager.record(name).estimate
+    assert estimate is not None
+    return estimate.vram(estimate.gpu_layers_total)
+
+
+async def test_vram_pressure_evicts_the_lru_idle_model_on_that_gpu(model_dir: Path, running: Any) -> None:
+    probe, _ = await running(make_settings(model_dir), on_gpu())
+    budget = one_vram(probe, "tiny-a") * 3 // 2  # room for one model on the GPU, not two
+    settings = make_settings(model_dir, budgets={"vram_bytes": budget, "max_loaded": 10})
+    manager, events = await running(settings, on_gpu())
+    await manager.load("tiny-a")
+    await manager.load("tiny-b")
+    assert [state(manager, n) for n in ("tiny-a", "tiny-b")] == ["available", "ready"]
+    await events.settle()
+    assert "evicted (least recently used) on GPU 0 to make room for tiny-b" in events.reasons("tiny-a")
+    assert manager.gpu.held == {"tiny-b": one_vram(manager, "tiny-b")}
+
+    await manager.pin("tiny-b")  # pinned: never evicted, so tiny-c gets what is left
+    c = await manager.load("tiny-c")
+    assert state(manager, "tiny-b") == "ready" and c.gpu_layers is not None and c.gpu_layers < 3
+    assert c.placement and ("of 3 layers on GPU 0: only" in c.placement or c.placement.startswith("CPU: not one"))
+
+
+async def test_a_forced_offload_that_cannot_fit_is_refused_with_numbers(model_dir: Path, running: Any) -> None:
+    settings = make_settings(model_dir, defaults={"n_gpu_layers": -1}, budgets={"vram_bytes": "1MiB"})
+    manager, _ = await running(settings, on_gpu())
+    with pytest.raises(BudgetExceeded) as refused:
+        await manager.load("tiny-a")
+    message = str(refused.value)
+    assert "VRAM: 3 of 3 layers on GPU 0 (forced;" in message and "1.0 MiB room): does not fit" in message
+    assert "nothing can be evicted" in message and state(manager, "tiny-a") == "available"
+
+
+async def test_out_of_gpu_memory_is_retried_with_fewer_layers(model_dir: Path, running: Any) -> None:
+    manager, events = await running(make_settings(model_dir), on_gpu(ooms=1))
+    info = await manager.load("tiny-a")
+    assert manager.opened == [("tiny-a", 0, 3), ("tiny-a", 0, 1)]
+    assert info.state == "ready" and info.gpu_layers == 1
+    assert info.placement == ("1 of 3 layers on GPU 0: retried, out of GPU memory with 3 of 3 layers "
+                              "(ggml_backend_cuda_buffer_type_alloc_buffer: allocating 4096.00 MiB on device 0: "
+                              "cudaMalloc failed: out of memory)")
+    assert await generate(manager, "tiny-a")
+
+
+async def test_out_of_gpu_memory_fails_with_numbers_and_others_keep_serving(model_dir: Path,
+                                                                             running: Any) -> None:
+    manager, _ = await running(make_settings(model_dir, budgets={"gpu_oom_retry": False}), on_gpu())
+    await manager.load("tiny-b")
+    manager.ooms = 2  # still out of memory on the retry too, where retries are allowed
+    with pytest.raises(LoadFailed) as failed:
+        await manager.load("tiny-a")
+    info = manager.info(manager.record("tiny-a"))
+    assert info.state == "failed" and info.error == failed.value.message
+    assert "out of GPU memory with 3 of 3 layers on GPU 0 (" in info.error
+    assert "planned; all 3 layers on GPU 0" in info.error
+    assert "cudaMalloc failed: out of memory" in info.error
+    assert state(manager, "tiny-b") == "ready" and await generate(manager, "tiny-b")
+
+    retrying, _ = await running(make_settings(model_dir), on_gpu(ooms=2))
+    with pytest.raises(LoadFailed, match="out of GPU memory with 1 of 3 layers on GPU 0"):
+        await retrying.load("tiny-a")
+    assert len(retrying.opened) == 2  # one retry only

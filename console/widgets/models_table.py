@@ -31,6 +31,7 @@ COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("size", "size", 9),
     ("quant", "quant", 7),
     ("memory", "mem est/meas", 17),
+    ("gpu", "placed", 10),
     ("pinned", "pin", 3),
     ("ttl", "TTL left", 8),
     ("load", "act/q", 5),
@@ -55,6 +56,17 @@ def format_memory(estimate: int | None, measured: int | None) -> str:
         if largest >= scale:
             return f"{estimate / scale:.1f}/{measured / scale:.1f} {unit}"
     return f"{estimate}/{measured} B"
+
+
+def format_placement(model: ModelInfo) -> str | None:
+    """Where a loaded model's layers went: `GPU0 14/33` (offloaded of all), `CPU`; None when
+    it is not loaded. `GPU 20/33` is a forced offload on a GPU that NVML does not see."""
+    if model.gpu_layers is None:
+        return None
+    if model.gpu_layers == 0:
+        return "CPU"
+    where = "GPU" if model.gpu is None else f"GPU{model.gpu}"
+    return f"{where} {model.gpu_layers}/{model.gpu_layers_total}"
 
 
 def state_label(model: ModelInfo) -> str:
@@ -214,6 +226,7 @@ class ModelsTable(DataTable[Text]):
             "size": Text(format_bytes(m.file_size) if m.file_size is not None else NA),
             "quant": Text(m.quantization or NA),
             "memory": Text(format_memory(m.estimate_bytes, m.measured_bytes), memory_style),
+            "gpu": Text(format_placement(m) or NA, None if m.gpu_layers is not None else muted),
             "pinned": Text("●" if m.pinned else "", self._style("pinned")),
             "ttl": ttl,
             "load": load,
