@@ -7,6 +7,8 @@ and each event on `status_signal` / `event_signal`; screens subscribe and draw. 
 actions run the backend call in a worker of their own (`run_backend`), and one handler,
 `on_worker_state_changed`, turns every failed worker into a notification. The two readers
 never fail as workers: they report an outage once, keep retrying, and say when it is over.
+A rejected configuration (an invalid edit of the watched file, or a reload anyone asked for)
+is an error notification on whatever screen is open, so the operator sees it at once.
 
 Nothing here blocks the event loop, and nothing here imports llama_cpp: the console uses only
 the backend's data modules (errors, events, snapshot, memory); events are told apart by their
@@ -35,6 +37,7 @@ from .commands import APP, bindings_for, checked_keymap
 from .errors import describe_error
 from .palette import CommandTableProvider
 from .screens import ConfirmScreen, Conversation, DashboardScreen, HelpScreen
+from .widgets.models_table import backing_models
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -47,8 +50,9 @@ if TYPE_CHECKING:
 
 # Events after which the table should show the backend's word at once, not at the next tick.
 # Request events are left to the 1 Hz poll: a busy server sends hundreds a second.
-REFRESH_ON = frozenset({"state", "loaded", "pin", "notice", "dropped"})
+REFRESH_ON = frozenset({"state", "loaded", "pin", "notice", "dropped", "config_applied"})
 MIN_POLL_GAP_S = 0.1
+REJECTED_REPEAT_S = 2.0  # the same rejection within this is one notification, not two
 QUIT_STATUS_TIMEOUT_S = 1.0
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 10.0  # event stream resubscription backoff
 
@@ -94,6 +98,7 @@ class CorralApp(App[None]):
         self._last_seq = 0
         self._status_error: str | None = None
         self._events_error: str | None = None
+        self._last_rejection: tuple[str, float] = ("", 0.0)  # message, monotonic time
         self.conversations: dict[str, Conversation] = {}
         for item in THEMES:
             self.register_theme(item)
@@ -178,14 +183,31 @@ class CorralApp(App[None]):
         self.status_signal.publish(message.status)
 
     def on_backend_event(self, message: BackendEvent) -> None:
-        self.event_signal.publish(message.event)
-        if getattr(message.event, "type", "") in REFRESH_ON:
+        event: Any = message.event
+        kind = getattr(event, "type", "")
+        self.event_signal.publish(event)
+        if kind in REFRESH_ON:
             self._wake.set()
+        if kind == "config_rejected":
+            self.notify_rejected(event.error)
+
+    def notify_rejected(self, message: str) -> None:
+        """Say that a configuration was refused, once: a reload the console asked for fails
+        both as its worker's error and as the `config_rejected` event, in either order."""
+        now = time.monotonic()
+        last, at = self._last_rejection
+        self._last_rejection = (message, now)
+        if message == last and now - at < REJECTED_REPEAT_S:
+            return
+        self.notify(message, title="config rejected: nothing changed", severity="error",
+                    timeout=10, markup=False)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         """The one place failures become notifications (Harlequin style)."""
         worker = event.worker
-        if event.state == WorkerState.ERROR and worker.error is not None:
+        if event.state == WorkerState.ERROR and isinstance(worker.error, ConfigError):
+            self.notify_rejected(describe_error(worker.error))
+        elif event.state == WorkerState.ERROR and worker.error is not None:
             self.notify(describe_error(worker.error), title=f"{worker.name} failed",
                         severity="error", timeout=10, markup=False)
         elif event.state == WorkerState.SUCCESS and worker.group == "events":
@@ -221,17 +243,26 @@ class CorralApp(App[None]):
         verb = "pin" if pinned else "unpin"
         return self.run_backend(f"{verb} {name}", lambda: self.backend.pin(name, pinned))
 
+    def reload_config(self) -> Worker[Any]:
+        """Make the backend read its config file again, naming the console as the source."""
+        return self.run_backend("reload config", lambda: self.backend.reload_config("console"))
+
+    def rollback_config(self, number: int) -> Worker[Any]:
+        """Apply version `number` again; the backend writes it back to the file."""
+        return self.run_backend(f"rollback to version {number}",
+                                lambda: self.backend.rollback_config(number, "console"))
+
     async def _unload_all(self) -> None:
         unload_all = getattr(self.backend, "unload_all", None)
         if callable(unload_all):
             await unload_all()
             return
-        for model in self.models:  # a backend without unload_all: evict one by one
+        for model in backing_models(self.models):  # a backend without unload_all: evict one by one
             if model.loaded:
                 await self.backend.evict(model.name, force=True)
 
     def action_unload_all(self) -> None:
-        loaded = [m.name for m in self.models if m.loaded]
+        loaded = [m.name for m in backing_models(self.models) if m.loaded]
         if not loaded:
             self.notify("Nothing is loaded.", severity="warning")
             return
@@ -276,7 +307,7 @@ class CorralApp(App[None]):
             models = status.models
         except Exception:  # noqa: BLE001 - a dead backend must not stop a quit
             pass
-        busy = [m for m in models if m.in_flight > 0]
+        busy = [m for m in backing_models(models) if m.in_flight > 0]
         if not busy:
             self.exit()
             return

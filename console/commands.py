@@ -9,7 +9,8 @@ types in the prompt screen's inputs.
 
 An `action` is a Textual action string run on the node that owns the binding (the screen
 of its scope); an `app.` prefix runs it on the app. Actions on the selected model live on
-the dashboard, the rest on the app, which owns the backend workers.
+the dashboard, those on the selected config version on the config screen, the rest on the
+app, which owns the backend workers.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from corral.backend.errors import ConfigError
 
 DASHBOARD = "dashboard"
 PROMPT = "prompt"
+CONFIG = "config"
 APP = "app"
-SCOPES = (DASHBOARD, PROMPT)
+SCOPES = (DASHBOARD, PROMPT, CONFIG)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ COMMANDS: tuple[Command, ...] = (
             help="Metadata, memory estimate vs measured, load time, latency percentiles"),
     Command("corral.filter", "/", "Filter", "filter", show=False,
             help="Filter the models table by name, state or quantization (esc clears)"),
+    Command("corral.session", "s", "Session", "session_filter", show=False,
+            help="Show only the event log lines of one session: its id or part of it (esc clears)"),
     Command("corral.unload_all", "u", "Unload all", "app.unload_all", confirm=True,
             help="Unload every loaded model"),
     Command("corral.refresh", "r", "Refresh", "app.refresh_status", show=False,
@@ -68,6 +72,8 @@ COMMANDS: tuple[Command, ...] = (
             help="Show this list of keys"),
     Command("corral.quit", "q", "Quit", "app.quit",
             help="Quit (asks while requests are in flight)"),
+    Command("corral.config", "c", "Config", "config",
+            help="Configuration versions: reload the file, roll back to an earlier version"),
     # Textual's Input binds ctrl+c to copy: stop is a priority binding so it wins.
     Command("corral.prompt.stop", "ctrl+c", "Stop", "stop", scope=PROMPT, priority=True,
             help="Stop the answer being streamed"),
@@ -75,6 +81,12 @@ COMMANDS: tuple[Command, ...] = (
             help="Stop the answer being streamed; when none is, back to the dashboard"),
     Command("corral.prompt.clear", "ctrl+l", "Clear", "clear_history", scope=PROMPT,
             help="Forget this model's conversation"),
+    Command("corral.config.reload", "r", "Reload", "reload", scope=CONFIG,
+            help="Read the config file again and apply what changed (a new version)"),
+    Command("corral.config.rollback", "b", "Roll back", "rollback", scope=CONFIG, confirm=True,
+            help="Apply the selected version again, as a new version, and write it to the file"),
+    Command("corral.config.back", "escape", "Back", "back", scope=CONFIG,
+            help="Back to the dashboard"),
 )
 
 COMMANDS_BY_ID: dict[str, Command] = {command.id: command for command in COMMANDS}

@@ -1,9 +1,9 @@
 """The command palette's corral commands (ctrl+p), fed by the command table.
 
 The palette lists the commands that act on the screen it was opened over (its `SCOPE`:
-dashboard or prompt) plus the app-wide ones (`app.` actions: theme, help, unload all, quit),
-each with the key that runs it now, after any user keymap. Choosing one runs the same action
-its key would, on the same screen.
+dashboard, prompt or config) plus the app-wide ones (`app.` actions: theme, help, unload
+all, quit), each with the key that runs it now, after any user keymap. Choosing one runs
+the same action its key would, on the same screen.
 """
 
 from __future__ import annotations

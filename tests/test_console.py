@@ -10,16 +10,24 @@ from pathlib import Path
 
 import pytest
 from textual.pilot import Pilot
+from textual.widgets import DataTable
 
-from corral.backend.events import LoadProgress, Notice
+from corral.backend.events import ConfigApplied, ConfigRejected, LoadProgress, Notice, RequestFinished
 from corral.backend.telemetry import GPUStats
 from corral.console.app import CorralApp, create_app
 from corral.console.commands import COMMANDS, bindings_for
 from corral.backend.errors import ConfigError
-from corral.console.screens import ConfirmScreen, DashboardScreen, DetailsScreen, HelpScreen, PromptScreen
+from corral.console.screens import (
+    ConfigScreen,
+    ConfirmScreen,
+    DashboardScreen,
+    DetailsScreen,
+    HelpScreen,
+    PromptScreen,
+)
 from corral.console.widgets import EventLog, ModelsTable
 from corral.themes import THEMES
-from fake_backend import FIXED_NOW, GiB, FakeBackend, fixed_host
+from fake_backend import FIXED_NOW, GiB, FakeBackend, default_models, fixed_host, model_info
 
 SIZE = (120, 40)
 
@@ -54,13 +62,18 @@ async def ready(pilot: Pilot) -> CorralApp:
     return app
 
 
+async def press_to_row(pilot: Pilot, rows: DataTable, key: str) -> None:
+    """Move the cursor of `rows` to the row keyed `key` with the arrow keys, as an operator would."""
+    target = rows.get_row_index(key)
+    while rows.cursor_row != target:
+        await pilot.press("down" if rows.cursor_row < target else "up")
+
+
 async def select(pilot: Pilot, name: str) -> None:
-    """Move the cursor to `name` with the arrow keys, as an operator would."""
+    """Move the models table's cursor to `name`."""
     app = pilot.app
     assert isinstance(app, CorralApp)
-    target = table(app).get_row_index(name)
-    while table(app).cursor_row != target:
-        await pilot.press("down" if table(app).cursor_row < target else "up")
+    await press_to_row(pilot, table(app), name)
     assert table(app).selected is not None and table(app).selected.name == name
 
 
@@ -258,9 +271,9 @@ async def test_help_lists_the_command_table() -> None:
         help_table = app.screen.query_one("#help-table")
         rows = [help_table.get_row(command.id) for command in COMMANDS]
         assert [str(row[2]).rstrip("…") for row in rows] == [c.description for c in COMMANDS]
-        assert [str(row[0]) for row in rows] == ["l", "e", "p", "⏎", "d", "/", "u", "r", "t", "?", "q",
-                                                 "^c", "esc", "^l"]
-        assert [str(row[1]) for row in rows] == ["dashboard"] * 11 + ["prompt"] * 3
+        assert [str(row[0]) for row in rows] == ["l", "e", "p", "⏎", "d", "/", "s", "u", "r", "t", "?", "q",
+                                                 "c", "^c", "esc", "^l", "r", "b", "esc"]
+        assert [str(row[1]) for row in rows] == ["dashboard"] * 13 + ["prompt"] * 3 + ["config"] * 3
         assert str(help_table.get_row("corral.evict")[2]) == "Evict…"  # it asks first
         assert str(help_table.get_row("corral.load")[2]) == "Load"
         await pilot.press("escape")
@@ -284,18 +297,20 @@ async def test_keymap_remaps_a_command_by_id() -> None:
 
 
 def test_one_command_table_feeds_the_bindings() -> None:
-    for scope in ("dashboard", "prompt"):
+    for scope in ("dashboard", "prompt", "config"):
         ids = [binding.id for binding in bindings_for(scope)]
         assert ids == [command.id for command in COMMANDS if command.scope == scope]
     assert DashboardScreen.BINDINGS == bindings_for("dashboard")
     assert PromptScreen.BINDINGS == bindings_for("prompt")
+    assert ConfigScreen.BINDINGS == bindings_for("config")
     keys = {command.id: command.key for command in COMMANDS}
     assert keys == {
         "corral.load": "l", "corral.evict": "e", "corral.pin": "p", "corral.unload_all": "u",
         "corral.prompt": "enter", "corral.details": "d", "corral.filter": "/",
         "corral.refresh": "r", "corral.help": "question_mark", "corral.quit": "q",
         "corral.theme": "t", "corral.prompt.stop": "ctrl+c", "corral.prompt.back": "escape",
-        "corral.prompt.clear": "ctrl+l",
+        "corral.prompt.clear": "ctrl+l", "corral.session": "s", "corral.config": "c",
+        "corral.config.reload": "r", "corral.config.rollback": "b", "corral.config.back": "escape",
     }
     [stop] = [b for b in bindings_for("prompt") if b.id == "corral.prompt.stop"]
     assert stop.priority  # Input binds ctrl+c to copy; stop must win
@@ -432,6 +447,203 @@ async def test_works_at_80x24() -> None:
         assert box.right <= 80 and box.bottom <= 24
 
 
+# -- live configuration, sessions, aliases and waiting loads ----------------------------------
+
+
+def versions_shown(app: CorralApp) -> list[tuple[str, ...]]:
+    """The config screen's rows: (number, applied, source, changes)."""
+    versions = app.screen.query_one("#versions")
+    return [tuple(str(cell) for cell in versions.get_row_at(i)) for i in range(versions.row_count)]
+
+
+def version_detail(app: CorralApp) -> str:
+    return str(app.screen.query_one("#version-detail").render())
+
+
+async def open_config(pilot: Pilot) -> ConfigScreen:
+    app = await ready(pilot)
+    await pilot.press("c")
+    await wait_for(pilot, lambda: isinstance(app.screen, ConfigScreen) and bool(app.screen.versions))
+    assert isinstance(app.screen, ConfigScreen)
+    return app.screen
+
+
+async def test_config_screen_lists_versions_and_r_reloads_a_new_one() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_config(pilot)
+        assert versions_shown(app) == [("1", "--:--:--", "start", "no changes")]
+        assert "version 1" in version_detail(app) and "(running)" in version_detail(app)
+        await reload_once(pilot)
+        number, _, source, changes = versions_shown(app)[0]
+        assert (number, source, changes) == ("2", "console", "defaults.keep_alive: 300.0 → 60.0")
+        # the cursor was on the newest version, so it follows the new newest and shows its diff
+        assert "version 2" in version_detail(app)
+        assert "defaults.keep_alive: 300.0 → 60.0" in version_detail(app)
+        backend.reload_diff = ("budgets.max_loaded: 3 → 2", "models[qwen]: added")
+        await select_version(pilot, "1")
+        await pilot.press("r")
+        await wait_for(pilot, lambda: len(versions_shown(app)) == 3)
+        assert versions_shown(app)[0][3] == "budgets.max_loaded: 3 → 2; +1 more"
+        assert "version 1" in version_detail(app)  # off the newest, the cursor stays put
+        assert "config v3 applied, from console budgets.max_loaded: 3 → 2; models[qwen]: added" in log_words(app)
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        assert "config v3 applied, from console" in log_text(app)
+
+
+def log_words(app: CorralApp) -> str:
+    """The event log's text with whitespace folded (lines wrap), from whichever screen is open."""
+    [dashboard] = [screen for screen in app.screen_stack if isinstance(screen, DashboardScreen)]
+    log = dashboard.query_one(EventLog)
+    return " ".join(" ".join(strip.text for strip in log.lines).split())
+
+
+async def select_version(pilot: Pilot, number: str) -> None:
+    await press_to_row(pilot, pilot.app.screen.query_one("#versions", DataTable), number)
+
+
+async def reload_once(pilot: Pilot) -> None:
+    """`r` on the config screen, and wait for the second version to show."""
+    await pilot.press("r")
+    await wait_for(pilot, lambda: len(versions_shown(pilot.app)) == 2)
+
+
+async def ask_rollback(pilot: Pilot, number: str) -> None:
+    """Select version `number` and press `b`: the confirm dialog opens."""
+    await select_version(pilot, number)
+    await pilot.press("b")
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, ConfirmScreen))
+
+
+async def test_config_screen_follows_a_change_made_elsewhere() -> None:
+    """A reload from anywhere (the file watcher, corral reload, the API) shows up by itself."""
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_config(pilot)
+        await backend.reload_config("file change")
+        await wait_for(pilot, lambda: len(versions_shown(app)) == 2)
+        assert versions_shown(app)[0][2] == "file change"
+
+
+async def test_a_rejected_reload_notifies_once_and_is_logged() -> None:
+    app, backend = make_app()
+    backend.reload_error = "defaults.n_ctx = 'lots': expected an integer"
+    async with app.run_test(size=SIZE) as pilot:
+        await open_config(pilot)
+        await pilot.press("r")
+        rejected = "config rejected: nothing changed: defaults.n_ctx = 'lots': expected an integer"
+        await wait_for(pilot, lambda: rejected in notifications(app))
+        await wait_for(pilot, lambda: "config rejected, from console: defaults.n_ctx = 'lots'" in log_words(app))
+        await pilot.pause(0.1)
+        # the worker's ConfigError and the config_rejected event are one notification
+        assert notifications(app).count(rejected) == 1
+        assert len(versions_shown(app)) == 1
+
+
+async def test_an_invalid_file_edit_is_notified_on_the_dashboard() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        backend.publish(ConfigRejected(source="file change", error="unknown key 'budget'; did you mean 'budgets'?"))
+        await wait_for(pilot, lambda: "config rejected, from file change: unknown key 'budget'" in log_text(app))
+        assert ("config rejected: nothing changed: unknown key 'budget'; did you mean 'budgets'?"
+                in notifications(app))
+
+
+async def test_rollback_asks_then_applies_the_selected_version() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_config(pilot)
+        await reload_once(pilot)
+        await pilot.press("b")  # the newest is the running one: nothing to roll back to
+        await wait_for(pilot, lambda: any("Version 2 is the running configuration" in n for n in notifications(app)))
+        assert isinstance(app.screen, ConfigScreen)
+        await ask_rollback(pilot, "1")
+        assert "Roll back to version 1?" in str(app.screen.query_one("#confirm-question").render())
+        await pilot.press("n")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfigScreen))
+        await pilot.pause(0.05)
+        assert len(versions_shown(app)) == 2
+        await pilot.press("b")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfigScreen) and len(versions_shown(app)) == 3)
+        number, _, source, _ = versions_shown(app)[0]
+        assert (number, source) == ("3", "console (rollback to 1)")
+
+
+async def test_rollback_to_a_version_no_longer_kept_says_so() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_config(pilot)
+        await reload_once(pilot)
+        del backend._versions[0]  # the backend dropped it meanwhile
+        await ask_rollback(pilot, "1")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: "rollback to version 1 failed: config version 1 does not exist"
+                       in notifications(app))
+
+
+async def test_session_filter_shows_only_that_sessions_lines() -> None:
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        for request, session in (("req-1", "chat-42"), ("req-2", "batch-7"), ("req-3", None)):
+            backend.publish(RequestFinished(model="gemma-3-270m", request_id=request, session_id=session,
+                                            finish_reason="stop", prompt_tokens=4, completion_tokens=8,
+                                            ttft_s=0.01, duration_s=0.2, tokens_per_s=40.0))
+        await wait_for(pilot, lambda: "request req-3 stop" in log_text(app))
+        assert "session chat-42" in log_text(app) and "session batch-7" in log_text(app)
+        await pilot.press("s")
+        await wait_for(pilot, lambda: app.focused is not None and app.focused.id == "session")
+        await pilot.press(*"chat")  # typed into the box: c does not open the config screen
+        await wait_for(pilot, lambda: "req-2" not in log_text(app))
+        assert "request req-1 stop" in log_text(app) and "req-3" not in log_text(app)
+        assert "loading" not in log_text(app) and isinstance(app.screen, DashboardScreen)
+        assert app.screen.query_one(EventLog).border_title == "events · session “chat”"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.focused is table(app))
+        backend.publish(RequestFinished(model="gemma-3-270m", request_id="req-4", session_id="batch-7",
+                                        finish_reason="stop", prompt_tokens=1, completion_tokens=1,
+                                        ttft_s=0.01, duration_s=0.1, tokens_per_s=10.0))
+        backend.publish(RequestFinished(model="gemma-3-270m", request_id="req-5", session_id="chat-42",
+                                        finish_reason="stop", prompt_tokens=1, completion_tokens=1,
+                                        ttft_s=0.01, duration_s=0.1, tokens_per_s=10.0))
+        await wait_for(pilot, lambda: "req-5" in log_text(app))
+        assert "req-4" not in log_text(app)
+        await pilot.press("s", "escape")  # esc clears the filter: every line is back
+        await wait_for(pilot, lambda: "req-4" in log_text(app))
+        assert "req-2" in log_text(app) and app.screen.query_one(EventLog).border_title == "events"
+
+
+def queue_lines(app: CorralApp) -> list[str]:
+    return [" ".join(line.split()) for line in str(app.screen.query_one("#queues").render()).splitlines()]
+
+
+async def test_aliases_and_waiting_loads_show_in_the_table_and_queue_panel() -> None:
+    models = default_models()
+    models.append(model_info("terse", state="ready", source="alias", alias_of="gemma-3-270m",
+                             in_flight=2, active=2))
+    backend = FakeBackend(models)
+    backend._set("tiny-llama", load_position=2)
+    backend._set("broken", load_position=1)
+    app, _ = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        assert table(app).cell_text("terse", "name") == "terse → gemma-3-270m"
+        assert state(app, "tiny-llama") == "waiting #2" and state(app, "broken") == "waiting #1"
+        await wait_for(pilot, lambda: len(queue_lines(app)) == 5)
+        assert queue_lines(app)[1:] == ["gemma-3-270m 0 0/8 –", "qwen2.5-0.5b-inst… 0 0/4 –",
+                                        "broken load waiting #1", "tiny-llama load waiting #2"]
+        # the alias is not a second loaded model, and an event about its base patches it too
+        assert app.screen.query_one("#host").border_subtitle == "2/3 models loaded"
+        table(app).patch("gemma-3-270m", state="loading", load_percent=40)
+        assert state(app, "terse") == "loading 40%"
+        await pilot.press("slash", *"gemma")  # the filter finds an alias by its base's name
+        await wait_for(pilot, lambda: [m.name for m in table(app).models] == ["gemma-3-270m", "terse"])
+
+
 async def _dashboard_after_a_load(pilot: Pilot) -> None:
     """One load, and the poll after it (measured memory), so the picture never catches it
     half-way."""
@@ -461,15 +673,26 @@ async def _help(pilot: Pilot) -> None:
     await pilot.pause()
 
 
-SNAPSHOTS = {"dashboard": _dashboard_after_a_load, "prompt": _prompt_after_an_answer, "help": _help}
+async def _config_after_a_reload(pilot: Pilot) -> None:
+    """Two versions, the newest with a change and an action, the screen's cursor on it."""
+    app = await ready(pilot)
+    backend = app.backend
+    backend.reload_diff = ("defaults.keep_alive: 300.0 → 60.0", "models[qwen].priority: 0 → 10")
+    await open_config(pilot)
+    await reload_once(pilot)
+    await pilot.pause()
+
+
+SNAPSHOTS = {"dashboard": _dashboard_after_a_load, "prompt": _prompt_after_an_answer, "help": _help,
+             "config": _config_after_a_reload}
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
 @pytest.mark.parametrize("screen", list(SNAPSHOTS))
 def test_console_snapshots(screen: str, size: tuple[int, int], snap_compare: Callable[..., bool],
                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dashboard, prompt and help screens at both sizes: fixed models, host stats, clock and
-    time zone."""
+    """Dashboard, prompt, help and config screens at both sizes: fixed models, host stats,
+    clock and time zone."""
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     app, _ = make_app()

@@ -1,5 +1,5 @@
 """The dashboard: host gauges and their sparklines, GPUs, the models table (with its filter
-and a load progress bar), the queue panel and the event log.
+and a load progress bar), the queue panel and the event log (with its session filter).
 
 The screen only shows what the app hands it: it subscribes to the app's `status_signal`
 (each poll) and `event_signal` (each backend event) and never calls the backend itself.
@@ -22,6 +22,8 @@ from textual.widgets import DataTable, Footer, Header, Input, ProgressBar, Stati
 from ..commands import DASHBOARD, bindings_for
 from ..widgets import EventLog, Gauge, ModelsTable, QueuePanel, Trend
 from ..widgets.gauges import NA, format_bytes, format_pair
+from ..widgets.models_table import backing_models
+from .config import ConfigScreen
 from .confirm import ConfirmScreen
 from .details import DetailsScreen
 from .prompt import PromptScreen
@@ -144,7 +146,7 @@ class HostBar(Vertical):
             self.query_one("#trend-cpu", Trend).push(host.cpu_percent / 100)
             self.query_one("#trend-ram", Trend).push(ram)
             self.query_one("#trend-rss", Trend).push(rss)
-        loaded = sum(1 for m in status.models if m.state in ("ready", "busy", "loading"))
+        loaded = sum(1 for m in backing_models(status.models) if m.state in ("ready", "busy", "loading"))
         budget = self.query_one("#gauge-budget", Gauge)
         budget.set(_fraction(status.ram_reserved, status.ram_budget),
                    format_pair(status.ram_reserved, status.ram_budget))
@@ -154,8 +156,8 @@ class HostBar(Vertical):
 
 
 class FilterInput(Input):
-    """The models table's filter: narrows the table as it is typed; enter keeps the filter
-    and goes back to the table, esc clears it."""
+    """A filter box (the models table's, the event log's session): it narrows as it is
+    typed; enter keeps the filter and goes back to the table, esc clears it."""
 
     BINDINGS = [Binding("escape", "clear_filter", "Clear filter", id="corral.filter.clear")]
 
@@ -172,7 +174,7 @@ class LoadBar(Horizontal):
         yield ProgressBar(total=100, show_eta=False, id="load-progress")
 
     def show(self, models: list[ModelInfo]) -> None:
-        loading = [m for m in models if m.state == "loading"]
+        loading = [m for m in backing_models(models) if m.state == "loading"]
         if self.display != bool(loading):
             self.display = bool(loading)
         if loading:
@@ -206,9 +208,13 @@ class DashboardScreen(Screen[None]):
         yield table
         yield LoadBar(id="loading")
         with Horizontal(id="bottom"):
-            log = EventLog(id="events")
-            log.border_title = "events"
-            yield log
+            with Vertical(id="log-column"):
+                session = FilterInput(id="session", placeholder="session id (or part of it); esc shows all")
+                session.display = False
+                yield session
+                log = EventLog(id="events")
+                log.border_title = "events"
+                yield log
             queue = QueuePanel(id="queues")
             queue.border_title = "queues"
             yield queue
@@ -309,8 +315,17 @@ class DashboardScreen(Screen[None]):
         if model is not None:
             self.app.push_screen(DetailsScreen(model))
 
+    def action_config(self) -> None:
+        self.app.push_screen(ConfigScreen())
+
     def action_filter(self) -> None:
-        box = self.query_one(FilterInput)
+        self._open_box("#filter")
+
+    def action_session_filter(self) -> None:
+        self._open_box("#session")
+
+    def _open_box(self, selector: str) -> None:
+        box = self.query_one(selector, FilterInput)
         box.display = True
         box.focus()
 
@@ -322,11 +337,18 @@ class DashboardScreen(Screen[None]):
         shown_filter = escape(event.value)
         table.border_title = f"models · filter “{shown_filter}” {shown}/{total}" if event.value else "models"
 
-    @on(Input.Submitted, "#filter")
+    @on(Input.Submitted, "FilterInput")
     def _filter_done(self) -> None:
         self.query_one(ModelsTable).focus()
 
-    @on(Input.Blurred, "#filter")
+    @on(Input.Changed, "#session")
+    def _session_changed(self, event: Input.Changed) -> None:
+        log = self.query_one(EventLog)
+        log.set_session(event.value)
+        session = escape(event.value.strip())
+        log.border_title = f"events · session “{session}”" if session else "events"
+
+    @on(Input.Blurred, "FilterInput")
     def _filter_left(self, event: Input.Blurred) -> None:
         """An empty filter hides its box again once the operator leaves it."""
         if not event.input.value:

@@ -45,7 +45,7 @@ def metadata_rows(m: ModelInfo) -> list[tuple[str, str]]:
     rows = [
         ("state", state_label(m) + ("  (pinned)" if m.pinned else "")),
         ("file", m.path or NA),
-        ("source", m.source),
+        ("source", f"alias of {m.alias_of}" if m.alias_of else m.source),
         ("architecture", m.architecture or NA),
         ("parameters", format_count(m.parameters)),
         ("quantization", m.quantization or NA),
@@ -53,6 +53,7 @@ def metadata_rows(m: ModelInfo) -> list[tuple[str, str]]:
         ("context", f"{m.n_ctx} loaded (trained {m.context_length or NA}), {m.n_parallel} slots"),
         ("chat template", m.chat_template or "chosen at load"),
         ("keep alive", keep),
+        ("priority", str(m.priority)),
     ]
     if m.error:
         rows.append(("error", m.error))

@@ -1,32 +1,40 @@
-"""The event log: one readable line per backend event.
+"""The event log: one readable line per backend event, optionally narrowed to one session.
 
 Events are formatted by their `type` name (the same on local events and on events rebuilt
 from a remote server's SSE), so this module needs no import from the backend. Load progress
 gets a line at 0 % and each time it crosses 25/50/75/100 % (llama.cpp's progress can jump, so
 a crossing, not an exact value, counts); every other event is one line. The widget keeps the
-events it showed and writes them again after a theme change so old lines take new colours.
+events it showed and writes them again after a theme change (so old lines take new colours)
+and when the session filter changes (so narrowing to one session and back loses nothing).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from textual.widgets import RichLog
 
-from .gauges import component_style, format_bytes
+from .gauges import component_style, format_bytes, format_clock
 
 if TYPE_CHECKING:
     from corral.backend.events import Event
 
 PROGRESS_STEP = 25
 STATES = ("available", "loading", "ready", "busy", "unloading", "failed")
+DIFF_LINES_SHOWN = 3  # a config change's first lines; the config screen has them all
 
 
-def _ts(ts: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "--:--:--"
+def compact_diff(diff: Sequence[str], lines: int = DIFF_LINES_SHOWN) -> str:
+    """A config version's diff on one line: the first `lines` changes, then how many more."""
+    if not diff:
+        return "no changes"
+    shown = "; ".join(diff[:lines])
+    more = len(diff) - lines
+    return f"{shown}; +{more} more" if more > 0 else shown
 
 
 class EventLog(RichLog):
@@ -39,6 +47,7 @@ class EventLog(RichLog):
         "event-log--info",
         "event-log--warning",
         "event-log--error",
+        "event-log--config",
         *(f"event-log--{state}" for state in STATES),
     }
 
@@ -48,32 +57,58 @@ class EventLog(RichLog):
                          highlight=False, auto_scroll=True, id=id, classes=classes)
         self._shown: deque[Event | tuple[float, str, str]] = deque(maxlen=max_lines)
         self._progress: dict[str | None, int] = {}  # last progress mark shown, per model
+        self.session = ""  # when set, only events whose session id contains it are shown
 
     def add_event(self, event: Event) -> bool:
-        """Write `event` if it is worth a line; returns whether it was written."""
+        """Keep `event` if it is worth a line, and write it when the session filter lets it
+        through; returns whether it was kept."""
         e: Any = event
         if e.type == "load_progress":
             mark = e.percent // PROGRESS_STEP * PROGRESS_STEP
             if e.percent != 0 and mark <= self._progress.get(e.model, -1):
                 return False
             self._progress[e.model] = mark
-        line = self.format_event(event)
-        self._shown.append(event)
-        self.write(line)
+        self._keep(event)
         return True
 
     def add_note(self, message: str, level: str = "info", ts: float | None = None) -> None:
         """A line from the console itself (not a backend event)."""
-        entry = (ts if ts is not None else time.time(), level, message)
-        self._shown.append(entry)
-        self.write(self._note_line(*entry))
+        self._keep((ts if ts is not None else time.time(), level, message))
+
+    def set_session(self, session: str) -> None:
+        """Show only the events of sessions whose id contains `session` (case-insensitive;
+        "" shows everything again). Lines without a session, such as state changes, are
+        hidden while it is set: the point is to follow one client's requests."""
+        session = session.strip().lower()
+        if session != self.session:
+            self.session = session
+            self._rewrite()
 
     def restyle(self) -> None:
         """Write every kept line again with the current theme's colours."""
         self._rich_style_cache.clear()
+        self._rewrite()
+
+    def _keep(self, entry: Event | tuple[float, str, str]) -> None:
+        self._shown.append(entry)
+        if self._passes(entry):
+            self.write(self._line(entry))
+
+    def _rewrite(self) -> None:
         self.clear()
         for entry in self._shown:
-            self.write(self._note_line(*entry) if isinstance(entry, tuple) else self.format_event(entry))
+            if self._passes(entry):
+                self.write(self._line(entry))
+
+    def _passes(self, entry: Event | tuple[float, str, str]) -> bool:
+        if not self.session:
+            return True
+        if isinstance(entry, tuple):
+            return False
+        return self.session in (entry.session_id or "").lower()
+
+    def _line(self, entry: Event | tuple[float, str, str]) -> Text:
+        return self._note_line(*entry) if isinstance(entry, tuple) else self.format_event(entry)
 
     # -- formatting --------------------------------------------------------------------------
 
@@ -82,7 +117,7 @@ class EventLog(RichLog):
 
     def _head(self, ts: float, model: str | None) -> Text:
         text = Text(no_wrap=False)
-        text.append(_ts(ts), self._style("time"))
+        text.append(format_clock(ts), self._style("time"))
         text.append("  ")
         if model:
             text.append(model, self._style("model"))
@@ -130,6 +165,13 @@ class EventLog(RichLog):
                         f"{e.duration_s:.2f} s")
             if e.error:
                 line.append(f"  {e.error}", self._style("error"))
+        elif kind == "config_applied":
+            line.append(f"config v{e.version} applied, from {e.source}", self._style("config"))
+            line.append(f"  {compact_diff(e.diff)}")
+            if e.actions:
+                line.append(f"  → {'; '.join(e.actions)}", self._style("muted"))
+        elif kind == "config_rejected":
+            line.append(f"config rejected, from {e.source}: {e.error}", self._style("error"))
         elif kind == "notice":
             level = e.level if e.level in ("info", "warning", "error") else "info"
             line.append(e.message, self._style(level))
@@ -138,4 +180,6 @@ class EventLog(RichLog):
                         self._style("warning"))
         else:
             line.append(kind, self._style("muted"))
+        if kind in ("request_started", "request_finished") and e.session_id:
+            line.append(f"  session {e.session_id}", self._style("muted"))
         return line

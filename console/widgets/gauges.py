@@ -12,6 +12,7 @@ warning and then the error colour above `warn_at` and `high_at`.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 
 from rich.style import Style
@@ -50,6 +51,11 @@ def format_duration(seconds: float | None) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_clock(ts: float) -> str:
+    """A local wall-clock time, `15:06:40`; `--:--:--` for an unknown (zero) time."""
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "--:--:--"
 
 
 def format_ago(then: float | None, now: float) -> str:

@@ -4,6 +4,10 @@
 the cells whose text changed, so a 1 Hz refresh neither flickers nor moves the cursor; rows
 are keyed by model name, so the cursor stays on the same model when rows come and go.
 States are coloured through component classes that app.tcss styles with theme variables.
+
+An alias (a virtual model over a base model's weights) is a row of its own, named
+`alias → base`, that mirrors its base's state; a load waiting behind another load shows as
+`waiting #N`, N being its place in the line.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .gauges import NA, component_style, format_ago, format_bytes, format_durati
 if TYPE_CHECKING:
     from corral.backend.snapshot import ModelInfo
 
-STATES = ("available", "loading", "ready", "busy", "unloading", "failed")
+STATES = ("available", "loading", "ready", "busy", "unloading", "failed", "waiting")
 
 # (key, header, fixed width or None for auto)
 COLUMNS: tuple[tuple[str, str, int | None], ...] = (
@@ -69,10 +73,28 @@ def format_placement(model: ModelInfo) -> str | None:
     return f"{where} {model.gpu_layers}/{model.gpu_layers_total}"
 
 
+def is_waiting(model: ModelInfo) -> bool:
+    """Whether `model`'s load waits for another load to finish (loads go one at a time)."""
+    return model.load_position is not None and model.state in ("available", "failed")
+
+
 def state_label(model: ModelInfo) -> str:
     if model.state == "loading" and model.load_percent is not None:
         return f"loading {model.load_percent}%"
+    if is_waiting(model):
+        return f"waiting #{model.load_position}"
     return model.state
+
+
+def state_class(model: ModelInfo) -> str:
+    """The component class suffix that colours `model`'s state."""
+    return "waiting" if is_waiting(model) else model.state
+
+
+def backing_models(models: Iterable[ModelInfo]) -> list[ModelInfo]:
+    """The models that hold weights of their own. Aliases mirror their base model's state,
+    queue and requests, so counting them too would count each load twice."""
+    return [m for m in models if m.alias_of is None]
 
 
 class ModelsTable(DataTable[Text]):
@@ -83,6 +105,7 @@ class ModelsTable(DataTable[Text]):
         "models-table--muted",
         "models-table--pinned",
         "models-table--name",
+        "models-table--alias",
     }
 
     def __init__(self, *, clock: Callable[[], float] = time.time, id: str | None = None,
@@ -113,7 +136,7 @@ class ModelsTable(DataTable[Text]):
     def matches(self, model: ModelInfo) -> bool:
         """Whether the filter lets `model` through (case-insensitive, in name, state or quant)."""
         needle = self.filter_text.strip().lower()
-        haystack = f"{model.name} {state_label(model)} {model.quantization or ''}".lower()
+        haystack = f"{model.name} {model.alias_of or ''} {state_label(model)} {model.quantization or ''}".lower()
         return not needle or needle in haystack
 
     @property
@@ -160,16 +183,15 @@ class ModelsTable(DataTable[Text]):
             self._render_row(model)
 
     def patch(self, name: str, **changes: Any) -> None:
-        """Change fields of one row before the next poll brings the backend's word on it
-        (load progress arrives as events, a poll would be slower)."""
-        model = self._all.get(name)
-        if model is None:
-            return
-        model = replace(model, **changes)
-        self._all[name] = model
-        if name in self._models:
-            self._models[name] = model
-            self._render_row(model)
+        """Change fields of one model's row, and of its aliases' rows, before the next poll
+        brings the backend's word on them (load progress arrives as events, a poll would be
+        slower; events name the base model only)."""
+        for model in [m for m in self._all.values() if name in (m.name, m.alias_of)]:
+            model = replace(model, **changes)
+            self._all[model.name] = model
+            if model.name in self._models:
+                self._models[model.name] = model
+                self._render_row(model)
 
     def restyle(self) -> None:
         """Render every row again (after a theme change, or to move 'last used' on)."""
@@ -210,7 +232,8 @@ class ModelsTable(DataTable[Text]):
     def _cells_for(self, m: ModelInfo) -> dict[str, Text]:
         muted = self._style("muted")
         loaded = m.state in ("ready", "busy")
-        state_style = self._style(m.state) if m.state in STATES else muted
+        state = state_class(m)
+        state_style = self._style(state) if state in STATES else muted
         if m.ttl_left_s is not None:
             ttl = Text(format_duration(m.ttl_left_s))
         elif loaded and (m.pinned or m.keep_alive_s < 0):
@@ -221,7 +244,7 @@ class ModelsTable(DataTable[Text]):
         tps = Text(f"{m.tokens_per_s:.1f}") if m.tokens_per_s else Text(NA, muted)
         memory_style = None if m.measured_bytes is not None else muted
         return {
-            "name": Text(m.name, self._style("name")),
+            "name": self._name_cell(m),
             "state": Text(state_label(m), state_style),
             "size": Text(format_bytes(m.file_size) if m.file_size is not None else NA),
             "quant": Text(m.quantization or NA),
@@ -234,3 +257,10 @@ class ModelsTable(DataTable[Text]):
             "last_used": Text(format_ago(m.last_used, self.clock()),
                               None if m.last_used is not None else muted),
         }
+
+    def _name_cell(self, m: ModelInfo) -> Text:
+        """The name; an alias names its base model too (`alias → base`)."""
+        name = Text(m.name, self._style("name"))
+        if m.alias_of:
+            name.append(f" → {m.alias_of}", self._style("alias"))
+        return name

@@ -1,8 +1,10 @@
-"""The queue panel: per loaded model, requests waiting, slots in use and the oldest wait.
+"""The queue panel: per loaded model, requests waiting, slots in use and the oldest wait;
+under them, the loads waiting for their turn (loads go one at a time), next first.
 
 It draws from the same `ModelInfo` list as the models table (each status poll), so it costs
 nothing extra to keep current; the columns fit the panel's width, shortening model names
-first, so it reads at 80 columns as well as at 160.
+first, so it reads at 80 columns as well as at 160. Aliases share their base model's queue
+and load, so only base models get lines.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from rich.text import Text
 from textual.widget import Widget
 
 from .gauges import NA, component_style
+from .models_table import backing_models, is_waiting
 
 if TYPE_CHECKING:
     from corral.backend.snapshot import ModelInfo
@@ -34,7 +37,8 @@ def format_wait(seconds: float) -> str:
 
 
 class QueuePanel(Widget):
-    """One line per loaded model: `name  waiting  active/slots  oldest wait`."""
+    """One line per loaded model, `name  waiting  active/slots  oldest wait`, then one per
+    waiting load, `name  load waiting #N`."""
 
     COMPONENT_CLASSES = {"queue-panel--header", "queue-panel--name", "queue-panel--muted",
                          "queue-panel--waiting"}
@@ -42,16 +46,19 @@ class QueuePanel(Widget):
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
         self.models: tuple[ModelInfo, ...] = ()
+        self.waiting: tuple[ModelInfo, ...] = ()
 
     def update_models(self, models: Iterable[ModelInfo]) -> None:
-        """Show the queues of the loaded models among `models`."""
-        loaded = tuple(m for m in models if m.loaded or m.state == "unloading")
-        if loaded != self.models:
-            self.models = loaded
+        """Show the queues of the loaded models among `models`, and their waiting loads."""
+        own = backing_models(models)
+        loaded = tuple(m for m in own if m.loaded or m.state == "unloading")
+        waiting = tuple(sorted((m for m in own if is_waiting(m)), key=lambda m: m.load_position or 0))
+        if (loaded, waiting) != (self.models, self.waiting):
+            self.models, self.waiting = loaded, waiting
             self.refresh(layout=True)
 
     def get_content_height(self, container: object, viewport: object, width: int) -> int:
-        return 1 + max(1, len(self.models))
+        return 1 + max(1, len(self.models) + len(self.waiting))
 
     def render(self) -> Text:
         figures = sum(width + 1 for _, width in FIGURES)
@@ -59,15 +66,23 @@ class QueuePanel(Widget):
         text = Text(no_wrap=True, overflow="ellipsis")
         header = "model".ljust(name_width) + "".join(f" {h:>{w}}" for h, w in FIGURES)
         text.append(header, component_style(self, "queue-panel--header"))
-        if not self.models:
+        if not self.models and not self.waiting:
             text.append("\nno model loaded", component_style(self, "queue-panel--muted"))
             return text
         for m in self.models:
-            name = m.name if len(m.name) <= name_width else m.name[:name_width - 1] + "…"
             waiting_style = component_style(self, "queue-panel--waiting" if m.queued else "queue-panel--muted")
-            text.append("\n")
-            text.append(name.ljust(name_width), component_style(self, "queue-panel--name"))
+            self._start_line(text, m.name, name_width)
             text.append(f" {m.queued:>4}", waiting_style)
             text.append(f" {f'{m.active}/{m.n_parallel}':>5}")
             text.append(f" {format_wait(m.oldest_wait_s):>6}", waiting_style)
+        for m in self.waiting:
+            self._start_line(text, m.name, name_width)
+            text.append(f" {f'load waiting #{m.load_position}':>{figures - 1}}",
+                        component_style(self, "queue-panel--waiting"))
         return text
+
+    def _start_line(self, text: Text, name: str, width: int) -> None:
+        """Start a line with `name`, shortened with … to fit `width`."""
+        short = name if len(name) <= width else name[:width - 1] + "…"
+        text.append("\n")
+        text.append(short.ljust(width), component_style(self, "queue-panel--name"))
