@@ -4,6 +4,9 @@
     with LocalBackend() as backend:
         print(backend.sync.text("gemma-3-270m", "Once upon a time", max_tokens=40))
 
+In a notebook, `connect()` (or `connect(URL)` for a `corral serve`) gives the backend, and
+models, status and events show as tables (see notebook.py and display.py).
+
 Names are imported on first use, so `import corral.backend.events` (the console does) never
 loads llama.cpp; only a backend that runs models does.
 """
@@ -24,6 +27,8 @@ _EXPORTS = {
     "Chunk": "generation", "Embeddings": "generation", "RequestStats": "generation",
     "SamplingParams": "generation",
     "CorralError": "errors", "Event": "events", "ModelInfo": "snapshot", "Status": "snapshot",
+    "connect": "notebook", "print_stream": "notebook", "aprint_stream": "notebook",
+    "recent_events": "notebook", "ModelTable": "display", "EventLog": "display",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -37,8 +42,10 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from .api import Backend, LocalBackend, SyncBackend
     from .config import Settings, load_settings
+    from .display import EventLog, ModelTable
     from .errors import CorralError
     from .events import Event
     from .generation import Chunk, Embeddings, RequestStats, SamplingParams
+    from .notebook import aprint_stream, connect, print_stream, recent_events
     from .remote import RemoteBackend
     from .snapshot import ModelInfo, Status

@@ -97,16 +97,15 @@ class LocalBackend:
         self.response_cache = ResponseCache(self.settings.cache, bus=self.bus)
         self._refreshes: set[Future[None]] = set()  # background recomputes of stale answers
         self.telemetry = Telemetry()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="corral-backend", daemon=True)
-        self._thread.start()
+        self._runner = LoopThread("corral-backend")
+        self._loop, self._thread = self._runner.loop, self._runner.thread
         self.manager: Manager = self._submit(self._create_manager()).result()
         self._started: Future[None] = self._submit(self.manager.start())
         self._watcher: Future[None] | None = None
         if watch_config and self._source is not None:
             self._watcher = self._submit(self._watch_config(self._source.file))
         self._closed = False
-        self.sync = SyncBackend(self)
+        self.sync = SyncBackend(self, self._submit)
         _live.add(self)
 
     async def _create_manager(self) -> Manager:
@@ -117,7 +116,7 @@ class LocalBackend:
         return Manager(self.settings, self.bus, telemetry=self.telemetry, state_file=self._state_file)
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return self._runner.submit(coro)
 
     async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the backend loop and await it from whichever loop we are on."""
@@ -431,10 +430,7 @@ class LocalBackend:
             self._submit(self.manager.close()).result(timeout=120)
         finally:
             self.bus.close()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            if not self._thread.is_alive():
-                self._loop.close()
+            self._runner.stop()
             self.telemetry.close()
 
     def __enter__(self) -> LocalBackend:
@@ -500,14 +496,42 @@ async def _sync_value(fn: Any) -> Any:
     return fn()
 
 
-class SyncBackend:
-    """Blocking twins of LocalBackend's methods for scripts (and notebooks that prefer them)."""
+class LoopThread:
+    """An event loop running in a daemon thread of its own.
 
-    def __init__(self, backend: LocalBackend) -> None:
+    A caller blocks on a future of this loop, never on its own loop, so blocking calls work
+    from plain code and from inside a running loop alike (a Jupyter cell runs on the kernel's)."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        """Stop the loop and its thread (idempotent); the loop is closed once the thread ended."""
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class SyncBackend:
+    """Blocking twins of a backend's methods for scripts (and notebooks that prefer them).
+
+    Each call runs through `submit` on a loop other than the caller's: LocalBackend's own
+    loop, or a private one that RemoteBackend starts for its `sync`."""
+
+    def __init__(self, backend: Backend, submit: Callable[[Coroutine[Any, Any, Any]], Future[Any]]) -> None:
         self._backend = backend
+        self._submit = submit
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._backend._submit(coro).result()
+        return self._submit(coro).result()
 
     def models(self) -> list[ModelInfo]:
         return self._run(self._backend.models())
@@ -543,7 +567,7 @@ class SyncBackend:
         return self._run(self._backend.config_versions())
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run any coroutine on the backend's loop and wait for it (scripts, tests)."""
+        """Run any coroutine on the loop the twins use and wait for it (scripts, tests)."""
         return self._run(coro)
 
     def text(self, model: str, prompt: str, **options: Any) -> str:

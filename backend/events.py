@@ -16,6 +16,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
+from .display import repr_html, rich_renderable
+
 
 @dataclass(frozen=True, kw_only=True)
 class Event:
@@ -27,6 +29,9 @@ class Event:
     model: str | None = None
     request_id: str | None = None
     session_id: str | None = None
+
+    _repr_html_ = repr_html  # Jupyter and Rich show a one-row table (display.py)
+    __rich__ = rich_renderable
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

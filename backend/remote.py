@@ -13,13 +13,14 @@ console imports this module and must stay light and free of llama.cpp's log outp
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -32,6 +33,9 @@ from .generation import Chunk, Embeddings, RequestStats, sampling_params
 from .respcache import HIT, STALE
 from .versions import ConfigVersion
 from .snapshot import ModelInfo, Status
+
+if TYPE_CHECKING:
+    from .api import LoopThread, SyncBackend
 
 # Reconnecting the event stream: start fast (a restart of the server takes a second or two),
 # double per failure, and never wait longer than this between tries.
@@ -87,6 +91,7 @@ class RemoteBackend:
             weakref.WeakKeyDictionary())
         self._errors = _error_classes()
         self._closed = False
+        self._runner: LoopThread | None = None  # the loop of `sync`, started on its first use
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -435,19 +440,51 @@ class RemoteBackend:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _BACKOFF_CAP_S)
 
+    # -- blocking use ----------------------------------------------------------------------
+
+    @functools.cached_property
+    def sync(self) -> SyncBackend:
+        """Blocking twins of the methods, as `LocalBackend.sync` has (`backend.sync.models()`).
+
+        They run on a private loop thread, started on first use, so plain scripts and cells
+        inside Jupyter's running loop can both block on them."""
+        from .api import LoopThread, SyncBackend  # not at import: the console never blocks
+
+        self._runner = LoopThread("corral-remote-sync")
+        return SyncBackend(self, self._runner.submit)
+
+    def close(self) -> None:
+        """The blocking twin of `aclose` (scripts, `with`), usable inside a running loop too."""
+        if not self._closed:
+            self.sync.run(self.aclose())
+        if self._runner is not None:
+            self._runner.stop()
+
+    def __enter__(self) -> RemoteBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- shutdown --------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close every connection (open streams end); later calls raise. Idempotent."""
+        """Close every connection (open streams end) and stop the loop of `sync`; later calls
+        raise. Idempotent."""
         self._closed = True
         current = asyncio.get_running_loop()
         clients, self._clients = list(self._clients.items()), weakref.WeakKeyDictionary()
+        runner = self._runner
         for loop, client in clients:
             if loop is current:
                 await client.aclose()
             elif loop.is_running():  # another thread's loop: close it there
-                asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+                closing = asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+                if runner is not None and loop is runner.loop:
+                    await asyncio.wrap_future(closing)  # that loop stops next
             # a closed loop already took its connections down with it
+        if runner is not None and runner.loop is not current:  # on it, `close` stops it after
+            await asyncio.to_thread(runner.stop)
 
     async def __aenter__(self) -> RemoteBackend:
         await self.ready()

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
+from .display import repr_html, rich_renderable
 from .telemetry import GPUStats, HostStats
 
 
@@ -94,6 +95,9 @@ class ModelInfo:
     gpu_layers_total: int | None = None  # n_gpu_layers that offloads all of it (blocks + output)
     vram_estimate_bytes: int | None = None  # VRAM planned for those layers
 
+    _repr_html_ = repr_html  # Jupyter and Rich show a table (display.py)
+    __rich__ = rich_renderable
+
     @property
     def loaded(self) -> bool:
         return self.state in ("ready", "busy")
@@ -118,6 +122,9 @@ class Status:
     ram_budget: int
     ram_reserved: int  # measured (or estimated) memory of loaded and loading models
     max_loaded: int
+
+    _repr_html_ = repr_html  # Jupyter and Rich show tables of the host and the models (display.py)
+    __rich__ = rich_renderable
 
     def to_dict(self) -> dict[str, Any]:
         return {

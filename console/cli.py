@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, how long running requests may finish before they are ended (default: 10)")
 
+    web = sub.add_parser("web", help="serve the console to web browsers (textual-serve): one console per browser tab")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only: "
+                                                       "there is no login)")
+    web.add_argument("--port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
+    web.add_argument("--config", dest="web_config", metavar="FILE", help="TOML config file (as corral --config)")
+    web.add_argument("--attach", metavar="URL", help="each tab attaches to this `corral serve` (key: $CORRAL_API_KEY) "
+                                                     "instead of running models itself")
+    web.add_argument("--public-url", help="the address browsers reach this at, where not http://HOST:PORT (a proxy)")
+
     attach = sub.add_parser("attach", help="open the console on a running `corral serve`")
     attach.add_argument("url", help="the server, e.g. http://127.0.0.1:8377")
     attach.add_argument("--api-key", help="the server's key (default: $CORRAL_API_KEY)")
@@ -101,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "attach":
             return _attach(args)
+        if args.command == "web":
+            return _web(args)
         if args.command in ("reload", "config"):
             return _config_command(args)
         if args.command == "bench":
@@ -235,6 +246,29 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
         pass  # a host name: assume it is reachable from elsewhere
     return (f"listening on {host} without an API key: anyone who can reach this port can run, load and "
             "unload models; set CORRAL_API_KEY (or --api-key) or listen on 127.0.0.1")
+
+
+def _web(args: argparse.Namespace) -> int:
+    """Serve the console to browsers: textual-serve starts `corral console` (or `corral attach
+    URL`) per tab and relays it over a websocket, so this process loads neither Textual nor
+    llama.cpp."""
+    import shlex
+
+    from textual_serve.server import Server
+
+    from corral.backend.errors import ConfigError
+
+    if args.port == 0:
+        raise ConfigError("web --port 0: the page must tell browsers the port, so choose one")
+    config = args.web_config or args.config
+    command = [sys.executable, "-m", "corral.console.cli", *(["--config", config] if config else [])]
+    command += ["attach", args.attach] if args.attach else ["console"]
+    if exposure_warning(args.host, None):
+        print(f"corral web: warning: listening on {args.host}: there is no login, so anyone who can reach this "
+              "port gets the console and controls the models; listen on 127.0.0.1 and reach it through an SSH "
+              "tunnel or an authenticating proxy", file=sys.stderr, flush=True)
+    Server(shlex.join(command), host=args.host, port=args.port, title="corral", public_url=args.public_url).serve()
+    return 0
 
 
 def _attach(args: argparse.Namespace) -> int:
