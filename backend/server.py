@@ -782,6 +782,29 @@ def _openai_routes(api: APIRouter, state: ServerState) -> None:
         return {"object": "list", "data": listed}
 
 
+HIDDEN = "(hidden)"
+_SECRET_KEYS = frozenset({"api_key"})
+_SECRET_LINE = re.compile(r"(?m)^(\s*api_key\s*=\s*).*$")  # in a TOML file's text
+_SECRET_DIFF = re.compile(r"^(server\.api_key): .*$")  # a config diff line: "server.api_key: old → new"
+
+
+def without_secrets(value: Any, key: str | None = None) -> Any:
+    """`value` (a config version or an event, as JSON data) with every API key replaced.
+
+    A version carries its settings, the config file's text and a diff, and a config event
+    carries the diff: each would hand the key (and any earlier one) to whoever reads the
+    versions or the event stream. Rollback still works: it uses the backend's own copy."""
+    if key in _SECRET_KEYS and value is not None:
+        return HIDDEN
+    if isinstance(value, dict):
+        return {k: without_secrets(v, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_secrets(v) for v in value]
+    if isinstance(value, str):
+        return _SECRET_LINE.sub(rf'\g<1>"{HIDDEN}"', _SECRET_DIFF.sub(rf"\g<1>: changed {HIDDEN}", value))
+    return value
+
+
 def _encode(vector: list[float], encoding: str) -> list[float] | str:
     """base64 is what the official OpenAI client asks for by default: little-endian float32."""
     if encoding == "base64":
@@ -799,23 +822,23 @@ def _admin_routes(api: APIRouter, state: ServerState) -> None:
     @api.post("/api/config/reload")
     async def reload_config() -> dict[str, Any]:
         """Read the config file again and apply what changed (400 naming the key if invalid)."""
-        return (await backend.reload_config("api")).to_dict()
+        return without_secrets((await backend.reload_config("api")).to_dict())
 
     @api.get("/api/config/versions")
     async def config_versions() -> dict[str, Any]:
         versions = await backend.config_versions()
-        return {"current": versions[-1].number, "versions": [v.to_dict() for v in versions]}
+        return {"current": versions[-1].number, "versions": [without_secrets(v.to_dict()) for v in versions]}
 
     @api.get("/api/config/versions/{number}")
     async def config_version(number: int) -> dict[str, Any]:
         for version in await backend.config_versions():
             if version.number == number:
-                return version.to_dict(with_settings=True)
+                return without_secrets(version.to_dict(with_settings=True))
         raise NotFound(f"config version {number} does not exist; list them at /api/config/versions")
 
     @api.post("/api/config/rollback/{number}")
     async def rollback_config(number: int) -> dict[str, Any]:
-        return (await backend.rollback_config(number, "api")).to_dict()
+        return without_secrets((await backend.rollback_config(number, "api")).to_dict())
 
     @api.post("/api/models/{name:path}/load")
     async def load(name: str) -> dict[str, Any]:
@@ -897,7 +920,7 @@ async def _event_stream(subscription: AsyncIterator[Event], stopping: asyncio.Ev
             except StopAsyncIteration:  # the backend closed its bus
                 return
             pending = None
-            data = json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))
+            data = json.dumps(without_secrets(event.to_dict()), ensure_ascii=False, separators=(",", ":"))
             head = f"id: {event.seq}\n" if event.seq else ""  # a Dropped notice has no seq to resume from
             yield f"{head}event: {event.type}\ndata: {data}\n\n"
     finally:
