@@ -1,18 +1,23 @@
 """Security (issue 8): the key guards every route but /health and is compared in constant
-time; nothing outside the configured model folders can be loaded through the API; the key
-never shows where it could leak (config versions, diffs, the console).
+time; `corral serve` listens on loopback unless told otherwise and warns when it listens
+beyond it without a key; nothing outside the configured model folders can be loaded through
+the API; the key never shows where it could leak (config versions, diffs, events, the console).
 
 Covered in test_server.py and not repeated: the request body limit
 (test_oversized_body_is_a_413), the 401 answers of a real keyed server
-(test_auth_needs_the_key_everywhere_but_health), the warning for a non-loopback bind without
-a key (test_exposure_warning).
+(test_auth_needs_the_key_everywhere_but_health), which hosts count as loopback
+(test_exposure_warning).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +31,8 @@ from corral.backend.config import ServerSettings
 from corral.backend.remote import RemoteBackend
 from corral.backend.server import create_app
 from ggufs import write_tiny_llama
-from test_server import (HELLO, TINY, Server, StubBackend, assert_error, models, replayed_events, start_server,
-                         write_config)
+from test_server import (HELLO, TINY, WRAPPER, Server, StubBackend, assert_error, models, replayed_events,
+                         start_server, write_config)
 
 __all__ = ["models"]
 
@@ -89,6 +94,23 @@ def test_the_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -
 
 def test_serve_listens_on_loopback_unless_told_otherwise() -> None:
     assert ServerSettings().host == "127.0.0.1"
+
+
+def test_serve_warns_when_it_listens_beyond_loopback_without_a_key(tmp_path: Path,
+                                                                   models: tuple[Path, Path]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env["CORRAL_STATE_FILE"] = str(tmp_path / "state.json")
+    command = [sys.executable, "-c", WRAPPER, "serve", "--config", str(write_config(tmp_path, *models)),
+               "--host", "0.0.0.0", "--port", "0"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            assert re.match(r"corral serve: listening on http://0\.0\.0\.0:\d+", proc.stdout.readline())
+        finally:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        log = proc.stderr.read()
+    assert "corral serve: warning: listening on 0.0.0.0 without an API key" in log, log
 
 
 @pytest.fixture(scope="module")
