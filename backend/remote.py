@@ -232,12 +232,13 @@ class RemoteBackend:
     # -- configuration ---------------------------------------------------------------------
 
     async def reload_config(self, source: str = "api") -> ConfigVersion:
-        """Ask the server to read its config file again (`source` is the server's to name)."""
-        return ConfigVersion.from_dict(await self._request("POST", "/api/config/reload", timeout=self._waiting()))
+        """Ask the server to read its config file again; `source` is api, console or cli."""
+        return ConfigVersion.from_dict(await self._request("POST", "/api/config/reload", params={"source": source},
+                                                           timeout=self._waiting()))
 
     async def rollback_config(self, number: int, source: str = "api") -> ConfigVersion:
         return ConfigVersion.from_dict(await self._request("POST", f"/api/config/rollback/{int(number)}",
-                                                           timeout=self._waiting()))
+                                                           params={"source": source}, timeout=self._waiting()))
 
     async def config_versions(self) -> list[ConfigVersion]:
         data = await self._request("GET", "/api/config/versions")

@@ -820,9 +820,9 @@ def _admin_routes(api: APIRouter, state: ServerState) -> None:
         return (await backend.status()).to_dict()
 
     @api.post("/api/config/reload")
-    async def reload_config() -> dict[str, Any]:
+    async def reload_config(source: str = "api") -> dict[str, Any]:
         """Read the config file again and apply what changed (400 naming the key if invalid)."""
-        return without_secrets((await backend.reload_config("api")).to_dict())
+        return without_secrets((await backend.reload_config(_config_source(source))).to_dict())
 
     @api.get("/api/config/versions")
     async def config_versions() -> dict[str, Any]:
@@ -837,8 +837,8 @@ def _admin_routes(api: APIRouter, state: ServerState) -> None:
         raise NotFound(f"config version {number} does not exist; list them at /api/config/versions")
 
     @api.post("/api/config/rollback/{number}")
-    async def rollback_config(number: int) -> dict[str, Any]:
-        return without_secrets((await backend.rollback_config(number, "api")).to_dict())
+    async def rollback_config(number: int, source: str = "api") -> dict[str, Any]:
+        return without_secrets((await backend.rollback_config(number, _config_source(source))).to_dict())
 
     @api.post("/api/models/{name:path}/load")
     async def load(name: str) -> dict[str, Any]:
@@ -1045,6 +1045,17 @@ async def serve(backend: Backend, *, host: str = "127.0.0.1", port: int = 8377, 
             loop.remove_signal_handler(signum)
         with contextlib.suppress(Exception):
             sock.close()
+
+
+CONFIG_SOURCES = ("api", "console", "cli")  # who may be named as a config change's source over HTTP
+
+
+def _config_source(source: str) -> str:
+    """The `source` a client names for a reload or rollback, from a short fixed list so the
+    version history cannot be filled with arbitrary text."""
+    if source not in CONFIG_SOURCES:
+        raise BadRequest(f"source = {source!r}: must be one of {', '.join(CONFIG_SOURCES)}")
+    return source
 
 
 def _log_reload(task: asyncio.Future[Any]) -> None:

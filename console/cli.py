@@ -315,7 +315,7 @@ def _config_command(args: argparse.Namespace) -> int:
     async def talk() -> int:
         async with RemoteBackend(args.url, api_key=args.api_key or os.environ.get("CORRAL_API_KEY") or None) as remote:
             if args.command == "reload":
-                _print_version(await remote.reload_config())
+                _print_version(await remote.reload_config("cli"))
             elif args.config_command == "history":
                 for version in await remote.config_versions():
                     _print_version(version)
@@ -323,7 +323,7 @@ def _config_command(args: argparse.Namespace) -> int:
                 text = await remote.config_text(args.number)
                 print(text if text is not None else "# (no config file: defaults and environment only)")
             else:
-                _print_version(await remote.rollback_config(args.number))
+                _print_version(await remote.rollback_config(args.number, "cli"))
         return 0
 
     return asyncio.run(talk())

@@ -373,8 +373,9 @@ async def test_gpu_panel_shows_each_gpu() -> None:
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await wait_for(pilot, lambda: bool(app.screen.query(".gpu-row")))
-        await pilot.pause(0.05)
         row = app.screen.query_one(".gpu-row")
+        # the row's widgets fill in as the first status arrives: wait for that, not a fixed time
+        await wait_for(pilot, lambda: row.query_one(".gpu-vram").value_text == "12.0/80.0 GiB")
         assert "GPU0 NVIDIA H100 80GB HBM3" in str(row.query_one(".gpu-name").render())
         assert row.query_one(".gpu-vram").value_text == "12.0/80.0 GiB"
         assert row.query_one(".gpu-util").value_text == "37%"

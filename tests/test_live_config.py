@@ -215,3 +215,20 @@ async def test_waiting_loads_go_by_priority() -> None:
     assert order == ["high", "mid2", "low"]
     async with gate.hold("again", 0):  # the gate is free again
         pass
+
+
+def test_a_new_model_dir_adds_its_models_and_a_dropped_one_removes_them(
+        backend: LocalBackend, config_file: Callable[..., Path], tmp_path: Path, tiny_gguf: Callable[..., Path]) -> None:
+    extra = tmp_path / "more"
+    extra.mkdir()
+    (extra / "tiny-d.gguf").write_bytes(tiny_gguf("tiny-d").read_bytes())
+    text = config_file().read_text().replace("model_dirs = [", f"model_dirs = [{str(extra)!r}, ")
+    backend._source.file.write_text(text)
+    version = backend.sync.reload_config()
+    assert any(line.startswith("model_dirs:") for line in version.diff)
+    assert "tiny-d" in [m.name for m in backend.sync.models()]
+    backend.sync.load("tiny-d")
+    config_file()  # the extra folder is gone from the config again
+    version = backend.sync.reload_config()
+    assert "tiny-d: no longer configured; unloading once its requests finish" in version.actions
+    wait_for(lambda: "tiny-d" not in [m.name for m in backend.sync.models()], what="tiny-d to go")

@@ -716,6 +716,7 @@ def test_config_reload_versions_rollback_and_sighup(tmp_path: Path, models: tupl
             assert rolled["number"] == 3 and "rollback to 1" in rolled["source"]
             assert config.read_text() == original  # the file follows the rollback
             assert_error(post(http, "/api/config/rollback/99", None), 404, "not_found", "version 99")
+            assert_error(post(http, "/api/config/reload?source=anything", None), 400, "invalid_request", "source")
             shown = http.get("/api/config/versions/2").json()
             assert shown["settings"]["defaults"]["keep_alive"] == 120 and "keep_alive = 120" in shown["text"]
 
@@ -730,7 +731,8 @@ def test_config_reload_versions_rollback_and_sighup(tmp_path: Path, models: tupl
         assert "version 4" in history.stdout and "defaults.keep_alive: -1.0 → 30.0" in history.stdout
         config.write_text(original)
         reloaded = corral_cli("reload", "--url", server.url, root=tmp_path)
-        assert reloaded.returncode == 0 and "version 5" in reloaded.stdout, reloaded.stderr
+        assert reloaded.returncode == 0 and "version 5  " in reloaded.stdout and " cli" in reloaded.stdout, \
+            reloaded.stderr
         missing = corral_cli("config", "rollback", "42", "--url", server.url, root=tmp_path)
         assert missing.returncode == 1 and "config version 42 does not exist" in missing.stderr
     finally:
