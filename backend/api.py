@@ -307,8 +307,10 @@ class LocalBackend:
         """Run `request` on its model: acquire it (loading if needed), tokenize off the loop, stream."""
         async with self._lease(request.model, request.keep_alive) as lease:
             tokens = await asyncio.to_thread(request.tokens, lease.engine)
+            stop_tokens = lease.engine.weights.turn_tokens if request.kind == "chat" else frozenset()
             async with contextlib.aclosing(lease.engine.stream(tokens, request.params, request_id=request_id,
-                                                               session_id=session_id)) as chunks:
+                                                               session_id=session_id,
+                                                               stop_tokens=stop_tokens)) as chunks:
                 async for chunk in chunks:
                     yield chunk
 

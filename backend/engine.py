@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import ctypes
+import functools
 import itertools
 import logging
 import sys
@@ -67,6 +68,11 @@ class ContextSettings:
 
 
 ProgressFn = Callable[[float], None]
+
+# Turn delimiters of the chat formats in use (gemma, chatml, llama 3, phi 3); a vocabulary that
+# has one as a single control token gets it as a stop token for chat requests.
+TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>",
+                "<|eot_id|>", "<|end|>", "<|user|>", "<|assistant|>")
 
 
 class ModelWeights:
@@ -155,6 +161,18 @@ class ModelWeights:
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    @functools.cached_property
+    def turn_tokens(self) -> frozenset[int]:
+        """Control tokens that open or close a chat turn in this vocabulary. A chat answer ends
+        at any of them: a small or base model that skips its end-of-turn token goes on to write
+        the user's next turn itself, and that text is not the assistant's answer."""
+        found = set()
+        for marker in TURN_MARKERS:
+            tokens = self.tokenize(marker, add_special=False, parse_special=True)
+            if len(tokens) == 1 and llama_cpp.llama_vocab_is_control(self.vocab, tokens[0]):
+                found.add(tokens[0])
+        return frozenset(found)
 
     def gguf_chat_template(self) -> str | None:
         raw = llama_cpp.llama_model_chat_template(self._model, None)
@@ -289,6 +307,7 @@ class _Request:
     params: SamplingParams
     delivery: _Delivery
     sampler: llama_cpp.llama_sampler_p | None = None  # None: plain greedy (numpy argmax)
+    stop_tokens: frozenset[int] = frozenset()  # besides end-of-generation (chat: turn delimiters)
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
 
@@ -329,7 +348,7 @@ class _Sequence:
         self.last_token = token
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        if not params.ignore_eos and self._weights.is_eog(token):
+        if not params.ignore_eos and (self._weights.is_eog(token) or token in self.request.stop_tokens):
             return self._flush(), "stop"
         self.text += self._decoder.decode(self._weights.piece(token))
         if params.stop:
@@ -574,7 +593,7 @@ class Engine:
         return embedder.embed(texts)
 
     def submit(self, tokens: list[int], params: SamplingParams, *, request_id: str | None = None,
-               session_id: str | None = None) -> _Request:
+               session_id: str | None = None, stop_tokens: frozenset[int] = frozenset()) -> _Request:
         """Queue a request; chunks arrive on the calling loop's queue. Raises QueueFull/BadRequest."""
         params.validate()
         if not tokens:
@@ -585,7 +604,8 @@ class Engine:
                 f"{self.n_ctx}; shorten the prompt or raise n_ctx"
             )
         request = _Request(request_id or uuid.uuid4().hex, session_id, tokens, params,
-                           _Delivery(asyncio.get_running_loop()), _make_sampler(params, self.weights.n_vocab))
+                           _Delivery(asyncio.get_running_loop()), _make_sampler(params, self.weights.n_vocab),
+                           stop_tokens=stop_tokens)
         with self._cv:
             refusal: Exception | None = None
             if self._closing:
@@ -607,9 +627,9 @@ class Engine:
             self._cv.notify()
 
     async def stream(self, tokens: list[int], params: SamplingParams, *, request_id: str | None = None,
-                     session_id: str | None = None) -> AsyncIterator[Chunk]:
+                     session_id: str | None = None, stop_tokens: frozenset[int] = frozenset()) -> AsyncIterator[Chunk]:
         """Submit and yield chunks; leaving the iterator early cancels the request."""
-        request = self.submit(tokens, params, request_id=request_id, session_id=session_id)
+        request = self.submit(tokens, params, request_id=request_id, session_id=session_id, stop_tokens=stop_tokens)
         try:
             while True:
                 chunk = await request.delivery.queue.get()

@@ -130,3 +130,13 @@ async def test_a_batched_burst_gives_identical_reruns() -> None:
     same = sum(a == b for a, b in zip(first, alone))
     prefix = sum(len(os.path.commonprefix([a, b])) for a, b in zip(first, alone))
     print(f"\nbatched vs alone: {same}/8 texts identical, {prefix}/{sum(map(len, alone))} chars of common prefix")
+
+
+def test_gemma_turn_delimiters_stop_chat_answers() -> None:
+    weights = ModelWeights(str(default_model_path()))
+    try:
+        start, end = (weights.tokenize(m, add_special=False, parse_special=True)
+                      for m in ("<start_of_turn>", "<end_of_turn>"))
+        assert weights.turn_tokens == {start[0], end[0]}
+    finally:
+        weights.release()

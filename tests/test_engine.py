@@ -310,3 +310,17 @@ async def test_no_kv_leak_after_1000_short_requests(engine_factory: Any) -> None
     assert all(ours == theirs for ours, theirs in cells.values()), cells  # bookkeeping == llama.cpp
     # What stays is at most one cached prompt + answer per sequence, ready for reuse.
     assert 0 < sum(ours for ours, _ in cells.values()) <= 4 * (10 + 6)
+
+
+async def test_a_stop_token_ends_the_answer_like_end_of_generation(engine_factory: Any) -> None:
+    """Chat requests stop at turn delimiters (ModelWeights.turn_tokens): the engine treats a
+    request's stop tokens as it treats end-of-generation, and ignore_eos overrides both."""
+    engine = engine_factory()
+    tokens = engine.weights.tokenize("Once upon a time", add_special=True)
+    every = frozenset(range(engine.weights.n_vocab))
+    chunks = [c async for c in engine.stream(tokens, SamplingParams(temperature=0.0, max_tokens=8),
+                                             stop_tokens=every)]
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].stats.completion_tokens == 1
+    assert "".join(c.text for c in chunks) == ""  # the delimiter itself is not part of the answer
+    _, last = await run(engine, "Once upon a time", max_tokens=8, ignore_eos=True)
+    assert last.stats.completion_tokens == 8
