@@ -24,8 +24,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import llama_cpp
 import numpy as np
@@ -37,6 +38,7 @@ from .generation import Chunk, RequestStats, SamplingParams
 from .events import EventBus, RequestFinished, RequestStarted
 
 log = logging.getLogger("corral.engine")
+T = TypeVar("T")
 
 # After each decode the scheduler thread needs the GIL back, often from an event loop that is
 # busy writing the previous step's chunks. With CPython's default 5 ms switch interval it can
@@ -518,11 +520,10 @@ class Engine:
         self._recent_tokens: deque[tuple[float, int]] = deque(maxlen=256)
         self._thread = threading.Thread(target=self._run, name=f"engine-{model_name}-{next(self._ids)}",
                                         daemon=True)
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
-        # Embeddings get a thread of their own: a backlog of them must not occupy the shared
-        # worker pool that tokenizing and telemetry use for every model.
-        self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix=f"embed-{model_name}")
         self._embed_waiting = 0
         self.failure: str | None = None
         self.on_failure: Callable[[str], None] | None = None  # set by the manager; any thread
@@ -530,13 +531,22 @@ class Engine:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self, warmup: bool = True) -> None:
-        """Warm up (one tiny decode, so the first request does not pay for page faults and
-        graph allocation) and start the scheduler thread. Blocking: call off the event loop."""
-        if warmup:
-            self._warmup()
+        """Start the scheduler thread and wait for its warm-up (one tiny decode, so the first
+        request does not pay for page faults and graph allocation). Blocking: call off the
+        event loop.
+
+        The warm-up runs on the scheduler thread itself, like every later decode. llama.cpp's
+        CPU backend parallelises with OpenMP, which keeps a team of threads per calling thread
+        for as long as that thread lives; a second team (a warm-up on a pool thread that stays
+        alive) makes OpenMP count more threads than cores and sleep between parallel regions,
+        which cost 25-30 % of decode speed here (tests/benchmarks/ceiling.py)."""
         if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:  # process-wide; only ever lowered
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        self._warmup_wanted = warmup
         self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
 
     def _warmup(self) -> None:
         token = self.weights.bos if self.weights.bos >= 0 else 0
@@ -558,7 +568,6 @@ class Engine:
             self._thread.join()
         else:
             self._finish_all("cancelled", "model unloaded")
-        self._embed_pool.shutdown(wait=False, cancel_futures=True)
         with self._embedder_lock:
             if self._embedder is not None:
                 self._embedder.close()
@@ -570,13 +579,17 @@ class Engine:
     # -- requests --------------------------------------------------------------------------
 
     async def embed_async(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """`embed` on the model's embedding thread; beyond `max_queue` waiting, QueueFull."""
+        """`embed` on a thread of its own; beyond `max_queue` waiting, QueueFull.
+
+        A fresh thread per call, not a pool: a thread that decodes keeps an OpenMP team while it
+        lives, and an idle team slows every generation decode (see `start`). Calls still run one
+        at a time (the embedder's lock), and a backlog never occupies the shared worker pool."""
         with self._embedder_lock:
             if self._embed_waiting > self.settings.max_queue:
                 raise QueueFull(self.model_name, self._embed_waiting)
             self._embed_waiting += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._embed_pool, self.embed, texts)
+            return await asyncio.wrap_future(_in_own_thread(self.embed, texts, name=f"embed-{self.model_name}"))
         finally:
             with self._embedder_lock:
                 self._embed_waiting -= 1
@@ -662,6 +675,14 @@ class Engine:
     # -- scheduler thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            if self._warmup_wanted:
+                self._warmup()
+        except BaseException as exc:  # start() raises it in the loading thread
+            self._start_error = exc
+            return
+        finally:
+            self._started.set()
         try:
             while True:
                 with self._cv:
@@ -842,6 +863,22 @@ class Engine:
     def _publish(self, event: RequestStarted | RequestFinished) -> None:
         if self.bus is not None:
             self.bus.publish(event)
+
+
+def _in_own_thread(fn: Callable[..., T], *args: Any, name: str) -> Future[T]:
+    """Run `fn(*args)` on a new thread that ends with it; the future carries its outcome."""
+    future: Future[T] = Future()
+
+    def work() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return future
 
 
 def _put_all(items: list[tuple[_Delivery, Chunk]]) -> None:

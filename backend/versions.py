@@ -16,6 +16,7 @@ from .config import Settings
 from .errors import NotFound
 
 MAX_VERSIONS = 100
+SECRET_KEYS = frozenset({"server.api_key"})
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ def diff_settings(old: Settings, new: Settings) -> list[str]:
     for key, (a, b) in sorted(changes.items()):
         if key in whole:
             lines.append(f"{key}: {'added' if a is None else 'removed'}")
+        elif key in SECRET_KEYS:  # diffs travel to event logs and screens: say that, not what
+            lines.append(f"{key}: changed (hidden)")
         elif not any(key.startswith(entry + ".") for entry in whole):
             lines.append(f"{key}: {_show(a)} → {_show(b)}")
     return lines
