@@ -80,6 +80,7 @@ class Settings:
     max_tokens: int
     long_prompt_tokens: int
     ignore_eos: bool
+    response_cache: bool
     timeout_s: float
     duration_s: float | None  # soak mode when set
     concurrency: int | None  # the soak's level; None: the highest of `levels`
@@ -173,6 +174,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                         help="generate all --max-tokens even past end-of-text, so every request costs the "
                              "same (default: on)")
+    parser.add_argument("--response-cache", action=argparse.BooleanOptionalAction, default=False,
+                        help="let corral answer repeated requests from its response cache (default: off, "
+                             "each request sends \"cache\": false so every one is decoded)")
     parser.add_argument("--timeout", type=_duration, default=120.0, metavar="DURATION",
                         help="per request, queue wait included (default: 120s)")
     parser.add_argument("--duration", type=_duration, metavar="DURATION",
@@ -196,7 +200,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     levels=args.levels, requests=args.requests, step_seconds=args.step_seconds,
                     scenarios=args.scenarios, seed=args.seed, max_tokens=args.max_tokens,
                     long_prompt_tokens=args.long_prompt_tokens, ignore_eos=args.ignore_eos,
-                    timeout_s=args.timeout, duration_s=args.duration, concurrency=args.concurrency,
+                    response_cache=args.response_cache, timeout_s=args.timeout, duration_s=args.duration, concurrency=args.concurrency,
                     report_every_s=args.report_every, json_path=args.json)
 
 
@@ -223,6 +227,7 @@ class Workload:
     weights: dict[str, float]
     max_tokens: int
     ignore_eos: bool
+    response_cache: bool = False  # off: every step repeats the same requests, and hits would not decode
     long_words: int = 256
 
     def picker(self, seed: str) -> Callable[[int], Call]:
@@ -236,6 +241,8 @@ class Workload:
         generation = {"model": self.model, "max_tokens": self.max_tokens, "temperature": 0}
         if self.ignore_eos:
             generation["ignore_eos"] = True
+        if not self.response_cache:
+            generation["cache"] = False
         if scenario == "short_chat":
             return Call(scenario, "/v1/chat/completions", {**generation, "messages": self._question(k)})
         if scenario == "stream":
@@ -918,7 +925,8 @@ async def bench(settings: Settings, report: Report) -> None:
                                  timeout=httpx.Timeout(settings.timeout_s, connect=10.0)) as client:
         model = await choose_model(client, settings)
         ps = await read_ps(client, settings)
-        workload = Workload(model, settings.scenarios, settings.max_tokens, settings.ignore_eos)
+        workload = Workload(model, settings.scenarios, settings.max_tokens, settings.ignore_eos,
+                            settings.response_cache)
         report.say(f"corral bench: {model} at {settings.url}; warming up (this loads the model if needed)")
         prompt_tokens = await warm_up(client, settings, workload, ps)
         report.target = Target(model, ps, workload.long_words, prompt_tokens)

@@ -210,3 +210,11 @@ def test_a_stream_gives_ttft_tokens_and_stream_errors() -> None:
     assert no_usage.tokens == 2
     failed = run_send(sse(piece, {"choices": [], "error": {"message": "engine failure"}}), STREAM)
     assert (failed.status, failed.error, failed.detail) == ("error", "stream error", "engine failure")
+
+
+def test_requests_bypass_the_response_cache_unless_asked() -> None:
+    """Every step repeats the same requests; answered from corral's cache they would not decode."""
+    mix = {"short_chat": 1, "stream": 1, "long_prompt": 1, "embeddings": 0}
+    for scenario in ("short_chat", "stream", "long_prompt"):
+        assert Workload("m", mix, 8, True).call(scenario, 0).body["cache"] is False
+        assert "cache" not in Workload("m", mix, 8, True, response_cache=True).call(scenario, 0).body
