@@ -44,6 +44,7 @@ T = TypeVar("T")
 # busy writing the previous step's chunks. With CPython's default 5 ms switch interval it can
 # wait that long while the cores idle; 0.5 ms measured +5-9 % tok/s at 1 and 8 streams here.
 GIL_SWITCH_INTERVAL_S = 0.0005
+IDLE_EXIT_S = 1.0  # a scheduler thread with no work for this long ends (Engine._spawn)
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -518,8 +519,8 @@ class Engine:
         self._cv = threading.Condition()
         self._closing = False
         self._recent_tokens: deque[tuple[float, int]] = deque(maxlen=256)
-        self._thread = threading.Thread(target=self._run, name=f"engine-{model_name}-{next(self._ids)}",
-                                        daemon=True)
+        self._thread: threading.Thread | None = None
+        self._scheduling = False  # a scheduler thread is running (or starting); under self._cv
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._embedder: Embedder | None = None
@@ -542,11 +543,20 @@ class Engine:
         which cost 25-30 % of decode speed here (tests/benchmarks/ceiling.py)."""
         if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:  # process-wide; only ever lowered
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        self._warmup_wanted = warmup
-        self._thread.start()
+        with self._cv:
+            self._spawn(warmup)
         self._started.wait()
         if self._start_error is not None:
             raise self._start_error
+
+    def _spawn(self, warmup: bool = False) -> None:
+        """Start a scheduler thread (caller holds the lock). One runs while there is work; it
+        ends after IDLE_EXIT_S without any, taking its OpenMP team with it, so an idle model
+        does not slow the decodes of a busy one (see `start`); the next request starts one."""
+        self._scheduling = True
+        self._thread = threading.Thread(target=self._run, args=(warmup,), daemon=True,
+                                        name=f"engine-{self.model_name}-{next(self._ids)}")
+        self._thread.start()
 
     def _warmup(self) -> None:
         token = self.weights.bos if self.weights.bos >= 0 else 0
@@ -564,8 +574,9 @@ class Engine:
                 return
             self._closing = True
             self._cv.notify_all()
-        if self._thread.is_alive():
-            self._thread.join()
+            thread = self._thread if self._scheduling else None
+        if thread is not None:
+            thread.join()  # it ends every request it has
         else:
             self._finish_all("cancelled", "model unloaded")
         with self._embedder_lock:
@@ -628,6 +639,8 @@ class Engine:
             else:
                 self._pending.append(request)
                 self._cv.notify()
+                if not self._scheduling and self._started.is_set():  # an unstarted engine only queues
+                    self._spawn()
         if refusal is not None:
             request.free_sampler()
             raise refusal
@@ -674,12 +687,14 @@ class Engine:
 
     # -- scheduler thread ------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, warmup: bool) -> None:
         try:
-            if self._warmup_wanted:
+            if warmup:
                 self._warmup()
         except BaseException as exc:  # start() raises it in the loading thread
             self._start_error = exc
+            with self._cv:
+                self._scheduling = False
             return
         finally:
             self._started.set()
@@ -687,7 +702,9 @@ class Engine:
             while True:
                 with self._cv:
                     while not self._closing and not self._pending and not self._running:
-                        self._cv.wait()
+                        if not self._cv.wait(IDLE_EXIT_S) and not (self._pending or self._running or self._closing):
+                            self._scheduling = False  # idle: end; the next submit starts a thread
+                            return
                     if self._closing:
                         break
                     self._admit()

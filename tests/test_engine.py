@@ -324,3 +324,26 @@ async def test_a_stop_token_ends_the_answer_like_end_of_generation(engine_factor
     assert "".join(c.text for c in chunks) == ""  # the delimiter itself is not part of the answer
     _, last = await run(engine, "Once upon a time", max_tokens=8, ignore_eos=True)
     assert last.stats.completion_tokens == 8
+
+
+async def test_an_idle_scheduler_thread_ends_and_the_next_request_starts_one(
+        engine_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle thread would keep its OpenMP team and slow other models' decodes (Engine._spawn)."""
+    import threading
+
+    from corral.backend import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "IDLE_EXIT_S", 0.05)
+    engine = engine_factory()
+    first, _ = await run(engine, "Once upon a time", max_tokens=6, ignore_eos=True)
+
+    def scheduler_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith(f"engine-{engine.model_name}-")]
+
+    for _ in range(100):
+        if not scheduler_threads():
+            break
+        await asyncio.sleep(0.02)
+    assert not scheduler_threads()
+    again, last = await run(engine, "Once upon a time", max_tokens=6, ignore_eos=True)
+    assert again == first and last.stats.completion_tokens == 6
