@@ -473,10 +473,6 @@ class _SlotCache:
         """Free sequences that still hold KV: the first thing to drop when the cache is full."""
         return [seq for seq in self.free if self.tokens[seq]]
 
-    @property
-    def cached_tokens(self) -> int:
-        return sum(map(len, self.tokens))
-
 
 @dataclass(frozen=True)
 class EngineLoad:

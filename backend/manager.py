@@ -229,9 +229,10 @@ class Manager:
     async def start(self) -> None:
         """Scan the catalog, start the idle reaper and the preload list (failures become events)."""
         await self.rescan()
+        names = self.catalog.names()
         for alias in self.settings.aliases:
             try:
-                self._check_alias(alias, self.catalog.names())
+                self._check_alias(alias, names)
             except ConfigError as exc:  # at start a bad alias must not keep everything else down
                 self.bus.publish(Notice(model=alias.name, level="error", message=f"{exc}; alias left out"))
             else:
@@ -300,7 +301,11 @@ class Manager:
             log.warning("cannot save warm-restart state to %s: %s", path, exc)
 
     async def rescan(self) -> list[ModelInfo]:
-        entries = await asyncio.to_thread(self.catalog.refresh)
+        self._adopt(await asyncio.to_thread(self.catalog.refresh))
+        return self.models()
+
+    def _adopt(self, entries: list[CatalogEntry]) -> None:
+        """Records for new names; fresh entries and estimates for models not loaded."""
         winners: dict[str, CatalogEntry] = {}
         for entry in entries:  # the catalog lists a name's winner first; the rest lost a clash
             winners.setdefault(entry.name, entry)
@@ -311,7 +316,6 @@ class Manager:
             elif record.state in (State.AVAILABLE, State.FAILED):
                 record.entry = entry
                 record.estimate = self._estimate(entry, record.settings)
-        return self.models()
 
     def _new_record(self, entry: CatalogEntry) -> Record:
         settings = self.settings.effective(entry.name)
@@ -380,8 +384,8 @@ class Manager:
         catalog = self.catalog
         if _catalog_sources(new) != _catalog_sources(old):
             catalog = Catalog(new.model_dirs, {m.name: m.path for m in new.models}, new.include_default_model)
-            await asyncio.to_thread(catalog.refresh)
-        names = catalog.names()
+        entries = await asyncio.to_thread(catalog.refresh)  # one scan: it checks aliases and is adopted
+        names = sorted({entry.name for entry in entries})
         for alias in new.aliases:
             self._check_alias(alias, names)
         self.settings, self.catalog = new, catalog
@@ -391,11 +395,12 @@ class Manager:
             self.ram_budget = new.budgets.ram_bytes or default_ram_budget(new.budgets.ram_fraction)
             actions.append(f"budgets applied (RAM budget {format_bytes(self.ram_budget)}, "
                            f"max_loaded {new.budgets.max_loaded})")
-        await self.rescan()
+        self._adopt(entries)
         for name, record in list(self._records.items()):
             actions += self._retire(record) if name not in names else self._reconfigure(record, old, new)
+        preloaded = set(self._preload_names(old))
         for name in self._preload_names(new):
-            if name not in self._preload_names(old):
+            if name not in preloaded:
                 asyncio.create_task(self._preload(name))
                 actions.append(f"{name}: preloading")
         if new.server != old.server:
