@@ -35,7 +35,7 @@ from .events import (EventBus, LoadProgress, ModelLoaded, Notice, PinChanged, Re
                      Subscription, wait_event)
 from .files import write_atomic
 from .ggufmeta import GGUFInfo
-from .memory import MemoryEstimate, default_ram_budget, estimate, format_bytes, process_rss
+from .memory import MemoryEstimate, default_ram_budget, estimate, format_bytes, process_rss, return_free_memory
 from .placement import GPURoom, Placement, eviction_target, fewer_layers, gpu_oom_line, plan
 from .snapshot import ModelInfo, RequestPercentiles
 from .telemetry import Telemetry, physical_cores
@@ -200,6 +200,13 @@ class PriorityGate:
 
 
 RELOAD_KEYS = ("n_ctx", "n_parallel", "n_batch", "n_threads", "n_gpu_layers", "flash_attn", "max_queue")
+
+
+def _close_and_trim(engine: Engine) -> None:
+    """Close an engine and hand its freed buffers back to the OS, so RSS (and with it the RAM
+    budget) shows the eviction."""
+    engine.close()
+    return_free_memory()
 
 
 class Manager:
@@ -797,7 +804,7 @@ class Manager:
         engine, r.engine = r.engine, None
         try:
             if engine is not None:
-                await asyncio.to_thread(engine.close)
+                await asyncio.to_thread(_close_and_trim, engine)
         finally:
             r.draining = False
             r.expires_at = None

@@ -6,6 +6,8 @@ Admission decisions are made on the estimate; after a load the measured figure r
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 
 import psutil
@@ -138,6 +140,28 @@ def estimate(info: GGUFInfo, *, n_ctx: int, n_parallel: int, n_ubatch: int = 512
 
 def process_rss() -> int:
     return psutil.Process().memory_info().rss
+
+
+def _glibc_malloc_trim() -> ctypes._CFuncPtr | None:
+    """glibc's `malloc_trim`, or None on a C library without one (musl, macOS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def return_free_memory() -> None:
+    """Give the pages malloc holds free back to the OS.
+
+    llama.cpp allocates a context's KV cache and compute buffers with malloc. Once glibc has
+    freed one large mmapped block it raises its mmap threshold, so later buffers of a few MiB
+    come from the heap arenas, and freeing them leaves the pages resident. Without a trim, an
+    evicted model's memory stays in RSS and the RAM budget counts it as used."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def default_ram_budget(fraction: float) -> int:
