@@ -205,7 +205,7 @@ def new_context(weights: ModelWeights, *, n_ctx: int, n_batch: int, n_seq_max: i
     params.no_perf = True
     if embeddings:
         params.embeddings = True
-        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE  # per-token states: `Embedder` pools
     with llamalog.capture() as captured:
         ctx = llama_cpp.llama_init_from_model(weights.handle, params)
     if not ctx:
@@ -230,22 +230,39 @@ class Embedder:
 
     One mean-pooled, L2-normalised vector per input, as OpenAI's /v1/embeddings returns.
     Calls are serialised by a lock and block: run them in a worker thread, never on a loop.
+
+    The pooling is ours, not llama.cpp's: an embeddings context outputs every token, and this
+    llama.cpp sizes its output buffer and compute graph with a row of logits per output token
+    (n_vocab floats: 1 MiB each for gemma-3's 262,144). With one pass over a whole text, the
+    2,048-token context reserved 2 GiB for outputs, and a single 120-token input left 215 MB
+    more RSS behind. Texts are decoded in chunks whose logits fit in LOGITS_BYTES, and the
+    per-token hidden states (what llama.cpp's MEAN pooling averages) are summed here. A model
+    without causal attention (BERT-like encoders) must see a text in one ubatch; it gets one
+    chunk of the whole context, and its small vocabulary keeps that affordable.
     """
 
     MAX_CTX = 2048
+    LOGITS_BYTES = 32 * 2**20
+    MIN_CHUNK = 16
 
     def __init__(self, weights: ModelWeights, *, n_ctx: int, n_threads: int) -> None:
         self.weights = weights.retain()
         self.n_ctx = max(64, min(n_ctx, weights.n_ctx_train or n_ctx, self.MAX_CTX))
+        self.chunk = min(self.n_ctx, max(self.MIN_CHUNK, self.LOGITS_BYTES // (4 * weights.n_vocab)))
         try:
-            self._ctx = new_context(weights, n_ctx=self.n_ctx, n_batch=self.n_ctx, n_seq_max=1,
+            self._ctx = new_context(weights, n_ctx=self.n_ctx, n_batch=self.chunk, n_seq_max=1,
                                     n_threads=n_threads, flash_attn=False, embeddings=True)
+            if not llama_cpp.llama_get_causal_attn(self._ctx):
+                llama_cpp.llama_free(self._ctx)
+                self.chunk = self.n_ctx
+                self._ctx = new_context(weights, n_ctx=self.n_ctx, n_batch=self.chunk, n_seq_max=1,
+                                        n_threads=n_threads, flash_attn=False, embeddings=True)
         except Exception:
             self.weights.release()
             raise
         self.n_embd = llama_cpp.llama_model_n_embd(weights.handle)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(self.chunk, 0, 1)
         self._lock = threading.Lock()
         self._stopping = False
 
@@ -272,16 +289,18 @@ class Embedder:
     def _one(self, tokens: list[int]) -> list[float]:
         llama_cpp.llama_memory_clear(self._memory, True)
         batch = self._batch
-        batch.n_tokens = 0
-        for pos, token in enumerate(tokens):
-            batch_add(batch, token, pos, 0, True)
-        rc = llama_cpp.llama_decode(self._ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"embedding decode failed (llama_decode returned {rc})")
-        row = llama_cpp.llama_get_embeddings_seq(self._ctx, 0)
-        vector = np.ctypeslib.as_array(row, shape=(self.n_embd,)).astype(np.float64)
-        norm = float(np.linalg.norm(vector))
-        return (vector / norm if norm > 0 else vector).tolist()
+        total = np.zeros(self.n_embd, dtype=np.float64)
+        for start in range(0, len(tokens), self.chunk):
+            batch.n_tokens = 0
+            for pos, token in enumerate(tokens[start:start + self.chunk], start):
+                batch_add(batch, token, pos, 0, True)
+            rc = llama_cpp.llama_decode(self._ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"embedding decode failed (llama_decode returned {rc})")
+            rows = llama_cpp.llama_get_embeddings(self._ctx)
+            total += np.ctypeslib.as_array(rows, shape=(batch.n_tokens, self.n_embd)).sum(axis=0, dtype=np.float64)
+        norm = float(np.linalg.norm(total))  # the mean's direction: dividing by the count first changes nothing
+        return (total / norm if norm > 0 else total).tolist()
 
     def close(self) -> None:
         self._stopping = True  # read between inputs by a running embed()

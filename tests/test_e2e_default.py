@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from coherence import is_coherent
@@ -89,6 +90,19 @@ def test_embeddings_place_similar_sentences_closer(backend: LocalBackend, loaded
     dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
     assert len(cat) == 640
     assert dot(cat, rug) > dot(cat, stocks) + 0.2
+
+
+def test_a_long_embedding_input_costs_a_bounded_amount_of_memory(backend: LocalBackend, loaded: Any) -> None:
+    """An embeddings context outputs a row of logits per token (1 MiB each with gemma-3's
+    vocabulary): in one pass, a 500-token input made RSS grow by over 1 GB. Chunks bound it."""
+    backend.sync.embed(DEFAULT_MODEL_NAME, ["warm-up: the embedding context exists from here on"])
+    process = psutil.Process()
+    before = process.memory_info().rss
+    text = " ".join(f"sentence {i} about cats and dogs." for i in range(60))
+    result = backend.sync.embed(DEFAULT_MODEL_NAME, [text])
+    grown = (process.memory_info().rss - before) / 2**20
+    assert result.prompt_tokens > 500
+    assert grown < 128, f"RSS grew {grown:.0f} MiB for one {result.prompt_tokens}-token input"
 
 
 BURST = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "The best way to cook rice",
