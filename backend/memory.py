@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from dataclasses import dataclass
 
 import psutil
@@ -142,15 +143,18 @@ def process_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _glibc_malloc_trim() -> ctypes._CFuncPtr | None:
-    """glibc's `malloc_trim`, or None on a C library without one (musl, macOS)."""
+def _glibc(name: str) -> ctypes._CFuncPtr | None:
+    """A glibc function, or None on a C library without it (musl, macOS)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
-    except (OSError, AttributeError):
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or None), name)
+    except (OSError, AttributeError, TypeError):  # TypeError: no CDLL(None) on Windows
         return None
 
 
-_MALLOC_TRIM = _glibc_malloc_trim()
+_MALLOC_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
+M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
+ARENAS = 2
 
 
 def return_free_memory() -> None:
@@ -162,6 +166,19 @@ def return_free_memory() -> None:
     evicted model's memory stays in RSS and the RAM budget counts it as used."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def limit_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas for a long-running process (the console, the server).
+
+    glibc gives each new thread its own arena, up to 8 per core, and corral's threads come and
+    go (engine schedulers end when idle, each embedding call has its own). Every arena keeps
+    its own free fragments, so under varied load RSS creeps up in steps; two shared arenas
+    reuse the same free space. `MALLOC_ARENA_MAX` in the environment is the operator's choice
+    and wins. Called before the backend starts its threads: the cap governs only arenas
+    created after it."""
+    if _MALLOPT is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        _MALLOPT(M_ARENA_MAX, ARENAS)
 
 
 def default_ram_budget(fraction: float) -> int:
