@@ -235,36 +235,46 @@ class Embedder:
     llama.cpp sizes its output buffer and compute graph with a row of logits per output token
     (n_vocab floats: 1 MiB each for gemma-3's 262,144). With one pass over a whole text, the
     2,048-token context reserved 2 GiB for outputs, and a single 120-token input left 215 MB
-    more RSS behind. Texts are decoded in chunks whose logits fit in LOGITS_BYTES, and the
-    per-token hidden states (what llama.cpp's MEAN pooling averages) are summed here. A model
-    without causal attention (BERT-like encoders) must see a text in one ubatch; it gets one
-    chunk of the whole context, and its small vocabulary keeps that affordable.
+    more RSS behind. Texts are decoded in chunks whose logits fit in LOGITS_BYTES (at least
+    MIN_CHUNK tokens), and the per-token hidden states (what llama.cpp's MEAN pooling averages)
+    are summed here. A model without causal attention (an encoder such as BERT or
+    EmbeddingGemma) must see a text in one ubatch, so its context is as long as
+    ONE_PASS_LOGITS_BYTES allows: 2,048 tokens for BERT's 30,522-token vocabulary, 256 for
+    EmbeddingGemma's 262,144; a longer input is refused with the limit.
     """
 
     MAX_CTX = 2048
+    MIN_CTX = 64
     LOGITS_BYTES = 32 * 2**20
+    ONE_PASS_LOGITS_BYTES = 256 * 2**20
     MIN_CHUNK = 16
 
     def __init__(self, weights: ModelWeights, *, n_ctx: int, n_threads: int) -> None:
         self.weights = weights.retain()
-        self.n_ctx = max(64, min(n_ctx, weights.n_ctx_train or n_ctx, self.MAX_CTX))
+        self.n_ctx = max(self.MIN_CTX, min(n_ctx, weights.n_ctx_train or n_ctx, self.MAX_CTX))
         self.chunk = min(self.n_ctx, max(self.MIN_CHUNK, self.LOGITS_BYTES // (4 * weights.n_vocab)))
+        self._threads = n_threads
         try:
-            self._ctx = new_context(weights, n_ctx=self.n_ctx, n_batch=self.chunk, n_seq_max=1,
-                                    n_threads=n_threads, flash_attn=False, embeddings=True)
+            self._ctx = self._open()
             if not llama_cpp.llama_get_causal_attn(self._ctx):
-                llama_cpp.llama_free(self._ctx)
-                self.chunk = self.n_ctx
-                self._ctx = new_context(weights, n_ctx=self.n_ctx, n_batch=self.chunk, n_seq_max=1,
-                                        n_threads=n_threads, flash_attn=False, embeddings=True)
+                one_pass = min(self.n_ctx, max(self.MIN_CTX, self.ONE_PASS_LOGITS_BYTES // (4 * weights.n_vocab)))
+                if self.chunk != one_pass:
+                    llama_cpp.llama_free(self._ctx)
+                    self.n_ctx = self.chunk = one_pass
+                    self._ctx = self._open()
         except Exception:
             self.weights.release()
             raise
-        self.n_embd = llama_cpp.llama_model_n_embd(weights.handle)
+        # the width llama.cpp gives each output row: n_embd_out, which a GGUF may set apart from n_embd
+        self.n_embd = llama_cpp.llama_model_n_embd_out(weights.handle)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.chunk, 0, 1)
         self._lock = threading.Lock()
         self._stopping = False
+
+    def _open(self) -> llama_cpp.llama_context_p:
+        return new_context(self.weights, n_ctx=self.n_ctx, n_batch=self.chunk, n_seq_max=1,
+                           n_threads=self._threads, flash_attn=False, embeddings=True)
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Vectors for `texts` and the number of tokens they took."""

@@ -688,7 +688,7 @@ class Manager:
         try:
             engine.start(warmup=True)
         except Exception:
-            engine.close()
+            _close_and_trim(engine)
             raise
         r.template_source = template.source
         if vram_before:

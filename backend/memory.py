@@ -1,15 +1,16 @@
 """How much memory a model will need, estimated from GGUF metadata before loading.
 
 Admission decisions are made on the estimate; after a load the measured figure replaces it
-(see `Manager`), and both stay visible so an operator can judge the estimate.
+(see `Manager`), and both stay visible so an operator can judge the estimate. The process's
+own side lives here too: its RSS, and the glibc call that makes RSS follow evictions.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import os
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -143,18 +144,17 @@ def process_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _glibc(name: str) -> ctypes._CFuncPtr | None:
-    """A glibc function, or None on a C library without it (musl, macOS)."""
+@functools.cache
+def _glibc(name: str, restype: Any, *argtypes: Any) -> Any:
+    """A glibc function, or None on a C library without it (musl, macOS). Looked up in the
+    process's own symbols, not by `find_library` (which runs ldconfig), and only when first
+    needed."""
     try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or None), name)
+        function = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError, TypeError):  # TypeError: no CDLL(None) on Windows
         return None
-
-
-_MALLOC_TRIM = _glibc("malloc_trim")
-_MALLOPT = _glibc("mallopt")
-M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
-ARENAS = 2
+    function.restype, function.argtypes = restype, argtypes
+    return function
 
 
 def return_free_memory() -> None:
@@ -164,21 +164,9 @@ def return_free_memory() -> None:
     freed one large mmapped block it raises its mmap threshold, so later buffers of a few MiB
     come from the heap arenas, and freeing them leaves the pages resident. Without a trim, an
     evicted model's memory stays in RSS and the RAM budget counts it as used."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def limit_malloc_arenas() -> None:
-    """Cap glibc's malloc arenas for a long-running process (the console, the server).
-
-    glibc gives each new thread its own arena, up to 8 per core, and corral's threads come and
-    go (engine schedulers end when idle, each embedding call has its own). Every arena keeps
-    its own free fragments, so under varied load RSS creeps up in steps; two shared arenas
-    reuse the same free space. `MALLOC_ARENA_MAX` in the environment is the operator's choice
-    and wins. Called before the backend starts its threads: the cap governs only arenas
-    created after it."""
-    if _MALLOPT is not None and "MALLOC_ARENA_MAX" not in os.environ:
-        _MALLOPT(M_ARENA_MAX, ARENAS)
+    malloc_trim = _glibc("malloc_trim", ctypes.c_int, ctypes.c_size_t)
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def default_ram_budget(fraction: float) -> int:

@@ -69,8 +69,10 @@ def write_tiny_llama(
     chat_template: str | None = None,
     name: str = "tiny",
     arch: str = "llama",
+    causal: bool = True,
 ) -> Path:
-    """Write a random-weight llama model that llama.cpp loads; the same args give the same bytes."""
+    """Write a random-weight llama model that llama.cpp loads; the same args give the same bytes.
+    `causal=False` declares bidirectional attention, as encoders (BERT, EmbeddingGemma) do."""
     if dtype not in ("f32", "f16"):
         raise ValueError(f"dtype must be 'f32' or 'f16', not {dtype!r}")
     if n_embd % n_head or n_head % n_kv_head:
@@ -112,6 +114,8 @@ def write_tiny_llama(
     writer.add_add_eos_token(False)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+    if not causal:
+        writer.add_causal_attention(False)
 
     writer.add_tensor("token_embd.weight", matrix(n_vocab, n_embd))
     for i in range(n_layer):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from corral.backend.engine import ContextSettings, Engine, ModelWeights
+from corral.backend.engine import ContextSettings, Embedder, Engine, ModelWeights
 from corral.backend.errors import BadRequest, LoadFailed, QueueFull
 from corral.backend.events import EventBus, RequestFinished, RequestStarted
 from corral.backend.generation import Chunk, SamplingParams
@@ -163,7 +163,7 @@ def test_llama_cpp_never_writes_to_the_terminal(tiny_gguf: Any, tmp_path: Path) 
     bad = write_unknown_arch(tmp_path / "odd.gguf")
     code = f"""
 import asyncio
-from corral.backend.engine import ContextSettings, Engine, ModelWeights
+from corral.backend.engine import ContextSettings, Embedder, Engine, ModelWeights
 from corral.backend.errors import LoadFailed
 from corral.backend.generation import SamplingParams
 w = ModelWeights({str(tiny_gguf("quiet"))!r})
@@ -347,3 +347,53 @@ async def test_an_idle_scheduler_thread_ends_and_the_next_request_starts_one(
     assert not scheduler_threads()
     again, last = await run(engine, "Once upon a time", max_tokens=6, ignore_eos=True)
     assert again == first and last.stats.completion_tokens == 6
+
+
+LONG_TEXT = " ".join(["the time once upon a"] * 24)
+
+
+def embedder(tiny_gguf: Any, monkeypatch: pytest.MonkeyPatch, **budget_and_model: Any) -> Embedder:
+    """An Embedder on a tiny model, with its logits budgets (LOGITS_BYTES, ...) overridden."""
+    model = {k: v for k, v in budget_and_model.items() if not k.isupper()}
+    for name, value in budget_and_model.items():
+        if name.isupper():
+            monkeypatch.setattr(Embedder, name, value)
+    weights = ModelWeights(str(tiny_gguf("embed", context_length=512, **model)))
+    try:
+        return Embedder(weights, n_ctx=512, n_threads=1)
+    finally:
+        weights.release()
+
+
+def test_embeddings_decoded_in_chunks_equal_one_pass(tiny_gguf: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunking that bounds the logits' memory must not change the vector: the per-token
+    states summed over 16-token chunks are the states of one pass over the whole text."""
+    whole = embedder(tiny_gguf, monkeypatch)
+    chunked = embedder(tiny_gguf, monkeypatch, LOGITS_BYTES=1)
+    try:
+        assert (whole.chunk, chunked.chunk) == (512, Embedder.MIN_CHUNK)
+        (a,), tokens = whole.embed([LONG_TEXT])
+        (b,), _ = chunked.embed([LONG_TEXT])
+        assert tokens > 4 * Embedder.MIN_CHUNK
+        assert sum(x * y for x, y in zip(a, b)) > 0.99999
+    finally:
+        whole.close()
+        chunked.close()
+
+
+def test_an_encoder_reads_a_text_in_one_pass_and_refuses_more_than_its_budget(
+        tiny_gguf: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bidirectional attention needs the whole text in one ubatch, so an encoder's context is
+    what its logits budget allows (here 100 tokens), and a longer input is a clear error."""
+    weights = ModelWeights(str(tiny_gguf("embed", context_length=512, causal=False)))
+    budget = 100 * 4 * weights.n_vocab
+    weights.release()
+    encoder = embedder(tiny_gguf, monkeypatch, causal=False, LOGITS_BYTES=1, ONE_PASS_LOGITS_BYTES=budget)
+    try:
+        assert encoder.n_ctx == encoder.chunk == 100
+        (vector,), _ = encoder.embed(["once upon a time"])
+        assert abs(sum(x * x for x in vector) - 1) < 1e-6
+        with pytest.raises(BadRequest, match=r"input\[0\] is \d+ tokens but the embedding context holds 100"):
+            encoder.embed([LONG_TEXT])
+    finally:
+        encoder.close()

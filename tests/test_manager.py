@@ -274,6 +274,19 @@ async def test_operator_evict_of_busy_model_drains_first(model_dir: Path, runnin
     assert state(manager, "tiny-a") == "available"
 
 
+async def test_an_unload_hands_freed_memory_back_to_the_os(model_dir: Path, running: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc keeps a freed context's buffers resident until `malloc_trim`; every unload calls it
+    (tests/test_memory_release.py shows what the call does)."""
+    trims: list[str] = []
+    monkeypatch.setattr("corral.backend.manager.return_free_memory", lambda: trims.append(state(manager, "tiny-a")))
+    manager, events = await running(make_settings(model_dir))
+    await manager.load("tiny-a")
+    assert trims == []
+    await manager.evict("tiny-a")
+    assert trims == ["unloading"]  # after the context is freed, before the model is available
+
+
 # -- keep-alive --------------------------------------------------------------------------
 
 
