@@ -145,15 +145,15 @@ def process_rss() -> int:
 
 
 @functools.cache
-def _glibc(name: str, restype: Any, *argtypes: Any) -> Any:
-    """A glibc function, or None on a C library without it (musl, macOS). Looked up in the
+def _malloc_trim() -> Any:
+    """glibc's `malloc_trim`, or None on a C library without it (musl, macOS). Looked up in the
     process's own symbols, not by `find_library` (which runs ldconfig), and only when first
     needed."""
     try:
-        function = getattr(ctypes.CDLL(None), name)
+        function = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError, TypeError):  # TypeError: no CDLL(None) on Windows
         return None
-    function.restype, function.argtypes = restype, argtypes
+    function.restype, function.argtypes = ctypes.c_int, (ctypes.c_size_t,)
     return function
 
 
@@ -164,7 +164,7 @@ def return_free_memory() -> None:
     freed one large mmapped block it raises its mmap threshold, so later buffers of a few MiB
     come from the heap arenas, and freeing them leaves the pages resident. Without a trim, an
     evicted model's memory stays in RSS and the RAM budget counts it as used."""
-    malloc_trim = _glibc("malloc_trim", ctypes.c_int, ctypes.c_size_t)
+    malloc_trim = _malloc_trim()
     if malloc_trim is not None:
         malloc_trim(0)
 

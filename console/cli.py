@@ -151,6 +151,7 @@ def _backend(args: argparse.Namespace, *, lasting: bool = False, path: str | Non
     file for changes and restores the models of its last run; a one-shot command does neither."""
     from corral.backend import LocalBackend
     from corral.backend.config import config_source, default_state_path
+
     watch = lasting and not getattr(args, "no_watch", False)
     return LocalBackend(config=config_source(path or args.config), watch_config=watch,
                         state_file=default_state_path() if lasting else None)
