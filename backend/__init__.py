@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 logging.getLogger("corral").addHandler(logging.NullHandler())
 
 _EXPORTS = {
-    "Backend": "api", "LocalBackend": "api", "SyncBackend": "api", "RemoteBackend": "remote",
+    "Backend": "protocol", "LocalBackend": "local", "SyncBackend": "protocol", "RemoteBackend": "remote",
     "Settings": "config", "load_settings": "config",
     "Chunk": "generation", "Embeddings": "generation", "RequestStats": "generation",
     "SamplingParams": "generation",
@@ -40,7 +40,8 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .api import Backend, LocalBackend, SyncBackend
+    from .local import LocalBackend
+    from .protocol import Backend, SyncBackend
     from .config import Settings, load_settings
     from .display import EventLog, ModelTable
     from .errors import CorralError

@@ -58,7 +58,6 @@ ARCHITECTURE_FALLBACK: dict[str, str] = {
     "qwen3moe": "chatml", "phi3": "chatml",
 }
 DEFAULT_FALLBACK = "chatml"
-ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
 @dataclass(frozen=True)
@@ -68,12 +67,16 @@ class ChatTemplate:
     bos_token: str
     eos_token: str
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        validate_messages(messages)
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
+        """The prompt for `messages` (Hugging Face's shapes: see `request.Message.template_dict`);
+        `tools` and template switches such as `enable_thinking` reach the template as variables."""
         try:
             template = _environment().from_string(self.text)
             return template.render(
+                **kwargs,
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
@@ -98,18 +101,6 @@ def choose_template(*, gguf_template: str | None, architecture: str, bos_token: 
         return ChatTemplate("gguf", gguf_template, bos_token, eos_token)
     name = ARCHITECTURE_FALLBACK.get(architecture, DEFAULT_FALLBACK)
     return ChatTemplate(f"fallback:{name}", BUILTIN_TEMPLATES[name], bos_token, eos_token)
-
-
-def validate_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list of {role, content} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise BadRequest(f"messages[{i}] must be an object with role and content")
-        if m.get("role") not in ROLES:
-            raise BadRequest(f"messages[{i}].role = {m.get('role')!r}: must be one of {', '.join(sorted(ROLES))}")
-        if not isinstance(m.get("content"), str):
-            raise BadRequest(f"messages[{i}].content must be a string")
 
 
 def _raise(message: str) -> None:

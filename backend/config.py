@@ -19,6 +19,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       ValidationInfo, field_validator, model_validator)
 
 from .errors import ConfigError
+from .generation import SamplingFields
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
@@ -87,17 +88,8 @@ class ModelDefaults(_Strict):
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 
 
-class SamplingDefaults(_Strict):
+class SamplingDefaults(_Strict, SamplingFields):
     """Default sampling parameters of a model or alias; a request's own values win."""
-
-    temperature: float | None = Field(None, ge=0, le=100)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repeat_penalty: float | None = Field(None, gt=0, le=10)
-    max_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
-    stop: list[str] | None = Field(None, max_length=16)
 
     def options(self) -> dict[str, Any]:
         """The parameters that are set, as request options."""

@@ -1,21 +1,21 @@
-"""One loaded model: its weights, a llama.cpp context, and the scheduler thread that owns it.
+"""One loaded model's generation: a llama.cpp context and the scheduler thread that owns it.
 
-Weights (`ModelWeights`) are kept apart from contexts (`Engine`) and reference-counted, so a
-later embeddings context or a virtual model can share them without another load.
+The weights (weights.py) are apart and reference-counted; embeddings run on a context of their
+own (embedder.py); how each sequence's token is chosen (sampler chains, grammars,
+log-probabilities) is in samplers.py.
 
 The scheduler thread drives llama-cpp-python's low-level API: every step it puts the next
 token of every running sequence, plus prompt chunks of newly admitted ones, into one batch,
-decodes once, samples every sequence and hands the results to the consumers' event loops in
-one hop per loop. Requests join between steps and a cancelled request frees its sequence at the
-next step. Nothing here touches an asyncio loop except through `call_soon_threadsafe`.
+decodes once, samples every sequence in one pass and hands the results to the consumers' event
+loops in one hop per loop. Grammar-held sequences share that batch and that pass. Requests
+join between steps and a cancelled request frees its sequence at the next step. Nothing here
+touches an asyncio loop except through `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
-import ctypes
-import functools
 import itertools
 import logging
 import sys
@@ -24,40 +24,27 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 import llama_cpp
 import numpy as np
 
-from . import llamalog
-from .chat import ChatTemplate, choose_template
+from .chat import ChatTemplate
+from .embedder import Embedder, in_own_thread
 from .errors import BadRequest, Cancelled, LoadFailed, QueueFull
-from .generation import Chunk, RequestStats, SamplingParams
 from .events import EventBus, RequestFinished, RequestStarted
+from .generation import Chunk, Decoding, RequestStats, TokenLogprob
+from .request import MAX_TOP_LOGPROBS
+from .samplers import GrammarDeadEnd, GrammarStats, Scratch, TokenSampler
+from .weights import ModelWeights, batch_add, new_context
 
 log = logging.getLogger("corral.engine")
-T = TypeVar("T")
 
 # After each decode the scheduler thread needs the GIL back, often from an event loop that is
 # busy writing the previous step's chunks. With CPython's default 5 ms switch interval it can
 # wait that long while the cores idle; 0.5 ms measured +5-9 % tok/s at 1 and 8 streams here.
 GIL_SWITCH_INTERVAL_S = 0.0005
 IDLE_EXIT_S = 1.0  # a scheduler thread with no work for this long ends (Engine._spawn)
-
-_backend_lock = threading.Lock()
-_backend_ready = False
-
-
-def _init_backend() -> None:
-    """Once per process: our log callback first, then llama.cpp's backend."""
-    global _backend_ready
-    with _backend_lock:
-        if not _backend_ready:
-            llamalog.install()
-            llama_cpp.llama_backend_init()
-            _backend_ready = True
 
 
 @dataclass(frozen=True)
@@ -68,259 +55,6 @@ class ContextSettings:
     n_threads: int = 1
     flash_attn: bool = False
     max_queue: int = 64
-
-
-ProgressFn = Callable[[float], None]
-
-# Turn delimiters of the chat formats in use (gemma, chatml, llama 3, phi 3); a vocabulary that
-# has one as a single control token gets it as a stop token for chat requests.
-TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>",
-                "<|eot_id|>", "<|end|>", "<|user|>", "<|assistant|>")
-
-
-class ModelWeights:
-    """A loaded `llama_model`, shared by reference count; freed when the last user releases it."""
-
-    def __init__(self, path: str, *, n_gpu_layers: int = 0, main_gpu: int | None = None,
-                 progress: ProgressFn | None = None) -> None:
-        _init_backend()
-        self.path = path
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
-        if main_gpu is not None:  # placement chose one GPU: keep llama.cpp from splitting over all
-            params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
-            params.main_gpu = main_gpu
-        params.use_mmap = True
-
-        def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
-            if progress is not None:
-                try:
-                    progress(fraction)
-                except Exception:  # a UI callback must never abort a load
-                    log.exception("load progress callback failed")
-            return True
-
-        callback = llama_cpp.llama_progress_callback(on_progress)
-        params.progress_callback = callback
-        with llamalog.capture() as captured:
-            model = llama_cpp.llama_model_load_from_file(path.encode(), params)
-        if not model:
-            lines = captured.problems()
-            detail = "; ".join(lines) if lines else "llama.cpp gave no reason"
-            raise LoadFailed(f"{path}: llama.cpp could not load this file: {detail}")
-        self._model = model
-        self.vocab = llama_cpp.llama_model_get_vocab(model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
-        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
-        self.eos = llama_cpp.llama_vocab_eos(self.vocab)
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
-        self._refs = 1
-        self._lock = threading.Lock()
-
-    @property
-    def handle(self) -> llama_cpp.llama_model_p:
-        return self._model
-
-    def retain(self) -> ModelWeights:
-        with self._lock:
-            if self._refs <= 0:
-                raise RuntimeError("weights already freed")
-            self._refs += 1
-        return self
-
-    def release(self) -> None:
-        with self._lock:
-            self._refs -= 1
-            free = self._refs == 0
-        if free:
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
-
-    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise BadRequest("the text contains a lone surrogate (\\ud800-\\udfff), which is not text") from None
-        capacity = len(data) + 16
-        buf = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
-        if n < 0:
-            capacity = -n
-            buf = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
-        return list(buf[:n])
-
-    def piece(self, token: int, special: bool = False) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
-        return buf.raw[:n]
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
-
-    def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
-
-    @functools.cached_property
-    def turn_tokens(self) -> frozenset[int]:
-        """Control tokens that open or close a chat turn in this vocabulary. A chat answer ends
-        at any of them: a small or base model that skips its end-of-turn token goes on to write
-        the user's next turn itself, and that text is not the assistant's answer."""
-        found = set()
-        for marker in TURN_MARKERS:
-            tokens = self.tokenize(marker, add_special=False, parse_special=True)
-            if len(tokens) == 1 and llama_cpp.llama_vocab_is_control(self.vocab, tokens[0]):
-                found.add(tokens[0])
-        return frozenset(found)
-
-    def gguf_chat_template(self) -> str | None:
-        raw = llama_cpp.llama_model_chat_template(self._model, None)
-        return raw.decode("utf-8", errors="replace") if raw else None
-
-    def chat_template(self, architecture: str, *, config_format: str | None = None,
-                      config_template: str | None = None) -> ChatTemplate:
-        special = lambda t: self.piece(t, special=True).decode("utf-8", "replace") if t >= 0 else ""  # noqa: E731
-        return choose_template(
-            gguf_template=self.gguf_chat_template(), architecture=architecture,
-            bos_token=special(self.bos), eos_token=special(self.eos),
-            config_format=config_format, config_template=config_template,
-        )
-
-
-def new_context(weights: ModelWeights, *, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int,
-                flash_attn: bool, embeddings: bool = False) -> llama_cpp.llama_context_p:
-    """A llama.cpp context with every setting that matters chosen on purpose (DESIGN.md)."""
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = n_ctx
-    params.n_batch = params.n_ubatch = n_batch
-    params.n_seq_max = n_seq_max
-    params.n_threads = params.n_threads_batch = n_threads
-    params.flash_attn_type = 1 if flash_attn else 0
-    params.swa_full = True  # full-size sliding-window cache: prefixes stay reusable
-    params.kv_unified = True  # all sequences share n_ctx instead of n_ctx / n_seq_max each
-    params.no_perf = True
-    if embeddings:
-        params.embeddings = True
-        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE  # per-token states: `Embedder` pools
-    with llamalog.capture() as captured:
-        ctx = llama_cpp.llama_init_from_model(weights.handle, params)
-    if not ctx:
-        detail = "; ".join(captured.problems()) or "llama.cpp gave no reason"
-        raise LoadFailed(f"{weights.path}: could not create a context (n_ctx {n_ctx}): {detail}")
-    return ctx
-
-
-def batch_add(batch: llama_cpp.llama_batch, token: int, pos: int, seq_id: int, logits: bool) -> None:
-    """Append one token of one sequence to a llama_batch."""
-    i = batch.n_tokens
-    batch.token[i] = token
-    batch.pos[i] = pos
-    batch.n_seq_id[i] = 1
-    batch.seq_id[i][0] = seq_id
-    batch.logits[i] = logits
-    batch.n_tokens = i + 1
-
-
-class Embedder:
-    """A second, small context on the same weights that turns texts into pooled vectors.
-
-    One mean-pooled, L2-normalised vector per input, as OpenAI's /v1/embeddings returns.
-    Calls are serialised by a lock and block: run them in a worker thread, never on a loop.
-
-    The pooling is ours, not llama.cpp's: an embeddings context outputs every token, and this
-    llama.cpp sizes its output buffer and compute graph with a row of logits per output token
-    (n_vocab floats: 1 MiB each for gemma-3's 262,144). With one pass over a whole text, the
-    2,048-token context reserved 2 GiB for outputs, and a single 120-token input left 215 MB
-    more RSS behind. Texts are decoded in chunks whose logits fit in LOGITS_BYTES (at least
-    MIN_CHUNK tokens), and the per-token hidden states (what llama.cpp's MEAN pooling averages)
-    are summed here. A model without causal attention (an encoder such as BERT or
-    EmbeddingGemma) must see a text in one ubatch, so its context is as long as
-    ONE_PASS_LOGITS_BYTES allows: 2,048 tokens for BERT's 30,522-token vocabulary, 256 for
-    EmbeddingGemma's 262,144; a longer input is refused with the limit.
-    """
-
-    MAX_CTX = 2048
-    MIN_CTX = 64
-    LOGITS_BYTES = 32 * 2**20
-    ONE_PASS_LOGITS_BYTES = 256 * 2**20
-    MIN_CHUNK = 16
-
-    def __init__(self, weights: ModelWeights, *, n_ctx: int, n_threads: int) -> None:
-        self.weights = weights.retain()
-        self.n_ctx = max(self.MIN_CTX, min(n_ctx, weights.n_ctx_train or n_ctx, self.MAX_CTX))
-        self.chunk = min(self.n_ctx, max(self.MIN_CHUNK, self.LOGITS_BYTES // (4 * weights.n_vocab)))
-        self._threads = n_threads
-        try:
-            self._ctx = self._open()
-            if not llama_cpp.llama_get_causal_attn(self._ctx):
-                one_pass = min(self.n_ctx, max(self.MIN_CTX, self.ONE_PASS_LOGITS_BYTES // (4 * weights.n_vocab)))
-                if self.chunk != one_pass:
-                    llama_cpp.llama_free(self._ctx)
-                    self.n_ctx = self.chunk = one_pass
-                    self._ctx = self._open()
-        except Exception:
-            self.weights.release()
-            raise
-        # the width llama.cpp gives each output row: n_embd_out, which a GGUF may set apart from n_embd
-        self.n_embd = llama_cpp.llama_model_n_embd_out(weights.handle)
-        self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._batch = llama_cpp.llama_batch_init(self.chunk, 0, 1)
-        self._lock = threading.Lock()
-        self._stopping = False
-
-    def _open(self) -> llama_cpp.llama_context_p:
-        return new_context(self.weights, n_ctx=self.n_ctx, n_batch=self.chunk, n_seq_max=1,
-                           n_threads=self._threads, flash_attn=False, embeddings=True)
-
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Vectors for `texts` and the number of tokens they took."""
-        for i, text in enumerate(texts):
-            if not text.strip():
-                raise BadRequest(f"input[{i}] is empty")
-        with self._lock:  # the weights stay alive while we hold it (close takes it too)
-            if self._ctx is None:
-                raise Cancelled("the model was unloaded")
-            tokenized = [self.weights.tokenize(text, add_special=True) for text in texts]
-            for i, tokens in enumerate(tokenized):
-                if len(tokens) > self.n_ctx:
-                    raise BadRequest(f"input[{i}] is {len(tokens)} tokens but the embedding context "
-                                     f"holds {self.n_ctx}; split the text")
-            vectors = []
-            for tokens in tokenized:
-                if self._stopping:  # the model is unloading: do not make it wait for the whole batch
-                    raise Cancelled("the model is unloading")
-                vectors.append(self._one(tokens))
-            return vectors, sum(map(len, tokenized))
-
-    def _one(self, tokens: list[int]) -> list[float]:
-        llama_cpp.llama_memory_clear(self._memory, True)
-        batch = self._batch
-        total = np.zeros(self.n_embd, dtype=np.float64)
-        for start in range(0, len(tokens), self.chunk):
-            batch.n_tokens = 0
-            for pos, token in enumerate(tokens[start:start + self.chunk], start):
-                batch_add(batch, token, pos, 0, True)
-            rc = llama_cpp.llama_decode(self._ctx, batch)
-            if rc != 0:
-                raise RuntimeError(f"embedding decode failed (llama_decode returned {rc})")
-            rows = llama_cpp.llama_get_embeddings(self._ctx)
-            total += np.ctypeslib.as_array(rows, shape=(batch.n_tokens, self.n_embd)).sum(axis=0, dtype=np.float64)
-        norm = float(np.linalg.norm(total))  # the mean's direction: dividing by the count first changes nothing
-        return (total / norm if norm > 0 else total).tolist()
-
-    def close(self) -> None:
-        self._stopping = True  # read between inputs by a running embed()
-        with self._lock:
-            if self._ctx is None:
-                return
-            llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        self.weights.release()
 
 
 class _Delivery:
@@ -336,17 +70,11 @@ class _Request:
     id: str
     session_id: str | None
     tokens: list[int]
-    params: SamplingParams
+    decoding: Decoding
     delivery: _Delivery
-    sampler: llama_cpp.llama_sampler_p | None = None  # None: plain greedy (numpy argmax)
-    stop_tokens: frozenset[int] = frozenset()  # besides end-of-generation (chat: turn delimiters)
+    sampler: TokenSampler
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
-
-    def free_sampler(self) -> None:
-        if self.sampler is not None:
-            llama_cpp.llama_sampler_free(self.sampler)
-            self.sampler = None
 
 
 class _Sequence:
@@ -364,9 +92,10 @@ class _Sequence:
         self.first_token_at: float | None = None
         self.text = ""
         self.emitted = 0  # chars of self.text already sent
+        self.delimited = False  # ended by an end-of-generation or stop token, not part of the answer
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._weights = weights
-        self.max_tokens = min(request.params.max_tokens, n_ctx - len(request.tokens))
+        self.max_tokens = min(request.decoding.params.max_tokens, n_ctx - len(request.tokens))
         self.sampler = request.sampler
 
     @property
@@ -375,12 +104,17 @@ class _Sequence:
 
     def add_token(self, token: int) -> tuple[str, str | None]:
         """Append a sampled token; returns (text to emit now, finish reason or None)."""
-        params = self.request.params
+        decoding = self.request.decoding
+        params = decoding.params
         self.generated += 1
         self.last_token = token
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        if not params.ignore_eos and (self._weights.is_eog(token) or token in self.request.stop_tokens):
+        eog = self._weights.is_eog(token)
+        # A grammar allows end-of-generation only where its text is complete: that ends the
+        # answer even with ignore_eos, which would otherwise leave nothing allowed but more EOG.
+        if (eog and self.sampler.held) or (not params.ignore_eos and (eog or token in decoding.stop_tokens)):
+            self.delimited = True
             return self._flush(), "stop"
         self.text += self._decoder.decode(self._weights.piece(token))
         if params.stop:
@@ -412,31 +146,6 @@ class _Sequence:
             duration_s=now - self.request.submitted,
             cached_tokens=self.cached,
         )
-
-    def free(self) -> None:
-        self.request.free_sampler()
-
-
-def _make_sampler(params: SamplingParams, n_vocab: int) -> llama_cpp.llama_sampler_p | None:
-    """A llama.cpp sampler chain, or None for plain greedy (numpy argmax is ~30x cheaper)."""
-    if params.greedy and params.repeat_penalty == 1.0:
-        return None
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
-    if params.repeat_penalty != 1.0:
-        add(llama_cpp.llama_sampler_init_penalties(n_vocab, 64, params.repeat_penalty, 0.0, 0.0))
-    if params.greedy:
-        add(llama_cpp.llama_sampler_init_greedy())
-        return chain
-    if params.top_k > 0:
-        add(llama_cpp.llama_sampler_init_top_k(params.top_k))
-    add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
-    if params.min_p > 0:
-        add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
-    add(llama_cpp.llama_sampler_init_temp(params.temperature))
-    seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
-    add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-    return chain
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
@@ -551,6 +260,7 @@ class Engine:
         self._embedder: Embedder | None = None
         self._embedder_lock = threading.Lock()
         self._embed_waiting = 0
+        self._scratch = Scratch(weights.n_vocab)
         self.failure: str | None = None
         self.on_failure: Callable[[str], None] | None = None  # set by the manager; any thread
 
@@ -625,7 +335,7 @@ class Engine:
                 raise QueueFull(self.model_name, self._embed_waiting)
             self._embed_waiting += 1
         try:
-            return await asyncio.wrap_future(_in_own_thread(self.embed, texts, name=f"embed-{self.model_name}"))
+            return await asyncio.wrap_future(in_own_thread(self.embed, texts, name=f"embed-{self.model_name}"))
         finally:
             with self._embedder_lock:
                 self._embed_waiting -= 1
@@ -641,10 +351,13 @@ class Engine:
             embedder = self._embedder
         return embedder.embed(texts)
 
-    def submit(self, tokens: list[int], params: SamplingParams, *, request_id: str | None = None,
-               session_id: str | None = None, stop_tokens: frozenset[int] = frozenset()) -> _Request:
-        """Queue a request; chunks arrive on the calling loop's queue. Raises QueueFull/BadRequest."""
-        params.validate()
+    def submit(self, tokens: list[int], decoding: Decoding, *, request_id: str | None = None,
+               session_id: str | None = None) -> _Request:
+        """Queue a request; chunks arrive on the calling loop's queue. Raises QueueFull/BadRequest,
+        also for a grammar llama.cpp cannot parse: that is known before anything is queued."""
+        decoding.params.validate()
+        if not 0 <= decoding.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise BadRequest(f"top_logprobs = {decoding.top_logprobs}: must be between 0 and {MAX_TOP_LOGPROBS}")
         if not tokens:
             raise BadRequest("the prompt is empty after tokenization")
         if len(tokens) >= self.n_ctx:
@@ -652,9 +365,8 @@ class Engine:
                 f"model {self.model_name!r}: prompt is {len(tokens)} tokens but the context holds "
                 f"{self.n_ctx}; shorten the prompt or raise n_ctx"
             )
-        request = _Request(request_id or uuid.uuid4().hex, session_id, tokens, params,
-                           _Delivery(asyncio.get_running_loop()), _make_sampler(params, self.weights.n_vocab),
-                           stop_tokens=stop_tokens)
+        request = _Request(request_id or uuid.uuid4().hex, session_id, tokens, decoding,
+                           _Delivery(asyncio.get_running_loop()), TokenSampler(self.weights, decoding, self._scratch))
         with self._cv:
             refusal: Exception | None = None
             if self._closing:
@@ -667,7 +379,7 @@ class Engine:
                 if not self._scheduling and self._started.is_set():  # an unstarted engine only queues
                     self._spawn()
         if refusal is not None:
-            request.free_sampler()
+            request.sampler.free()
             raise refusal
         return request
 
@@ -677,10 +389,10 @@ class Engine:
         with self._cv:
             self._cv.notify()
 
-    async def stream(self, tokens: list[int], params: SamplingParams, *, request_id: str | None = None,
-                     session_id: str | None = None, stop_tokens: frozenset[int] = frozenset()) -> AsyncIterator[Chunk]:
+    async def stream(self, tokens: list[int], decoding: Decoding, *, request_id: str | None = None,
+                     session_id: str | None = None) -> AsyncIterator[Chunk]:
         """Submit and yield chunks; leaving the iterator early cancels the request."""
-        request = self.submit(tokens, params, request_id=request_id, session_id=session_id, stop_tokens=stop_tokens)
+        request = self.submit(tokens, decoding, request_id=request_id, session_id=session_id)
         try:
             while True:
                 chunk = await request.delivery.queue.get()
@@ -689,6 +401,12 @@ class Engine:
                     return
         finally:
             self.cancel(request)
+
+    @property
+    def grammar_stats(self) -> GrammarStats:
+        """How grammar-held tokens were chosen so far (samplers.py): checked alone, or found
+        among the top candidates or the whole vocabulary after a rejection."""
+        return self._scratch.stats
 
     def load(self) -> EngineLoad:
         now = time.perf_counter()
@@ -840,26 +558,28 @@ class Engine:
     def _sample(self, logits_at: list[tuple[_Sequence, int]], out: list[tuple[_Delivery, Chunk]]) -> None:
         now = time.perf_counter()
         for seq, index in logits_at:
-            if seq.sampler is None:
-                row = llama_cpp.llama_get_logits_ith(self._ctx, index)
-                token = int(np.argmax(np.ctypeslib.as_array(row, shape=(self.weights.n_vocab,))))
-            else:
-                token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, index)
+            sampler = seq.sampler
+            try:
+                token = sampler.pick(self._ctx, index)
+            except GrammarDeadEnd as exc:
+                self._end(seq, "error", out, error=str(exc))
+                continue
             text, finish = seq.add_token(token)
+            logprobs = (sampler.logprob(self._ctx, index, token),) if sampler.logprobs and not seq.delimited else ()
             if finish is not None:
-                self._end(seq, finish, out, text)
-            elif text:
-                out.append((seq.request.delivery, Chunk(text)))
+                self._end(seq, finish, out, text, logprobs=logprobs)
+            elif text or logprobs:  # a token whose text is held back still has its logprob
+                out.append((seq.request.delivery, Chunk(text, logprobs=logprobs)))
         self._recent_tokens.append((now, len(logits_at)))
 
     def _end(self, seq: _Sequence, reason: str, out: list[tuple[_Delivery, Chunk]], text: str = "",
-             error: str | None = None) -> None:
-        seq.free()  # its KV stays: the sequence's next request may extend this prompt
+             error: str | None = None, logprobs: tuple[TokenLogprob, ...] = ()) -> None:
+        seq.sampler.free()  # its KV stays: the sequence's next request may extend this prompt
         with self._cv:
             del self._running[seq.seq_id]
             self._slots.give_back(seq.seq_id)
         stats = seq.stats()
-        out.append((seq.request.delivery, Chunk(text, reason, stats, error)))
+        out.append((seq.request.delivery, Chunk(text, reason, stats, error, logprobs=logprobs)))
         self._publish(RequestFinished(
             model=self.model_name, request_id=seq.request.id, session_id=seq.request.session_id,
             finish_reason=reason, prompt_tokens=stats.prompt_tokens,
@@ -871,7 +591,7 @@ class Engine:
     def _drop(self, request: _Request, reason: str, error: str | None,
               out: list[tuple[_Delivery, Chunk]]) -> None:
         """End a request that never ran (cancelled while queued, or the model went away)."""
-        request.free_sampler()
+        request.sampler.free()
         waited = time.perf_counter() - request.submitted
         stats = RequestStats(len(request.tokens), 0, waited, None, waited)
         out.append((request.delivery, Chunk("", reason, stats, error)))
@@ -905,22 +625,6 @@ class Engine:
     def _publish(self, event: RequestStarted | RequestFinished) -> None:
         if self.bus is not None:
             self.bus.publish(event)
-
-
-def _in_own_thread(fn: Callable[..., T], *args: Any, name: str) -> Future[T]:
-    """Run `fn(*args)` on a new thread that ends with it; the future carries its outcome."""
-    future: Future[T] = Future()
-
-    def work() -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=work, name=name, daemon=True).start()
-    return future
 
 
 def _put_all(items: list[tuple[_Delivery, Chunk]]) -> None:

@@ -7,11 +7,71 @@ can use these types without importing llama.cpp.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, Field
 
 from .errors import BadRequest
 
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: draw a random seed
+
+MAX_TOKENS = 1 << 20
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The allowed range of one numeric sampling option: its one definition, read by request
+    bodies (pydantic `Field` bounds), config defaults, the Python API and the engine."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    text: str = ""
+
+    def ok(self, value: float) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le))
+
+    def field_bounds(self) -> dict[str, float]:
+        return {k: v for k, v in (("ge", self.ge), ("gt", self.gt), ("le", self.le)) if v is not None}
+
+
+LIMITS: dict[str, Limit] = {
+    "max_tokens": Limit(ge=1, le=MAX_TOKENS, text=f"must be between 1 and {MAX_TOKENS}"),
+    "temperature": Limit(ge=0, le=100, text="must be between 0 and 100"),
+    "top_p": Limit(gt=0, le=1, text="must be in (0, 1]"),
+    "top_k": Limit(ge=0, le=MAX_TOKENS, text="must be 0 (off) or more"),
+    "min_p": Limit(ge=0, le=1, text="must be in [0, 1]"),
+    "repeat_penalty": Limit(gt=0, le=10, text="must be in (0, 10]"),
+    "seed": Limit(ge=-(1 << 63), le=(1 << 64) - 1, text="must fit in 64 bits"),
+}
+
+
+def bounds(name: str) -> dict[str, float]:
+    """`Field(**bounds("top_p"))`: a sampling option's limits as pydantic bounds."""
+    return LIMITS[name].field_bounds()
+
+
+def _stop_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+class SamplingFields(BaseModel):
+    """The sampling options as request bodies and config defaults take them (None: not set),
+    with the limits above; each user adds its own model config (strict bodies, frozen config)."""
+
+    max_tokens: int | None = Field(None, **bounds("max_tokens"))
+    temperature: float | None = Field(None, **bounds("temperature"))
+    top_p: float | None = Field(None, **bounds("top_p"))
+    top_k: int | None = Field(None, **bounds("top_k"))
+    min_p: float | None = Field(None, **bounds("min_p"))
+    repeat_penalty: float | None = Field(None, **bounds("repeat_penalty"))
+    seed: int | None = Field(None, **bounds("seed"))
+    stop: Annotated[Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+                              Field(max_length=MAX_STOPS)] | None, BeforeValidator(_stop_list)] = None
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -28,19 +88,14 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        checks = [
-            (self.max_tokens >= 1, f"max_tokens = {self.max_tokens}: must be at least 1"),
-            (0 <= self.temperature <= 100, f"temperature = {self.temperature}: must be between 0 and 100"),
-            (0 < self.top_p <= 1, f"top_p = {self.top_p}: must be in (0, 1]"),
-            (self.top_k >= 0, f"top_k = {self.top_k}: must be 0 (off) or more"),
-            (0 <= self.min_p <= 1, f"min_p = {self.min_p}: must be in [0, 1]"),
-            (0 < self.repeat_penalty <= 10, f"repeat_penalty = {self.repeat_penalty}: must be in (0, 10]"),
-            (len(self.stop) <= 16, f"stop: at most 16 strings, got {len(self.stop)}"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop: every entry must be a non-empty string"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise BadRequest(message)
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and not limit.ok(value):
+                raise BadRequest(f"{name} = {value}: {limit.text}")
+        if len(self.stop) > MAX_STOPS:
+            raise BadRequest(f"stop: at most {MAX_STOPS} strings, got {len(self.stop)}")
+        if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            raise BadRequest(f"stop: every entry must be a non-empty string of at most {MAX_STOP_CHARS} characters")
 
     @property
     def greedy(self) -> bool:
@@ -83,14 +138,55 @@ class Embeddings:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one tool call as it streams: the first piece of a call carries its `id` and
+    `name`, later ones only more of the `arguments` JSON text (OpenAI's delta shape, which
+    every dialect can regroup)."""
+
+    index: int  # the call's position among the answer's calls
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token's log-probability under the model, and its most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class Chunk:
-    """A piece of streamed output; the last chunk of a request has `finish_reason` and `stats`."""
+    """A piece of streamed output; the last chunk of a request has `finish_reason` and `stats`.
+
+    `text` is answer text; `reasoning` is text the model wrote between its thinking markers;
+    `tool_calls` are call pieces parsed from the output. Every API dialect dresses these same
+    fields in its own shapes."""
 
     text: str
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "cancelled" | "error"
     stats: RequestStats | None = None
     error: str | None = None
     cache: str | None = None  # on a request's first chunk: "hit", "stale", "miss" or "bypass"
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of this chunk, when asked for
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to send a client (a final chunk still carries its finish reason)."""
+        return not (self.text or self.reasoning or self.tool_calls or self.logprobs)
 
 
 SAMPLING_OPTIONS = frozenset(SamplingParams.__dataclass_fields__)
@@ -129,3 +225,26 @@ def _checked(name: str, value: Any) -> Any:
             raise BadRequest(f"stop = {value!r}: must be a string or a list of strings")
         return tuple(stops)
     return float(value) if name in _FLOATS else value
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A GBNF grammar that holds a sequence's output to a shape (JSON, a schema, a tool call).
+
+    With `triggers` it is lazy: the output is free until one of these regular expressions
+    matches it (a tool-call opening marker), and held to the grammar from there on."""
+
+    gbnf: str
+    root: str = "root"
+    triggers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What the engine needs to run one sequence beyond its prompt tokens."""
+
+    params: SamplingParams
+    grammar: Grammar | None = None
+    logprobs: bool = False  # each chunk carries its tokens' log-probabilities
+    top_logprobs: int = 0  # and this many most likely alternatives per token
+    stop_tokens: frozenset[int] = frozenset()  # besides end-of-generation (chat: turn delimiters)

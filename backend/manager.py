@@ -14,192 +14,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import heapq
-import itertools
-import json
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from enum import Enum
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .catalog import Catalog, CatalogEntry, entry_for
 from .config import AliasConfig, ConfigError, ModelDefaults, Settings, parse_duration
-from .engine import ContextSettings, Engine, ModelWeights
+from .engine import ContextSettings, Engine
 from .errors import (BadRequest, BudgetExceeded, CorralError, IllegalTransition, LoadFailed, ModelBusy,
                      ModelNotFound, ModelPinned, ModelUnusable)
 from .events import (EventBus, LoadProgress, ModelLoaded, Notice, PinChanged, RequestFinished, StateChanged,
                      Subscription, wait_event)
-from .files import write_atomic
 from .ggufmeta import GGUFInfo
 from .memory import MemoryEstimate, default_ram_budget, estimate, format_bytes, process_rss, return_free_memory
+from .reconfig import Reconfiguration
+from .warmstate import WarmState
+from .records import ALLOWED, COMPLETED, RESIDENT, Lease, PriorityGate, Record, RequestSample, State
 from .placement import GPURoom, Placement, eviction_target, fewer_layers, gpu_oom_line, plan
-from .snapshot import ModelInfo, RequestPercentiles
+from .snapshot import ModelInfo
 from .telemetry import Telemetry, physical_cores
+from .weights import ModelWeights
 
 log = logging.getLogger("corral.manager")
 
 
-class State(str, Enum):
-    AVAILABLE = "available"
-    LOADING = "loading"
-    READY = "ready"
-    BUSY = "busy"
-    UNLOADING = "unloading"
-    FAILED = "failed"
-
-
-ALLOWED: dict[State, frozenset[State]] = {
-    State.AVAILABLE: frozenset({State.LOADING}),
-    State.LOADING: frozenset({State.READY, State.FAILED}),
-    State.READY: frozenset({State.BUSY, State.UNLOADING}),
-    State.BUSY: frozenset({State.READY, State.UNLOADING}),
-    State.UNLOADING: frozenset({State.AVAILABLE}),
-    State.FAILED: frozenset({State.LOADING, State.AVAILABLE}),
-}
-RESIDENT = frozenset({State.LOADING, State.READY, State.BUSY, State.UNLOADING})
-RECENT_REQUESTS = 200  # finished requests per model kept for the latency percentiles
-COMPLETED = frozenset({"stop", "length"})  # finish reasons whose timings describe the model
-
-
-@dataclass(frozen=True)
-class RequestSample:
-    """The timings of one finished request, as its `RequestFinished` event gave them."""
-
-    ttft_s: float | None
-    duration_s: float
-    tokens_per_s: float | None
-
-
-@dataclass
-class Record:
-    """The manager's private, mutable view of one model (touched only on the manager's loop)."""
-
-    entry: CatalogEntry
-    settings: ModelDefaults
-    pinned: bool = False
-    state: State = State.AVAILABLE
-    error: str | None = None
-    estimate: MemoryEstimate | None = None
-    measured: int | None = None
-    measured_vram: dict[int, int] | None = None  # per GPU index, where GPUs are present
-    placement: Placement | None = None  # where the current (or last failed) load went
-    load_seconds: float | None = None
-    load_percent: int | None = None
-    engine: Engine | None = None
-    load_task: asyncio.Task[None] | None = None
-    in_flight: int = 0
-    draining: bool = False
-    last_used: float | None = None
-    expires_at: float | None = None  # monotonic
-    keep_alive_override: float | None = None  # from the latest request, until unload
-    unload_task: asyncio.Task[None] | None = None
-    template_source: str | None = None
-    priority: int = 0
-    chat_format: str | None = None
-    chat_template: str | None = None
-    recent: deque[RequestSample] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
-
-    @property
-    def name(self) -> str:
-        return self.entry.name
-
-    def percentiles(self) -> RequestPercentiles | None:
-        """TTFT / latency / speed percentiles of the recent requests; None before the first."""
-        if not self.recent:
-            return None
-        return RequestPercentiles.of([s.ttft_s for s in self.recent if s.ttft_s is not None],
-                                     [s.duration_s for s in self.recent],
-                                     [s.tokens_per_s for s in self.recent if s.tokens_per_s])
-
-    @property
-    def keep_alive(self) -> float:
-        return self.settings.keep_alive if self.keep_alive_override is None else self.keep_alive_override
-
-    @property
-    def reserved(self) -> int:
-        """What this model counts against the RAM budget: measured once known."""
-        if self.state not in RESIDENT:
-            return 0
-        if self.measured is not None:
-            return self.measured
-        if self.placement is not None:
-            return self.placement.ram
-        return self.estimate.total if self.estimate else 0
-
-    def vram_on(self, gpu: int) -> int:
-        """What this model counts against GPU `gpu`'s VRAM budget: measured once known."""
-        if self.state not in RESIDENT or self.placement is None or self.placement.gpu != gpu:
-            return 0
-        if self.measured_vram is not None:
-            return self.measured_vram.get(gpu, 0)
-        return self.placement.vram
-
-    @property
-    def evictable(self) -> bool:
-        """Automatic eviction takes idle, unpinned models only (DESIGN.md, Decisions)."""
-        return self.state == State.READY and self.in_flight == 0 and not self.pinned and not self.draining
-
-
-@dataclass
-class Lease:
-    """A request's hold on a loaded model: keeps it from eviction until released, and keeps
-    its weights alive (a reference) even if the model is closed under it at shutdown."""
-
-    record: Record
-    engine: Engine
-    released: bool = field(default=False)
-
-    def __post_init__(self) -> None:
-        self.engine.weights.retain()
-
-
-class PriorityGate:
-    """One load at a time (admission must see settled numbers); when several loads wait, the
-    highest priority goes next, first come first served among equals."""
-
-    def __init__(self) -> None:
-        self._busy = False
-        self._waiting: list[tuple[int, int, asyncio.Future[None], str]] = []
-        self._order = itertools.count()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, name: str, priority: int) -> AsyncIterator[None]:
-        if self._busy:
-            ticket = (-priority, next(self._order), asyncio.get_running_loop().create_future(), name)
-            heapq.heappush(self._waiting, ticket)
-            try:
-                await ticket[2]
-            except asyncio.CancelledError:
-                if ticket in self._waiting:
-                    self._waiting.remove(ticket)
-                    heapq.heapify(self._waiting)
-                elif ticket[2].done() and not ticket[2].cancelled():
-                    self._pass_on()  # we were handed the gate as we were cancelled: hand it on
-                raise
-        self._busy = True
-        try:
-            yield
-        finally:
-            self._pass_on()
-
-    def _pass_on(self) -> None:
-        while self._waiting:
-            _, _, future, _ = heapq.heappop(self._waiting)
-            if not future.done():
-                future.set_result(None)  # the gate stays busy: it passes straight to this waiter
-                return
-        self._busy = False
-
-    def waiting(self) -> list[str]:
-        """Names of the waiting loads, next first."""
-        return [name for *_, name in sorted(self._waiting)]
-
-
-RELOAD_KEYS = ("n_ctx", "n_parallel", "n_batch", "n_threads", "n_gpu_layers", "flash_attn", "max_queue")
 
 
 def _close_and_trim(engine: Engine) -> None:
@@ -209,7 +48,7 @@ def _close_and_trim(engine: Engine) -> None:
     return_free_memory()
 
 
-class Manager:
+class Manager(Reconfiguration):
     def __init__(self, settings: Settings, bus: EventBus, catalog: Catalog | None = None,
                  telemetry: Telemetry | None = None, state_file: Path | None = None) -> None:
         self.settings = settings
@@ -222,10 +61,8 @@ class Manager:
         self._records: dict[str, Record] = {}
         self._aliases: dict[str, AliasConfig] = {}
         self._admission = PriorityGate()
-        self.state_file = state_file  # the loaded and pinned set, for a warm restart
-        self._saved_state: dict[str, list[str]] | None = None
+        self.warm = WarmState(state_file, bus)  # the loaded and pinned set, for a warm restart
         self.restored: asyncio.Task[None] | None = None
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="corral-state")  # in order, off the loop
         self._changed = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
         self._collector: asyncio.Task[None] | None = None
@@ -247,7 +84,7 @@ class Manager:
         self._reaper = asyncio.create_task(self._reap_idle(), name="corral-ttl-reaper")
         self._collector = asyncio.create_task(self._collect_requests(self.bus.subscribe()),
                                               name="corral-request-stats")
-        saved = await asyncio.to_thread(self._read_state)
+        saved = await asyncio.to_thread(self.warm.read)
         for name in saved.get("pinned", []):
             if name in self._records:
                 self._records[name].pinned = True
@@ -267,45 +104,9 @@ class Manager:
 
     # -- warm-restart state ----------------------------------------------------------------
 
-    def _read_state(self) -> dict[str, list[str]]:
-        if self.state_file is None:
-            return {}
-        try:
-            data = json.loads(self.state_file.read_text(encoding="utf-8"))
-            state = {k: [str(n) for n in data.get(k, [])] for k in ("loaded", "pinned")}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, AttributeError, TypeError) as exc:
-            self.bus.publish(Notice(level="warning", message=f"{self.state_file}: unreadable warm-restart "
-                                    f"state ({exc}); starting cold"))
-            return {}
-        self._saved_state = state
-        return state
-
     def _save_state(self) -> None:
-        """Record the loaded and pinned set when it changed (atomically: a crash mid-write
-        leaves the previous file, never half of one)."""
-        if self.state_file is None or self._closed:
-            return
-        state = {"loaded": sorted(r.name for r in self._records.values() if r.state in (State.READY, State.BUSY)),
-                 "pinned": sorted(r.name for r in self._records.values() if r.pinned)}
-        if state == self._saved_state:
-            return
-        self._saved_state = state
-        self._writer.submit(self._write_state, self.state_file, json.dumps(state, indent=1) + "\n")
-
-    async def _state_saved(self) -> None:
-        """Wait for the state writes queued so far: an operator's action is on disk when its
-        call returns, so a crash right after it still restarts with it."""
-        if self.state_file is not None and not self._closed:
-            await asyncio.wrap_future(self._writer.submit(lambda: None))
-
-    @staticmethod
-    def _write_state(path: Path, text: str) -> None:
-        try:
-            write_atomic(path, text)
-        except OSError as exc:
-            log.warning("cannot save warm-restart state to %s: %s", path, exc)
+        self.warm.save([r.name for r in self._records.values() if r.state in (State.READY, State.BUSY)],
+                       [r.name for r in self._records.values() if r.pinned])
 
     async def rescan(self) -> list[ModelInfo]:
         self._adopt(await asyncio.to_thread(self.catalog.refresh))
@@ -353,7 +154,7 @@ class Manager:
     async def close(self) -> None:
         """Unload every model (cancelling its requests) and stop background tasks."""
         self._closed = True
-        self._writer.shutdown(wait=False)  # queued state writes still run
+        self.warm.close()
         for task in (self._reaper, self._collector, self.restored):
             if task is not None:
                 task.cancel()
@@ -376,115 +177,6 @@ class Manager:
                 record = self._records.get(event.model or "")
                 if record is not None:
                     record.recent.append(RequestSample(event.ttft_s, event.duration_s, event.tokens_per_s))
-
-    # -- configuration changes -------------------------------------------------------------
-
-    async def apply_settings(self, new: Settings) -> list[str]:
-        """Make `new` the running configuration, touching only what changed; returns what was
-        done, one line each. A config that cannot apply raises ConfigError and changes nothing.
-
-        A changed keep_alive, pin, priority or budget applies at once. A change to how a
-        loaded model is built (n_ctx, n_parallel, ...) reloads it in the background after its
-        in-flight requests finish; requests arriving meanwhile wait for the new load. Requests
-        already running keep the settings they started with."""
-        old = self.settings
-        catalog = self.catalog
-        if _catalog_sources(new) != _catalog_sources(old):
-            catalog = Catalog(new.model_dirs, {m.name: m.path for m in new.models}, new.include_default_model)
-        entries = await asyncio.to_thread(catalog.refresh)  # one scan: it checks aliases and is adopted
-        names = sorted({entry.name for entry in entries})
-        for alias in new.aliases:
-            self._check_alias(alias, names)
-        self.settings, self.catalog = new, catalog
-        self._aliases = {a.name: a for a in new.aliases}
-        actions: list[str] = []
-        if new.budgets != old.budgets:
-            self.ram_budget = new.budgets.ram_bytes or default_ram_budget(new.budgets.ram_fraction)
-            actions.append(f"budgets applied (RAM budget {format_bytes(self.ram_budget)}, "
-                           f"max_loaded {new.budgets.max_loaded})")
-        self._adopt(entries)
-        for name, record in list(self._records.items()):
-            actions += self._retire(record) if name not in names else self._reconfigure(record, old, new)
-        preloaded = set(self._preload_names(old))
-        for name in self._preload_names(new):
-            if name not in preloaded:
-                asyncio.create_task(self._preload(name))
-                actions.append(f"{name}: preloading")
-        if new.server != old.server:
-            actions.append("server settings apply when `corral serve` next starts")
-        self._notify()
-        return actions
-
-    def _check_alias(self, alias: AliasConfig, names: list[str]) -> None:
-        if alias.name in names:
-            raise ConfigError(f"alias {alias.name!r}: a model of that name is in the catalog; rename the alias")
-        if alias.model not in names:
-            raise ConfigError(f"alias {alias.name!r}: its model {alias.model!r} is not in the catalog "
-                              f"(known: {', '.join(names) or 'none'}); fix `model` or add the model")
-
-    def _reconfigure(self, r: Record, old: Settings, new: Settings) -> list[str]:
-        settings = new.effective(r.name)
-        entry, old_entry = new.model_config_for(r.name), old.model_config_for(r.name)
-        template = ((entry.chat_format if entry else None) or settings.chat_format,
-                    entry.chat_template if entry else None)
-        rebuild = [k for k in RELOAD_KEYS if getattr(settings, k) != getattr(r.settings, k)]
-        if template != (r.chat_format, r.chat_template):
-            rebuild.append("chat template")
-        if r.engine is not None and self.catalog.get(r.name).path != r.entry.path:
-            rebuild.append("path")
-        actions = []
-        if settings.keep_alive != r.settings.keep_alive:
-            actions.append(f"{r.name}: keep_alive {r.settings.keep_alive:g} s → {settings.keep_alive:g} s")
-        r.settings, (r.chat_format, r.chat_template) = settings, template
-        r.priority = entry.priority if entry else 0
-        pinned = bool(entry and entry.pinned)
-        if pinned != bool(old_entry and old_entry.pinned) and pinned != r.pinned:
-            r.pinned = pinned
-            self.bus.publish(PinChanged(model=r.name, pinned=pinned))
-            self._save_state()
-            actions.append(f"{r.name}: {'pinned' if pinned else 'unpinned'}")
-        if r.state in (State.READY, State.BUSY):
-            self._set_expiry(r)
-        if rebuild and r.engine is not None:
-            asyncio.create_task(self._reload(r, ", ".join(rebuild)), name=f"reload-{r.name}")
-            actions.append(f"{r.name}: reloading for {', '.join(rebuild)} once its requests finish")
-        elif rebuild:
-            r.estimate = self._estimate(r.entry, settings)
-            actions.append(f"{r.name}: {', '.join(rebuild)} apply at its next load")
-        return actions
-
-    async def _reload(self, r: Record, why: str) -> None:
-        await self._unload_when_drained(r, f"reload for {why}")
-        r.entry = self.catalog.get(r.name)
-        await self._preload(r.name, f"reload for {why}")
-
-    async def _unload_when_drained(self, r: Record, why: str) -> None:
-        """Drain however long it takes (the operator's config asked for it), then unload."""
-        if r.load_task and not r.load_task.done():
-            with contextlib.suppress(CorralError):
-                await asyncio.shield(r.load_task)
-        while r.state in (State.READY, State.BUSY):
-            try:
-                await self.evict(r.name, force=True)
-            except ModelBusy:
-                self.bus.publish(Notice(model=r.name, level="warning",
-                                        message=f"{why} is waiting for requests to finish"))
-
-    def _retire(self, r: Record) -> list[str]:
-        """A model the new config no longer has: it goes once its requests finish."""
-        if r.state in (State.AVAILABLE, State.FAILED) and r.load_task is None:
-            del self._records[r.name]
-            return [f"{r.name}: removed"]
-
-        async def unload_then_forget() -> None:
-            with contextlib.suppress(CorralError):
-                await self._unload_when_drained(r, "removal from the config")
-            if self._records.get(r.name) is r and r.state in (State.AVAILABLE, State.FAILED):
-                del self._records[r.name]
-                self._notify()
-
-        asyncio.create_task(unload_then_forget(), name=f"retire-{r.name}")
-        return [f"{r.name}: no longer configured; unloading once its requests finish"]
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -530,6 +222,7 @@ class Manager:
             estimate_detail=r.estimate.to_dict() if r.estimate else None,
             measured_bytes=r.measured, measured_vram=r.measured_vram, load_seconds=r.load_seconds, load_percent=r.load_percent,
             last_used=r.last_used, chat_template=r.template_source,
+            has_chat_template=bool(r.chat_template or r.chat_format) or (meta.has_chat_template if meta else None),
             oldest_wait_s=load.oldest_wait_s if load and load.queued else 0.0,
             requests=r.percentiles(), priority=r.priority, load_position=self._load_position(r.name),
             **_placement_fields(r),
@@ -566,7 +259,7 @@ class Manager:
         """Load `name` if it is not loaded (single-flight: concurrent callers share one load)."""
         record = self.record(name)
         await self._ensure_loaded(record)
-        await self._state_saved()
+        await self.warm.flushed()
         return self.info(record)
 
     async def _ensure_loaded(self, r: Record) -> None:
@@ -772,7 +465,7 @@ class Manager:
         await self._drain(r)
         if r.state in (State.READY, State.BUSY) or r.unload_task is not None:
             await self._unload(r, "evicted by operator" + (" (forced)" if force else ""))
-            await self._state_saved()
+            await self.warm.flushed()
         return self.info(r)
 
     async def _drain(self, r: Record) -> None:
@@ -845,7 +538,7 @@ class Manager:
             self.bus.publish(PinChanged(model=name, pinned=pinned))
             self._notify()
             self._save_state()
-            await self._state_saved()
+            await self.warm.flushed()
         return self.info(r)
 
     def _set_expiry(self, r: Record) -> None:
@@ -923,9 +616,3 @@ def _keep_alive_seconds(value: object) -> float:
         return parse_duration(value)
     except ValueError as exc:
         raise BadRequest(f"keep_alive = {value!r}: {exc}") from None
-
-
-
-def _catalog_sources(settings: Settings) -> tuple[object, ...]:
-    return (tuple(settings.model_dirs), tuple((m.name, m.path) for m in settings.models),
-            settings.include_default_model)

@@ -21,7 +21,8 @@ from .display import EventLog
 from .errors import CorralError
 
 if TYPE_CHECKING:
-    from .api import Backend, LocalBackend
+    from .local import LocalBackend
+    from .protocol import Backend
     from .generation import Chunk, RequestStats
     from .remote import RemoteBackend
 
@@ -35,7 +36,7 @@ def connect(url: str | None = None, *, api_key: str | None = None, **options: An
 
     llama.cpp is loaded only when a local backend starts, never by a remote one."""
     if url is None:
-        from .api import LocalBackend
+        from .local import LocalBackend
 
         return LocalBackend(**options)
     from .remote import RemoteBackend

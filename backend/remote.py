@@ -4,7 +4,8 @@
 every way the console can see: the same snapshots (`ModelInfo`, `Status`), the same `Chunk`
 stream with stats on the final chunk, the same typed errors, and an event stream that does
 not end when the network blips or the server restarts. The wire format is the one the server
-implements (the OpenAI-compatible `/v1/*` routes plus the `/api/*` admin routes).
+implements: the OpenAI-compatible `/v1/*` routes, whose bodies and chunks `server/openai.py`
+converts both ways for server and client alike, plus the `/api/*` admin routes.
 
 Only httpx and corral's plain data modules are imported here, never llama_cpp or textual: the
 console imports this module and must stay light and free of llama.cpp's log output.
@@ -29,13 +30,14 @@ from . import errors
 from .errors import (BudgetExceeded, CorralError, ModelFileError, ModelNotFound, QueueFull,
                      ServerUnreachable)
 from .events import Dropped, Event, Notice, event_from_dict
-from .generation import Chunk, Embeddings, RequestStats, sampling_params
-from .respcache import HIT, STALE
+from .generation import Chunk, Embeddings
+from .request import GenerationRequest, chat_request, completion_request
+from .server.openai import chunk_from_wire, wire_body
 from .versions import ConfigVersion
 from .snapshot import ModelInfo, Status
 
 if TYPE_CHECKING:
-    from .api import LoopThread, SyncBackend
+    from .protocol import LoopThread, SyncBackend
 
 # Reconnecting the event stream: start fast (a restart of the server takes a second or two),
 # double per failure, and never wait longer than this between tries.
@@ -275,70 +277,51 @@ class RemoteBackend:
 
     # -- generation ------------------------------------------------------------------------
 
-    async def complete(self, model: str, prompt: str, *, request_id: str | None = None,
-                       session_id: str | None = None, keep_alive: float | str | None = None,
-                       cache: bool = True, **options: Any) -> AsyncIterator[Chunk]:
-        """Stream a plain-text completion of `prompt` (the server loads the model if needed)."""
-        body = self._generation_body(model, keep_alive, cache, options)
-        body["prompt"] = prompt
-        async for chunk in self._stream("/v1/completions", body, request_id, session_id, chat=False):
-            yield chunk
+    def complete(self, model: str, prompt: str, **fields: Any) -> AsyncIterator[Chunk]:
+        """Stream a plain-text completion of `prompt` (the server loads the model if needed);
+        `fields` as for `LocalBackend.complete`."""
+        return self.generate(completion_request(model, prompt, **fields))
 
-    async def chat(self, model: str, messages: list[dict[str, Any]], *, request_id: str | None = None,
-                   session_id: str | None = None, keep_alive: float | str | None = None,
-                   cache: bool = True, **options: Any) -> AsyncIterator[Chunk]:
-        """Stream the assistant's reply to `messages`, formatted by the server's chat template."""
-        body = self._generation_body(model, keep_alive, cache, options)
-        body["messages"] = messages
-        async for chunk in self._stream("/v1/chat/completions", body, request_id, session_id, chat=True):
-            yield chunk
+    def chat(self, model: str, messages: list[dict[str, Any]], **fields: Any) -> AsyncIterator[Chunk]:
+        """Stream the assistant's reply to `messages`, formatted by the server's chat template;
+        `fields` as for `LocalBackend.chat` (tools, tool_choice, response_format, ...)."""
+        return self.generate(chat_request(model, messages, **fields))
 
-    @staticmethod
-    def _generation_body(model: str, keep_alive: float | str | None, cache: bool,
-                         options: dict[str, Any]) -> dict[str, Any]:
-        """Validate options here, so a typo fails with the same BadRequest as in-process and
-        never costs a round trip; send only what the caller set, so server defaults apply."""
-        params = sampling_params(options)
-        body: dict[str, Any] = {"model": model, "stream": True,
-                                "stream_options": {"include_usage": True}}
-        for name in options:
-            value = getattr(params, name)
-            body[name] = list(value) if isinstance(value, tuple) else value
-        if keep_alive is not None:
-            body["keep_alive"] = keep_alive
-        if cache is not True:  # the server checks it is a boolean
-            body["cache"] = cache
-        return body
-
-    async def _stream(self, path: str, body: dict[str, Any], request_id: str | None,
-                      session_id: str | None, *, chat: bool) -> AsyncIterator[Chunk]:
-        """POST with stream=true and turn the SSE chunks into `Chunk`s.
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Stream `request` from the server (POST with stream=true): answer text, reasoning,
+        tool-call deltas and logprobs, then the final chunk with its stats. It is validated
+        here, so a typo fails with the same BadRequest as in-process and never costs a round trip.
 
         Leaving early (break, aclose, cancellation) exits the `async with`, which closes the
         response and its connection: that disconnect is how the server learns to cancel the
         generation and free its slot."""
+        request.validate()
+        path, body = wire_body(request)
+        body.update(stream=True, stream_options={"include_usage": True})
+        chat = request.messages is not None
+        headers = self._ids(request.request_id, request.session_id)
         final: Chunk | None = None
         answered = False
         verdict: str | None = None  # the response cache's, for the first chunk we yield
         try:
             async with self._client().stream("POST", path, json=body, timeout=self._waiting(),
-                                             headers=self._ids(request_id, session_id)) as response:
+                                             headers=headers) as response:
                 answered = True
                 if response.is_error:
                     await response.aread()
-                    raise self._error(response, body["model"])
+                    raise self._error(response, request.model)
                 verdict = response.headers.get("x-corral-cache")
                 async for _, _, data in sse_events(response):
                     if final is not None or data.strip() == "[DONE]":
                         continue  # read to the end, so the connection goes back to the pool
                     try:
-                        chunk = _chunk(json.loads(data), chat)
-                    except (ValueError, TypeError, AttributeError, IndexError) as exc:
+                        chunk = chunk_from_wire(json.loads(data), chat)
+                    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
                         raise CorralError(f"corral server at {self.url} sent an unreadable stream "
                                           f"chunk ({_reason(exc)}): {data[:200]!r}") from exc
                     if chunk.finish_reason is not None:
                         final = chunk  # yielded after [DONE], so the connection is reusable
-                    elif chunk.text:
+                    elif not chunk.empty:
                         yield replace(chunk, cache=verdict) if verdict else chunk
                         verdict = None
         except httpx.TransportError as exc:
@@ -449,7 +432,7 @@ class RemoteBackend:
 
         They run on a private loop thread, started on first use, so plain scripts and cells
         inside Jupyter's running loop can both block on them."""
-        from .api import LoopThread, SyncBackend  # not at import: the console never blocks
+        from .protocol import LoopThread, SyncBackend  # not at import: the console never blocks
 
         self._runner = LoopThread("corral-remote-sync")
         return SyncBackend(self, self._runner.submit)
@@ -527,26 +510,3 @@ def _notice(level: str, message: str) -> Notice:
     """A client-side notice (no seq: the server never published it), stamped now like the
     bus stamps its own `Dropped`, so the console's log shows when the outage happened."""
     return Notice(ts=time.time(), level=level, message=message)
-
-
-def _chunk(data: dict[str, Any], chat: bool) -> Chunk:
-    """One OpenAI streaming chunk as a `Chunk`; the final one carries corral's stats."""
-    choices = data.get("choices") or [{}]
-    choice = choices[0]
-    text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-    reason = choice.get("finish_reason")
-    stats = None
-    usage, extra = data.get("usage"), data.get("corral")
-    # A request that never ran (cancelled while queued) has no stats: the server then sends
-    # zero usage and null timings, and the local backend gives `stats=None` for it.
-    if reason is not None and usage and extra and extra.get("duration_s") is not None:
-        stats = RequestStats(prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                             completion_tokens=int(usage.get("completion_tokens", 0)),
-                             queue_wait_s=float(extra.get("queue_wait_s") or 0.0),
-                             ttft_s=extra.get("ttft_s"),
-                             duration_s=float(extra.get("duration_s") or 0.0),
-                             cached_tokens=int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)),
-                             cached=extra.get("cache") in (HIT, STALE))
-    error = data.get("error")
-    message = (error.get("message") if isinstance(error, dict) else str(error)) if error else None
-    return Chunk(text or "", reason, stats, message)

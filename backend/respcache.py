@@ -24,6 +24,7 @@ import hashlib
 import json
 import threading
 import time
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
@@ -33,10 +34,10 @@ from typing import Any
 
 from .config import CacheSettings, Settings
 from .events import EventBus, Notice
-from .generation import Chunk, RequestStats, SamplingParams
+from .generation import Chunk, RequestStats, SamplingParams, ToolCallDelta
 
 HIT, STALE, MISS, BYPASS = "hit", "stale", "miss", "bypass"
-STORABLE = frozenset({"stop", "length"})  # a cancelled or failed request's text is not an answer
+STORABLE = frozenset({"stop", "length", "tool_calls"})  # a cancelled or failed request's text is not an answer
 # What a greedy request's text depends on: the engine's greedy sampler ignores temperature,
 # top_p, top_k, min_p and seed, so requests differing only in those share one entry.
 GREEDY_FIELDS = ("max_tokens", "repeat_penalty", "stop", "ignore_eos")
@@ -89,12 +90,16 @@ class Answer:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()  # one whole call each: id, name and all its arguments
 
     def chunk(self, verdict: str, elapsed_s: float) -> Chunk:
         """The answer replayed as one final chunk; its timings are the replay's own."""
         stats = RequestStats(self.prompt_tokens, self.completion_tokens, queue_wait_s=0.0, ttft_s=elapsed_s,
                              duration_s=elapsed_s, cached_tokens=self.prompt_tokens, cached=True)
-        return Chunk(self.text, self.finish_reason, stats, cache=verdict)
+        calls = tuple(replace(call, id=f"call_{uuid.uuid4().hex[:24]}") for call in self.tool_calls)
+        return Chunk(self.text, self.finish_reason, stats, cache=verdict, reasoning=self.reasoning,
+                     tool_calls=calls)
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,8 @@ class ResponseCache:
     def store(self, key: CacheKey, answer: Answer) -> bool:
         """Keep `answer` under `key`, replacing what was there; False when it is not kept (the
         cache is off, the answer alone exceeds max_bytes, or its model changed meanwhile)."""
-        size = len(answer.text.encode("utf-8", "surrogatepass"))
+        size = sum(len(part.encode("utf-8", "surrogatepass")) for part in
+                   (answer.text, answer.reasoning, *(call.arguments for call in answer.tool_calls)))
         with self._lock:
             settings = self._settings
             if not settings.enabled or size > settings.max_bytes or self._fingerprints.get(key.model) != key.fingerprint:
@@ -259,6 +265,8 @@ async def relay(stream: AsyncGenerator[Chunk, None], verdict: str,
     answer is handed over before the final chunk goes out, when the request finished normally
     (so a consumer that stops at the final chunk cannot lose it)."""
     texts: list[str] = []
+    thoughts: list[str] = []
+    calls: dict[int, ToolCallDelta] = {}
     first = True
     async with aclosing(stream) as chunks:
         async for chunk in chunks:
@@ -266,7 +274,13 @@ async def relay(stream: AsyncGenerator[Chunk, None], verdict: str,
                 chunk, first = replace(chunk, cache=verdict), False
             if keep is not None:
                 texts.append(chunk.text)
+                thoughts.append(chunk.reasoning)
+                for delta in chunk.tool_calls:
+                    whole = calls.get(delta.index)
+                    calls[delta.index] = delta if whole is None else replace(
+                        whole, arguments=whole.arguments + delta.arguments)
                 if chunk.finish_reason in STORABLE and chunk.stats is not None:
                     keep(Answer("".join(texts), chunk.finish_reason, chunk.stats.prompt_tokens,
-                                chunk.stats.completion_tokens))
+                                chunk.stats.completion_tokens, "".join(thoughts),
+                                tuple(calls[i] for i in sorted(calls))))
             yield chunk

@@ -84,6 +84,7 @@ class ModelInfo:
     load_percent: int | None
     last_used: float | None  # unix time
     chat_template: str | None  # which template chats use (gguf / config / fallback:<name>)
+    has_chat_template: bool | None = None  # its own template (the GGUF's or config's); None: unknown
     oldest_wait_s: float = 0.0  # how long the longest-waiting queued request has waited
     requests: RequestPercentiles | None = None  # over recent requests; None before the first
     priority: int = 0  # waiting loads start highest first

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     from textual.binding import Keymap
 
-    from corral.backend.api import Backend
+    from corral.backend.protocol import Backend
     from corral.backend.events import Event
     from corral.backend.snapshot import ModelInfo, Status
 

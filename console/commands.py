@@ -55,7 +55,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("corral.pin", "p", "Pin/unpin", "toggle_pin",
             help="Pin or unpin: pinned models are never evicted"),
     Command("corral.prompt", "enter", "Prompt", "prompt",
-            help="Chat with the selected model (loads it if needed)"),
+            help="Prompt the selected model: chat, or completion where it has no chat template "
+                 "(loads it if needed)"),
     Command("corral.details", "d", "Details", "details",
             help="Metadata, memory estimate vs measured, load time, latency percentiles"),
     Command("corral.filter", "/", "Filter", "filter", show=False,
@@ -81,6 +82,9 @@ COMMANDS: tuple[Command, ...] = (
             help="Stop the answer being streamed; when none is, back to the dashboard"),
     Command("corral.prompt.clear", "ctrl+l", "Clear", "clear_history", scope=PROMPT,
             help="Forget this model's conversation"),
+    Command("corral.prompt.mode", "ctrl+t", "Chat/completion", "toggle_mode", scope=PROMPT,
+            help="Switch between chat (the model's chat template) and completion (the text continued "
+                 "as it is): a model without a template of its own opens in completion"),
     Command("corral.config.reload", "r", "Reload", "reload", scope=CONFIG,
             help="Read the config file again and apply what changed (a new version)"),
     Command("corral.config.rollback", "b", "Roll back", "rollback", scope=CONFIG, confirm=True,

@@ -1,14 +1,16 @@
-"""Shared fixtures. Tiny GGUF models come from tests/ggufs.py (see its docstring)."""
+"""Shared fixtures. Tiny GGUF models come from tests/ggufs.py (see its docstring); servers and
+config files from tests/support.py."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ggufs import write_tiny_llama
+from support import SLOW, SLOW_SHAPE, TINY, Server, slow_config, start_server, tiny_settings, write_config
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,6 +46,74 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 def model_dir(tmp_path: Path) -> Path:
     """A fresh directory holding three tiny models: tiny-a, tiny-b and tiny-c."""
     directory = tmp_path / "models"
-    for seed, name in enumerate(("tiny-a", "tiny-b", "tiny-c")):
+    for seed, name in enumerate(TINY):
         write_tiny_llama(directory / f"{name}.gguf", name=name, seed=seed)
     return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-a/b/c like `model_dir`, but once per module (servers and backends outlive a test)."""
+    directory = tmp_path_factory.mktemp("tiny-models")
+    for seed, name in enumerate(TINY):
+        write_tiny_llama(directory / f"{name}.gguf", name=name, seed=seed)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models: Path, tiny_gguf: Callable[..., Path]) -> tuple[Path, Path]:
+    """The three tiny models in a folder, and the slow model outside it (`slow_config` names it)."""
+    return tiny_models, tiny_gguf(SLOW, **SLOW_SHAPE)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, models: tuple[Path, Path]) -> Iterator[Server]:
+    """A `corral serve` of the module's own on `models`; it must exit 0 at the end."""
+    root = tmp_path_factory.mktemp("server")
+    running = start_server(root, slow_config(root, *models))
+    yield running
+    assert running.stop() == 0, running.log()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterator[Server]:
+    """A `corral serve` of the module's own on tiny-a/b/c alone."""
+    root = tmp_path_factory.mktemp("tiny-server")
+    running = start_server(root, write_config(root / "corral.toml", tiny_settings(tiny_models)))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def checker(tiny_gguf: Callable[..., Path]) -> Iterator[Any]:
+    """llama.cpp's grammar engine over a tiny vocabulary (tests/grammar_checker.py; imported
+    here, not at the top, so console tests never load llama.cpp)."""
+    from grammar_checker import GrammarChecker
+
+    found = GrammarChecker(tiny_gguf("grammar-vocab"))
+    yield found
+    found.close()
+
+
+@pytest.fixture
+def engine_factory(tiny_gguf: Callable[..., Path]) -> Iterator[Any]:
+    """`make(**settings) -> Engine` on the tiny "engine" model, started; all closed after the test."""
+    from corral.backend.engine import ContextSettings, Engine
+    from corral.backend.events import EventBus
+    from corral.backend.weights import ModelWeights
+
+    made: list[Engine] = []
+
+    def make(n_ctx: int = 256, n_parallel: int = 4, bus: EventBus | None = None, n_batch: int = 512,
+             **model: Any) -> Engine:
+        weights = ModelWeights(str(tiny_gguf("engine", **model)))
+        engine = Engine(weights, ContextSettings(n_ctx=n_ctx, n_parallel=n_parallel, n_batch=n_batch, n_threads=1),
+                        model_name="engine", bus=bus)
+        weights.release()
+        engine.start()
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()

@@ -1,14 +1,15 @@
 """An in-memory Backend for console tests: deterministic models, events and host stats.
 
-`FakeBackend` implements the `Backend` protocol of corral.backend.api without llama.cpp:
+`FakeBackend` implements the `Backend` protocol of corral.backend.protocol without llama.cpp:
 - `load()` walks a model through available → loading (progress events every 5 %) → ready,
   yielding to the event loop between steps, so a UI sees every stage;
 - a model named in `failures` ("broken" by default) fails its load half-way: it ends in
   state failed with the reason kept in `ModelInfo.error`, and `load()` raises LoadFailed;
 - `evict()`, `pin()` and `unload_all()` follow the manager's rules (a pinned model needs
   force, evicting a failed model clears it);
-- `complete()` / `chat()` stream a few fixed chunks (`token_delay` seconds apart, so a test
-  can stop one half-way) and publish request events;
+- `generate()` (and `complete()` / `chat()`, which build its request) streams a few fixed
+  chunks (`token_delay` seconds apart, so a test can stop one half-way) and publishes request
+  events;
 - `events()` is an async iterator fed by an asyncio.Queue per subscriber, with a replay
   ring for `after_seq`;
 - `status()` returns fixed HostStats (no GPU, gpu_note "no GPU (test)").
@@ -25,6 +26,8 @@ from dataclasses import replace
 from typing import Any
 
 from corral.backend.generation import Chunk, Embeddings, RequestStats
+from corral.backend.request import GenerationRequest, chat_request, completion_request
+from corral.backend.respcache import BYPASS
 from corral.backend.errors import ConfigError, LoadFailed, ModelNotFound, ModelPinned, NotFound
 from corral.backend.events import (
     ConfigApplied,
@@ -217,18 +220,31 @@ class FakeBackend:
             if m.loaded:
                 await self.evict(m.name, force=True)
 
-    async def complete(self, model: str, prompt: str, **options: Any) -> AsyncIterator[Chunk]:
-        self.calls.append(("complete", model, prompt, options))
+    def complete(self, model: str, prompt: str, **fields: Any) -> AsyncIterator[Chunk]:
+        return self.generate(completion_request(model, prompt, **fields))
+
+    def chat(self, model: str, messages: list[dict[str, Any]], **fields: Any) -> AsyncIterator[Chunk]:
+        return self.generate(chat_request(model, messages, **fields))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """The same four pieces whatever is asked, in the backend's chunk contract: the first
+        chunk carries the cache verdict (this fake keeps no cache), the last one the finish
+        reason and stats."""
+        self.calls.append(("generate", request))
+        request.validate()
+        model = request.model
         await self.load(model)
-        request_id = options.get("request_id") or f"req-{self._seq + 1:04d}"
+        request_id = request.request_id or f"req-{self._seq + 1:04d}"
         self.set_in_flight(model, self._get(model).in_flight + 1)
         self.publish(RequestStarted(model=model, request_id=request_id, prompt_tokens=4,
                                     queue_wait_s=0.0))
         pieces = ["Once", " upon", " a", " time"]
         try:
-            for piece in pieces[:-1]:
-                yield Chunk(piece)
+            yield Chunk(pieces[0], cache=BYPASS)
+            for piece in pieces[1:-1]:
                 await asyncio.sleep(self.token_delay)
+                yield Chunk(piece)
+            await asyncio.sleep(self.token_delay)
             stats = RequestStats(prompt_tokens=4, completion_tokens=len(pieces), queue_wait_s=0.0,
                                  ttft_s=0.01, duration_s=0.1)
             yield Chunk(pieces[-1], finish_reason="length", stats=stats)
@@ -238,12 +254,6 @@ class FakeBackend:
             self.publish(RequestFinished(model=model, request_id=request_id, finish_reason="length",
                                          prompt_tokens=4, completion_tokens=len(pieces),
                                          ttft_s=0.01, duration_s=0.1, tokens_per_s=33.3))
-
-    async def chat(self, model: str, messages: list[dict[str, Any]],
-                   **options: Any) -> AsyncIterator[Chunk]:
-        prompt = "\n".join(str(m.get("content", "")) for m in messages)
-        async for chunk in self.complete(model, prompt, **options):
-            yield chunk
 
     async def events(self, after_seq: int | None = None) -> AsyncIterator[Event]:
         queue: asyncio.Queue[Event | None] = asyncio.Queue()

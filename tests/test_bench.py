@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ import httpx
 import pytest
 
 from corral.console.bench import COLUMNS, SCENARIOS, Call, Workload, main, send
-from test_server import Server, start_server
+from support import Server, free_port, start_server, write_config
 
 KEY = "bench-test-key-0123"
 MODEL = "tiny-bench"
@@ -31,11 +30,10 @@ HEADER = ["conc", "reqs", "QPS", "tok/s", "lat_p50", "lat_p99", "TTFT_p50", "TTF
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Callable[..., Path]) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("bench")
-    config = root / "corral.toml"
-    config.write_text(
-        "include_default_model = false\n"
-        "[defaults]\nn_ctx = 512\nn_parallel = 2\nn_threads = 1\nkeep_alive = -1\n"
-        f'[[models]]\nname = "{MODEL}"\npath = {json.dumps(str(tiny_gguf(MODEL)))}\n')
+    config = write_config(root / "corral.toml", {
+        "include_default_model": False,
+        "defaults": {"n_ctx": 512, "n_parallel": 2, "n_threads": 1, "keep_alive": -1},
+        "models": [{"name": MODEL, "path": str(tiny_gguf(MODEL))}]})
     running = start_server(root, config, api_key=KEY)
     yield running
     assert running.stop() == 0, running.log()
@@ -100,12 +98,6 @@ def test_soak_rows_per_interval_then_a_total(server: Server, capsys: pytest.Capt
     total = data["rows"][-1]
     assert total["errors"] == 0 and total["requests"] == sum(r["requests"] for r in data["rows"][:-1])
     assert 2 <= total["elapsed_s"] < 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("args, says", [

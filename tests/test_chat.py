@@ -11,9 +11,9 @@ from corral.backend.chat import (
     BUILTIN_TEMPLATES,
     ChatTemplate,
     choose_template,
-    validate_messages,
 )
 from corral.backend.errors import BadRequest, ConfigError, CorralError
+from corral.backend.request import ROLES, chat_request
 
 GGUF_TEMPLATE = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
 
@@ -275,27 +275,32 @@ def test_template_runtime_python_errors_are_bad_requests(text: str) -> None:
     ([{"content": "hi"}], "messages[0].role"),
     ([{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}], "messages[1].role = 'wizard'"),
     ([{"role": "user", "content": 5}], "messages[0].content"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant"}], "messages[1].content"),
-    ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "images are not supported"),
     ([{"role": "user", "content": "a"}, "just text"], "messages[1]"),
+    ([{"role": "tool", "content": "42"}], "tool_call_id"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                            "function": {"name": "f", "arguments": "{oops"}}]}],
+     "messages[0].tool_calls[0].function.arguments is not JSON"),
 ])
 def test_invalid_messages_are_bad_requests_naming_the_problem(messages: Any, fragment: str) -> None:
     with pytest.raises(BadRequest) as info:
-        validate_messages(messages)
+        chat_request("m", messages)
     assert fragment in str(info.value)
-    for template in (gemma(), hf(), choose(config_format="chatml")):
-        with pytest.raises(BadRequest) as info:
-            template.render(messages)
-        assert fragment in str(info.value)
 
 
 def test_role_error_lists_allowed_roles() -> None:
     with pytest.raises(BadRequest) as info:
-        validate_messages([{"role": "wizard", "content": "x"}])
-    for role in ("system", "user", "assistant", "tool"):
+        chat_request("m", [{"role": "wizard", "content": "x"}])
+    for role in ROLES:
         assert role in str(info.value)
 
 
-@pytest.mark.parametrize("role", ["system", "user", "assistant", "tool"])
+@pytest.mark.parametrize("role", ["system", "developer", "user", "assistant"])
 def test_valid_roles_pass(role: str) -> None:
-    validate_messages([{"role": role, "content": ""}])
+    chat_request("m", [{"role": role, "content": ""}])
+
+
+def test_text_parts_are_joined() -> None:
+    request = chat_request("m", [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                              {"type": "text", "text": "b"}]}])
+    assert request.messages is not None and request.messages[0].content == "a\nb"

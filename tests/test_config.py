@@ -18,6 +18,7 @@ from corral.backend.config import (
     settings_from_dict,
 )
 from corral.backend.errors import ConfigError, CorralError
+from support import write_config
 
 GiB = 2**30
 
@@ -299,15 +300,9 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, s
     return {"XDG_CONFIG_HOME": str(xdg)}
 
 
-def write_config(tmp_path: Path, text: str, name: str = "corral.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def test_valid_toml_file_loads(tmp_path: Path, isolated_env: dict[str, str]) -> None:
     models = tmp_path / "models"
-    path = write_config(tmp_path, VALID_TOML.format(models=models))
+    path = write_config(tmp_path / "corral.toml", VALID_TOML.format(models=models))
     settings = load_settings(path, env=isolated_env)
     assert settings.model_dirs == [models]
     assert settings.include_default_model is False
@@ -322,12 +317,12 @@ def test_valid_toml_file_loads(tmp_path: Path, isolated_env: dict[str, str]) -> 
 
 
 def test_str_path_works_too(tmp_path: Path, isolated_env: dict[str, str]) -> None:
-    path = write_config(tmp_path, "include_default_model = false\n")
+    path = write_config(tmp_path / "corral.toml", "include_default_model = false\n")
     assert load_settings(str(path), env=isolated_env).include_default_model is False
 
 
 def test_file_errors_name_the_file(tmp_path: Path, isolated_env: dict[str, str]) -> None:
-    path = write_config(tmp_path, "[defaults]\nn_parallel = 0\n", name="mine.toml")
+    path = write_config(tmp_path / "mine.toml", "[defaults]\nn_parallel = 0\n")
     with pytest.raises(ConfigError) as info:
         load_settings(path, env=isolated_env)
     assert str(path) in str(info.value)
@@ -335,14 +330,14 @@ def test_file_errors_name_the_file(tmp_path: Path, isolated_env: dict[str, str])
 
 
 def test_unknown_key_in_file(tmp_path: Path, isolated_env: dict[str, str]) -> None:
-    path = write_config(tmp_path, "[budgets]\nmax_loded = 2\n")
+    path = write_config(tmp_path / "corral.toml", "[budgets]\nmax_loded = 2\n")
     with pytest.raises(ConfigError) as info:
         load_settings(path, env=isolated_env)
     assert "budgets.max_loded" in str(info.value) and "unknown" in str(info.value)
 
 
 def test_invalid_toml_names_the_file(tmp_path: Path, isolated_env: dict[str, str]) -> None:
-    path = write_config(tmp_path, "[defaults\nn_ctx = = 3\n", name="broken.toml")
+    path = write_config(tmp_path / "broken.toml", "[defaults\nn_ctx = = 3\n")
     with pytest.raises(ConfigError) as info:
         load_settings(path, env=isolated_env)
     assert "broken.toml" in str(info.value)
@@ -365,7 +360,7 @@ def test_missing_file_named_by_corral_config_is_an_error(tmp_path: Path, isolate
 
 
 def test_corral_config_env_names_the_file(tmp_path: Path, isolated_env: dict[str, str]) -> None:
-    path = write_config(tmp_path, "preload = ['a', 'b']\n")
+    path = write_config(tmp_path / "corral.toml", "preload = ['a', 'b']\n")
     assert load_settings(env={**isolated_env, "CORRAL_CONFIG": str(path)}).preload == ["a", "b"]
 
 
@@ -415,7 +410,8 @@ def test_env_overrides(tmp_path: Path, isolated_env: dict[str, str]) -> None:
 
 
 def test_env_wins_over_file_and_overrides_win_over_env(tmp_path: Path, isolated_env: dict[str, str]) -> None:
-    path = write_config(tmp_path, "[budgets]\nmax_loaded = 2\nram_bytes = '1GiB'\n[defaults]\nn_ctx = 512\n")
+    path = write_config(tmp_path / "corral.toml",
+                        "[budgets]\nmax_loaded = 2\nram_bytes = '1GiB'\n[defaults]\nn_ctx = 512\n")
     settings = load_settings(path, env={**isolated_env, "CORRAL_MAX_LOADED": "4"},
                              overrides={"budgets.ram_bytes": "3GiB"})
     assert settings.budgets.max_loaded == 4  # env over file
@@ -427,7 +423,7 @@ def test_env_wins_over_file_and_overrides_win_over_env(tmp_path: Path, isolated_
 
 
 def test_env_does_not_touch_unrelated_keys_from_the_file(tmp_path: Path, isolated_env: dict[str, str]) -> None:
-    path = write_config(tmp_path, "[budgets]\nram_fraction = 0.5\n")
+    path = write_config(tmp_path / "corral.toml", "[budgets]\nram_fraction = 0.5\n")
     settings = load_settings(path, env={**isolated_env, "CORRAL_MAX_LOADED": "9"})
     assert settings.budgets.ram_fraction == 0.5 and settings.budgets.max_loaded == 9
 

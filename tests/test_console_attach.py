@@ -3,7 +3,6 @@ and SSE), driven by Pilot with the same keys as against the embedded backend."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,8 +11,8 @@ import pytest
 from corral.backend.remote import RemoteBackend
 from corral.console.app import create_app
 from corral.console.screens import ConfirmScreen, DashboardScreen, DetailsScreen, PromptScreen
-from test_console import details_text, log_text, ready, select, send, state, transcript, wait_for
-from test_server import Server, start_server
+from console_support import details_text, log_text, ready, select, send, state, transcript, wait_for
+from support import Server, start_server, write_config
 
 API_KEY = "attach-test-key"
 TIMEOUT = 30.0
@@ -27,10 +26,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     models = root / "models"
     for seed, name in enumerate(("tiny-a", "tiny-b")):
         write_tiny_llama(models / f"{name}.gguf", name=name, seed=seed)
-    config = root / "corral.toml"
-    config.write_text("include_default_model = false\n"
-                      f"model_dirs = [{json.dumps(str(models))}]\n"
-                      "[defaults]\nn_ctx = 256\nn_parallel = 2\nn_threads = 1\n", encoding="utf-8")
+    config = write_config(root / "corral.toml", {"include_default_model": False, "model_dirs": [str(models)],
+                                                  "defaults": {"n_ctx": 256, "n_parallel": 2, "n_threads": 1}})
     running = start_server(root / "run", config, api_key=API_KEY)
     yield running
     assert running.stop() == 0, running.log()

@@ -1,6 +1,6 @@
 """Smoke test: the real `corral` binary in a real terminal (tmux), driven by keys.
 
-Pilot tests (test_console.py) drive the app object in-process; this one runs the installed
+Pilot tests (test_console_*.py) drive the app object in-process; this one runs the installed
 console script in a tmux pane of 120x40, presses keys with `send-keys` and reads the screen
 with `capture-pane`, as a person at a terminal would. It covers what Pilot cannot see: the
 CLI wiring, the embedded backend loading a real (tiny) GGUF through llama.cpp, a prompt

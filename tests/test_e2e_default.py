@@ -12,12 +12,13 @@ import psutil
 import pytest
 
 from coherence import is_coherent
-from corral.backend.api import LocalBackend
+from corral.backend.local import LocalBackend
 from corral.backend.catalog import DEFAULT_MODEL_NAME, default_model_path
 from corral.backend.config import settings_from_dict
-from corral.backend.engine import ContextSettings, Engine, ModelWeights
-from corral.backend.generation import SamplingParams
+from corral.backend.engine import ContextSettings, Engine
+from corral.backend.generation import Decoding, SamplingParams
 from corral.backend.telemetry import physical_cores
+from corral.backend.weights import ModelWeights
 from reference import greedy_reference
 
 pytestmark = pytest.mark.e2e
@@ -115,7 +116,8 @@ async def _burst(weights: Any, prompts: list[str], n_parallel: int) -> list[str]
                     model_name="burst")
     try:
         requests = [engine.submit(weights.tokenize(p, add_special=True),
-                                  SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)) for p in prompts]
+                                  Decoding(SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)))
+                    for p in prompts]
         await asyncio.to_thread(engine.start)  # queued before the thread runs: one admission step
         texts = []
         for request in requests:

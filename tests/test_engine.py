@@ -5,46 +5,28 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from corral.backend.engine import ContextSettings, Embedder, Engine, ModelWeights
+from corral.backend.embedder import Embedder
+from corral.backend.engine import ContextSettings, Engine
 from corral.backend.errors import BadRequest, LoadFailed, QueueFull
 from corral.backend.events import EventBus, RequestFinished, RequestStarted
-from corral.backend.generation import Chunk, SamplingParams
+from corral.backend.generation import Chunk, Decoding, SamplingParams
+from corral.backend.weights import ModelWeights
 from ggufs import write_unknown_arch
 from reference import greedy_reference
 
 PROMPTS = ["Once upon a time", "the time", "a upon once", "time time the a"]
 
 
-@pytest.fixture
-def engine_factory(tiny_gguf: Any) -> Iterator[Any]:
-    made: list[Engine] = []
-
-    def make(n_ctx: int = 256, n_parallel: int = 4, bus: EventBus | None = None, n_batch: int = 512,
-             **model: Any) -> Engine:
-        weights = ModelWeights(str(tiny_gguf("engine", **model)))
-        engine = Engine(weights, ContextSettings(n_ctx=n_ctx, n_parallel=n_parallel, n_batch=n_batch, n_threads=1),
-                        model_name="engine", bus=bus)
-        weights.release()
-        engine.start()
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.close()
-
-
 async def run(engine: Engine, prompt: str | list[int], **params: Any) -> tuple[str, Chunk]:
     """Greedy unless told otherwise; `prompt` is text, or tokens to send as they are."""
     tokens = engine.weights.tokenize(prompt, add_special=True) if isinstance(prompt, str) else prompt
     text, last = "", None
-    async for chunk in engine.stream(tokens, SamplingParams(**{"temperature": 0.0, **params})):
+    async for chunk in engine.stream(tokens, Decoding(SamplingParams(**{"temperature": 0.0, **params}))):
         text += chunk.text
         last = chunk
     assert last is not None and last.finish_reason is not None
@@ -108,7 +90,7 @@ async def test_cancel_frees_the_sequence_at_the_next_step(engine_factory: Any) -
     recorder = asyncio.create_task(record())
     engine = engine_factory(n_ctx=4096, n_parallel=2, bus=bus, context_length=4096)
     tokens = engine.weights.tokenize("Once upon a time", add_special=True)
-    stream = engine.stream(tokens, SamplingParams(temperature=0.0, max_tokens=4000, ignore_eos=True))
+    stream = engine.stream(tokens, Decoding(SamplingParams(temperature=0.0, max_tokens=4000, ignore_eos=True)))
     async for chunk in stream:
         assert chunk.finish_reason is None
         break
@@ -159,18 +141,25 @@ def test_llama_cpp_failure_reason_reaches_the_exception(tmp_path: Path) -> None:
 
 
 def test_llama_cpp_never_writes_to_the_terminal(tiny_gguf: Any, tmp_path: Path) -> None:
-    """llama.cpp logs from C; check the real file descriptors of a fresh process."""
+    """llama.cpp logs from C; check the real file descriptors of a fresh process. Its GBNF
+    parser prints its complaint with fprintf(stderr): a bad grammar must not reach them either."""
     bad = write_unknown_arch(tmp_path / "odd.gguf")
     code = f"""
 import asyncio
-from corral.backend.engine import ContextSettings, Embedder, Engine, ModelWeights
-from corral.backend.errors import LoadFailed
-from corral.backend.generation import SamplingParams
+from corral.backend.engine import ContextSettings, Engine
+from corral.backend.errors import BadRequest, LoadFailed
+from corral.backend.generation import Decoding, Grammar, SamplingParams
+from corral.backend.weights import ModelWeights
 w = ModelWeights({str(tiny_gguf("quiet"))!r})
 e = Engine(w, ContextSettings(n_ctx=128, n_parallel=1, n_threads=1), model_name="q")
 e.start()
 async def go():
-    return [c async for c in e.stream(w.tokenize("hi", add_special=True), SamplingParams(max_tokens=4))]
+    tokens = w.tokenize("hi", add_special=True)
+    try:
+        e.submit(tokens, Decoding(SamplingParams(), Grammar('root ::= "a" undefined')))
+    except BadRequest:
+        pass
+    return [c async for c in e.stream(tokens, Decoding(SamplingParams(max_tokens=4)))]
 asyncio.run(go())
 e.close(); w.release()
 try:
@@ -200,9 +189,9 @@ async def test_queue_is_bounded_even_with_free_slots(engine_factory: Any, tiny_g
                     model_name="bounded")
     weights.release()  # not started: nothing is taken off the queue
     tokens = engine.weights.tokenize("Once", add_special=True)
-    accepted = [engine.submit(tokens, SamplingParams(max_tokens=1)) for _ in range(4)]  # 2 slots + 2 queued
+    accepted = [engine.submit(tokens, Decoding(SamplingParams(max_tokens=1))) for _ in range(4)]  # 2 slots + 2 queued
     with pytest.raises(QueueFull):
-        engine.submit(tokens, SamplingParams(max_tokens=1))
+        engine.submit(tokens, Decoding(SamplingParams(max_tokens=1)))
     assert engine.load().queued == len(accepted) == 4
     engine.close()
 
@@ -222,7 +211,7 @@ async def test_waiting_requests_start_in_arrival_order(engine_factory: Any) -> N
     engine = engine_factory(n_parallel=1, bus=bus)
     ids = [f"r{i}" for i in range(6)]
     tokens = engine.weights.tokenize("Once upon a time", add_special=True)
-    streams = [engine.stream(tokens, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+    streams = [engine.stream(tokens, Decoding(SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)),
                              request_id=rid) for rid in ids]
     await asyncio.gather(*[_drain(s) for s in streams])  # tasks start, and submit, in creation order
     started = []
@@ -248,14 +237,15 @@ async def test_a_long_prompt_does_not_stall_running_streams(engine_factory: Any)
 
     async def short() -> None:
         tokens = engine.weights.tokenize("Once upon a time", add_special=True)
-        async for chunk in engine.stream(tokens, SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)):
+        decoding = Decoding(SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+        async for chunk in engine.stream(tokens, decoding):
             arrivals.append("short")
             if len(arrivals) == 1:
                 long_task.set_result(None)
 
     async def long() -> None:
         await long_task
-        async for _ in engine.stream(long_prompt, SamplingParams(temperature=0.0, max_tokens=1)):
+        async for _ in engine.stream(long_prompt, Decoding(SamplingParams(temperature=0.0, max_tokens=1))):
             arrivals.append("long")
             return
 
@@ -318,8 +308,8 @@ async def test_a_stop_token_ends_the_answer_like_end_of_generation(engine_factor
     engine = engine_factory()
     tokens = engine.weights.tokenize("Once upon a time", add_special=True)
     every = frozenset(range(engine.weights.n_vocab))
-    chunks = [c async for c in engine.stream(tokens, SamplingParams(temperature=0.0, max_tokens=8),
-                                             stop_tokens=every)]
+    decoding = Decoding(SamplingParams(temperature=0.0, max_tokens=8), stop_tokens=every)
+    chunks = [c async for c in engine.stream(tokens, decoding)]
     assert chunks[-1].finish_reason == "stop" and chunks[-1].stats.completion_tokens == 1
     assert "".join(c.text for c in chunks) == ""  # the delimiter itself is not part of the answer
     _, last = await run(engine, "Once upon a time", max_tokens=8, ignore_eos=True)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from corral.backend.api import LocalBackend
+from corral.backend.local import LocalBackend
 from corral.backend.config import config_source
 from corral.backend.errors import ConfigError, NotFound
 from corral.backend.events import ConfigApplied, ConfigRejected
-from corral.backend.manager import PriorityGate
-from polling import wait_for
+from corral.backend.records import PriorityGate
+from support import wait_for
 
 BASE = """
 include_default_model = false

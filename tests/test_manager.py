@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 
 from corral.backend.config import settings_from_dict
-from corral.backend.generation import SamplingParams
+from corral.backend.generation import Decoding, SamplingParams
 from corral.backend.errors import (BudgetExceeded, CorralError, IllegalTransition, LoadFailed, ModelBusy,
                                    ModelNotFound, ModelPinned)
 from corral.backend.events import Event, EventBus, LoadProgress, ModelLoaded, RequestFinished, StateChanged
-from corral.backend.manager import ALLOWED, Manager, State
+from corral.backend.manager import Manager
+from corral.backend.records import ALLOWED, State
 from corral.backend.snapshot import ModelInfo, RequestPercentiles, percentile
 from corral.backend.telemetry import Telemetry
 from fake_nvml import GIB, FakeNVML
@@ -94,7 +95,7 @@ async def generate(manager: Manager, name: str, prompt: str = "Once upon a time"
     async with manager.lease(name) as lease:
         tokens = lease.engine.weights.tokenize(prompt, add_special=True)
         sampling = SamplingParams(**{"max_tokens": 8, "temperature": 0.0, **params})
-        return "".join([c.text async for c in lease.engine.stream(tokens, sampling)])
+        return "".join([c.text async for c in lease.engine.stream(tokens, Decoding(sampling))])
 
 
 def state(manager: Manager, name: str) -> str:

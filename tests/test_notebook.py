@@ -17,10 +17,9 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 from corral.backend import LocalBackend, RemoteBackend, connect
-from test_packaging import clean_env
-# `server` (a `corral serve` on tiny-a/b/c) and `tiny_models` are test_protocol's fixtures.
-from test_protocol import NAMES, ServeProcess, server, tiny_models, write_config  # noqa: F401
+from support import TINY, Server, clean_env, tiny_settings, write_config
 
+NAMES = list(TINY)  # conftest's `tiny_models`, which `tiny_server` serves
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "notebook.ipynb"
 TABLE = '<table class="corral">'
 
@@ -86,7 +85,7 @@ def check_example_outputs(notebook: nbformat.NotebookNode) -> None:
 @pytest.mark.timeout(300)
 def test_the_example_notebook_runs_in_a_kernel_on_an_embedded_backend(
         kernels: KernelSpecManager, tiny_models: Path, tmp_path: Path) -> None:
-    config = write_config(tiny_models, tmp_path / "corral.toml")
+    config = write_config(tmp_path / "corral.toml", tiny_settings(tiny_models))
     notebook = execute(kernels, tmp_path, CORRAL_CONFIG=str(config), CORRAL_MODEL="tiny-a")
     check_example_outputs(notebook)
     assert outputs(notebook, "backend.label")[0]["data"]["text/plain"] == "'embedded'"
@@ -94,15 +93,15 @@ def test_the_example_notebook_runs_in_a_kernel_on_an_embedded_backend(
 
 @pytest.mark.timeout(300)
 def test_the_example_notebook_runs_in_a_kernel_against_a_server(
-        kernels: KernelSpecManager, server: ServeProcess, tmp_path: Path) -> None:
-    notebook = execute(kernels, tmp_path, CORRAL_URL=server.url, CORRAL_MODEL="tiny-a")
+        kernels: KernelSpecManager, tiny_server: Server, tmp_path: Path) -> None:
+    notebook = execute(kernels, tmp_path, CORRAL_URL=tiny_server.url, CORRAL_MODEL="tiny-a")
     check_example_outputs(notebook)
-    assert outputs(notebook, "backend.label")[0]["data"]["text/plain"] == repr(server.url)
+    assert outputs(notebook, "backend.label")[0]["data"]["text/plain"] == repr(tiny_server.url)
 
 
-async def test_remote_blocking_twins_work_inside_a_running_loop(server: ServeProcess) -> None:
+async def test_remote_blocking_twins_work_inside_a_running_loop(tiny_server: Server) -> None:
     """What a notebook cell does with `backend.sync`: block while the kernel's loop runs."""
-    remote = connect(server.url)
+    remote = connect(tiny_server.url)
     assert isinstance(remote, RemoteBackend)
     assert [m.name for m in remote.sync.models()] == NAMES
     assert remote.sync.load("tiny-b").state == "ready"
@@ -117,8 +116,8 @@ async def test_remote_blocking_twins_work_inside_a_running_loop(server: ServePro
     assert not runner.thread.is_alive()  # the twins' loop stops with the connections
 
 
-def test_remote_blocking_twins_from_plain_code(server: ServeProcess) -> None:
-    with connect(server.url) as remote:
+def test_remote_blocking_twins_from_plain_code(tiny_server: Server) -> None:
+    with connect(tiny_server.url) as remote:
         assert [m.name for m in remote.sync.models()] == NAMES
         runner = remote._runner
     assert runner is not None and not runner.thread.is_alive()
@@ -126,7 +125,7 @@ def test_remote_blocking_twins_from_plain_code(server: ServeProcess) -> None:
 
 
 def test_connect_without_a_url_runs_models_in_process(tiny_models: Path, tmp_path: Path) -> None:
-    with connect(config=str(write_config(tiny_models, tmp_path / "corral.toml"))) as local:
+    with connect(config=str(write_config(tmp_path / "corral.toml", tiny_settings(tiny_models)))) as local:
         assert isinstance(local, LocalBackend)
         assert [m.name for m in local.sync.models()] == NAMES
 

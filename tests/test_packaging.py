@@ -13,18 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from support import clean_env
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE_DIRS = ("backend", "console", "themes")
 DATA_SUFFIXES = (".tcss",)
 BUILD_JUNK = {".venv", ".git", "build", "dist", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without anything that changes imports or corral's config."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CORRAL_") and k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    env.update(extra)
-    return env
 
 
 def run_python(code: str, cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:

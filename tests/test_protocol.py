@@ -15,111 +15,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import pytest_asyncio
 
-from corral.backend.api import Backend, LocalBackend
+from corral.backend.local import LocalBackend
+from corral.backend.protocol import Backend
 from corral.backend.config import settings_from_dict
 from corral.backend.errors import (BadRequest, CorralError, ModelNotFound, ModelPinned, QueueFull,
                                    ServerUnreachable, Unauthorized)
 from corral.backend.events import Event, Notice, PinChanged, RequestFinished, StateChanged
 from corral.backend.generation import Chunk, Embeddings
 from corral.backend.remote import RemoteBackend
-from ggufs import write_tiny_llama
+from support import TINY, Server, free_port, start_server, tiny_settings, write_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-NAMES = ["tiny-a", "tiny-b", "tiny-c"]
+NAMES = list(TINY)  # conftest's `tiny_models`
 N_EMBD = 64  # write_tiny_llama's default embedding width
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 
 # -- a real `corral serve` --------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def config_dict(model_dir: Path) -> dict[str, Any]:
-    return {"include_default_model": False, "model_dirs": [str(model_dir)],
-            "defaults": {"n_ctx": 256, "n_parallel": 2, "n_threads": 1, "keep_alive": -1}}
-
-
-def write_config(model_dir: Path, path: Path) -> Path:
-    """The same settings as `config_dict`, as the TOML file `corral serve --config` reads."""
-    path.write_text(
-        "include_default_model = false\n"
-        f"model_dirs = [{json.dumps(str(model_dir))}]\n\n"
-        "[defaults]\nn_ctx = 256\nn_parallel = 2\nn_threads = 1\nkeep_alive = -1\n"
-    )
-    return path
-
-
-class ServeProcess:
-    """`corral serve` in a subprocess on a fixed port, restartable on that same port."""
-
-    def __init__(self, config: Path, log: Path, *, api_key: str | None = None) -> None:
-        self.config, self.log, self.api_key = config, log, api_key
-        self.state_file = log.with_name("state.json")  # its own warm-restart state
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        args = [sys.executable, "-c", "from corral.console.cli import main; main()", "serve",
-                "--host", "127.0.0.1", "--port", str(self.port), "--config", str(self.config)]
-        if self.api_key:
-            args += ["--api-key", self.api_key]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, "CORRAL_STATE_FILE": str(self.state_file)})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"corral serve exited with {self.proc.returncode}:\n{self.tail()}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"corral serve was not healthy within {timeout:.0f} s:\n{self.tail()}")
-
-    def stop(self, *, kill: bool = False) -> None:
-        """SIGKILL (a crash) or SIGTERM (a graceful stop, escalated after 20 s)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else "(no log)"
-
-
 @contextlib.contextmanager
-def serving(tmp: Path, model_dir: Path, **kw: Any) -> Iterator[ServeProcess]:
-    server = ServeProcess(write_config(model_dir, tmp / "corral.toml"), tmp / "serve.log", **kw)
-    server.start()
+def serving(root: Path, model_dir: Path, **kw: Any) -> Iterator[Server]:
+    """`corral serve` on tiny-a/b/c until the block ends."""
+    server = start_server(root, write_config(root / "corral.toml", tiny_settings(model_dir)), **kw)
     try:
         yield server
     finally:
@@ -128,27 +56,12 @@ def serving(tmp: Path, model_dir: Path, **kw: Any) -> Iterator[ServeProcess]:
 
 # -- fixtures ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-a/b/c like conftest's `model_dir`, but once per module (the backends outlive a test)."""
-    directory = tmp_path_factory.mktemp("protocol-models")
-    for seed, name in enumerate(NAMES):
-        write_tiny_llama(directory / f"{name}.gguf", name=name, seed=seed)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    with serving(tmp_path_factory.mktemp("serve"), tiny_models) as running:
-        yield running
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=["local", "remote"])
 async def backend(request: pytest.FixtureRequest, tiny_models: Path) -> AsyncIterator[Any]:
     if request.param == "local":
-        chosen: Any = LocalBackend(settings_from_dict(config_dict(tiny_models)))
+        chosen: Any = LocalBackend(settings_from_dict(tiny_settings(tiny_models)))
     else:
-        chosen = RemoteBackend(request.getfixturevalue("server").url)
+        chosen = RemoteBackend(request.getfixturevalue("tiny_server").url)
     async with chosen:
         yield chosen
 
@@ -237,6 +150,12 @@ async def test_models_lists_the_tiny_models(backend: Any) -> None:
     assert [m.name for m in models] == NAMES
     assert all(m.usable and m.error is None and m.n_ctx == 256 and m.n_parallel == 2 for m in models)
     assert all(m.architecture == "llama" and m.file_size for m in models)
+
+
+async def test_models_say_whether_they_have_a_chat_template_of_their_own(backend: Any) -> None:
+    """Known before any load (the console opens a model without one in completion mode): the
+    tiny GGUFs carry none and config names none."""
+    assert {m.name: m.has_chat_template for m in await backend.models()} == dict.fromkeys(NAMES, False)
 
 
 async def test_load_makes_a_model_ready(backend: Any) -> None:
@@ -359,13 +278,13 @@ async def test_embed_gives_one_vector_per_input(backend: Any) -> None:
 
 # -- remote only ------------------------------------------------------------------------------
 
-async def test_remote_text_equals_local_text(server: ServeProcess, tiny_models: Path) -> None:
+async def test_remote_text_equals_local_text(tiny_server: Server, tiny_models: Path) -> None:
     """The wire loses nothing: greedy output over HTTP is the in-process output, byte for byte."""
     prompt, options = "Once upon a time there was", {"max_tokens": 24, **GREEDY}
-    async with RemoteBackend(server.url) as remote:
+    async with RemoteBackend(tiny_server.url) as remote:
         remote_chunks = await collect(remote.complete("tiny-b", prompt, **options))
         remote_chat = await collect(remote.chat("tiny-b", [{"role": "user", "content": prompt}], **options))
-    async with LocalBackend(settings_from_dict(config_dict(tiny_models))) as local:
+    async with LocalBackend(settings_from_dict(tiny_settings(tiny_models))) as local:
         local_chunks = await collect(local.complete("tiny-b", prompt, **options))
         local_chat = await collect(local.chat("tiny-b", [{"role": "user", "content": prompt}], **options))
     assert "".join(c.text for c in remote_chunks) == "".join(c.text for c in local_chunks)
@@ -373,8 +292,8 @@ async def test_remote_text_equals_local_text(server: ServeProcess, tiny_models: 
     assert remote_chunks[-1].stats.prompt_tokens == local_chunks[-1].stats.prompt_tokens
 
 
-async def test_server_side_validation_maps_to_bad_request(server: ServeProcess) -> None:
-    async with RemoteBackend(server.url) as remote:
+async def test_server_side_validation_maps_to_bad_request(tiny_server: Server) -> None:
+    async with RemoteBackend(tiny_server.url) as remote:
         with pytest.raises(BadRequest) as caught:
             await collect(remote.chat("tiny-a", [{"role": "robot", "content": "hi"}], max_tokens=2))
     assert caught.value.http_status == 400 and "messages[0].role" in caught.value.message
@@ -386,22 +305,24 @@ async def test_events_reconnect_after_a_server_restart(stop: str, tmp_path: Path
     with serving(tmp_path, tiny_models) as running:
         async with RemoteBackend(running.url) as remote, reading(remote) as reader:
             await reader.subscribed(remote, "tiny-a")  # the stream is up and has seen events
-            running.stop(kill=stop == "crash")
-            assert running.proc is not None and running.proc.returncode == (-9 if stop == "crash" else 0)
+            if stop == "crash":
+                running.proc.kill()
+            assert running.stop() == (-9 if stop == "crash" else 0)
             lost = await reader.expect(lambda e: isinstance(e, Notice) and e.level == "warning")
             assert running.url in lost.message and "reconnecting" in lost.message
             running.state_file.unlink()  # a cold start: no warm-restart loads before ours
-            running.start()  # a new process on the same port: its seq counts from 1 again
-            await remote.load("tiny-c")
-            loading = await reader.expect(lambda e: isinstance(e, StateChanged) and e.model == "tiny-c")
-            ready = await reader.expect(lambda e: isinstance(e, StateChanged) and e.model == "tiny-c")
-            assert (loading.new, ready.new) == ("loading", "ready")
-            assert loading.seq == 1  # resuming after the old process's seq would have hidden it
-            assert any(isinstance(e, Notice) and e.level == "info" and "reconnected" in e.message
-                       for e in reader.seen)
-            # the old process's events are not delivered twice, the new one's exactly once
-            seqs = [e.seq for e in reader.seen if e.seq and e.ts >= lost.ts]
-            assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
+            # a new process on the same port: its seq counts from 1 again
+            with serving(tmp_path, tiny_models, port=running.port):
+                await remote.load("tiny-c")
+                loading = await reader.expect(lambda e: isinstance(e, StateChanged) and e.model == "tiny-c")
+                ready = await reader.expect(lambda e: isinstance(e, StateChanged) and e.model == "tiny-c")
+                assert (loading.new, ready.new) == ("loading", "ready")
+                assert loading.seq == 1  # resuming after the old process's seq would have hidden it
+                assert any(isinstance(e, Notice) and e.level == "info" and "reconnected" in e.message
+                           for e in reader.seen)
+                # the old process's events are not delivered twice, the new one's exactly once
+                seqs = [e.seq for e in reader.seen if e.seq and e.ts >= lost.ts]
+                assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
 
 
 async def test_api_key_is_required_and_accepted(tmp_path: Path, tiny_models: Path) -> None:

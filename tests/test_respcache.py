@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from corral.backend.api import LocalBackend
+from corral.backend.local import LocalBackend
 from corral.backend.config import CacheSettings, settings_from_dict
 from corral.backend.errors import BadRequest
 from corral.backend.events import Event, EventBus, Notice, RequestFinished, RequestStarted, StateChanged
@@ -28,7 +28,7 @@ from corral.backend.metrics import Metrics
 from corral.backend.remote import RemoteBackend
 from corral.backend.respcache import (BYPASS, HIT, MISS, STALE, Answer, CacheKey, Lookup, ResponseCache,
                                       request_key)
-from test_server import Server, start_server
+from support import Server, start_server, tiny_settings, write_config
 
 GREEDY = {"temperature": 0.0, "max_tokens": 6, "ignore_eos": True}
 ANSWER = Answer("once upon", "stop", 3, 2)
@@ -216,17 +216,13 @@ def scrape(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
 # -- LocalBackend ----------------------------------------------------------------------------
 
 
-def tiny_settings(model_dir: Path, **cache: Any) -> Any:
-    return settings_from_dict({
-        "include_default_model": False, "model_dirs": [str(model_dir)],
-        "defaults": {"n_ctx": 256, "n_parallel": 2, "n_threads": 1, "keep_alive": -1},
-        "cache": cache,
-    })
+def cache_settings(model_dir: Path, **cache: Any) -> Any:
+    return settings_from_dict(tiny_settings(model_dir, cache=cache))
 
 
 @pytest.fixture
 def backend(model_dir: Path) -> Iterator[LocalBackend]:
-    with LocalBackend(tiny_settings(model_dir)) as local:
+    with LocalBackend(cache_settings(model_dir)) as local:
         yield local
 
 
@@ -332,7 +328,7 @@ async def test_a_changed_model_config_or_file_misses(backend: LocalBackend, mode
 async def test_a_stale_answer_is_served_while_a_refresh_recomputes_it(backend: LocalBackend,
                                                                       model_dir: Path) -> None:
     clock = Clock()
-    backend.settings = tiny_settings(model_dir, ttl=100, soft_ttl=10)
+    backend.settings = cache_settings(model_dir, ttl=100, soft_ttl=10)
     backend.response_cache = ResponseCache(backend.settings.cache, clock=clock, bus=backend.bus)
     first = await complete(backend)
     clock.now += 20
@@ -358,7 +354,7 @@ async def test_only_finished_answers_are_kept(backend: LocalBackend) -> None:
 
 
 def test_a_disabled_cache_is_bypassed(model_dir: Path) -> None:
-    with LocalBackend(tiny_settings(model_dir, enabled=False)) as local:
+    with LocalBackend(cache_settings(model_dir, enabled=False)) as local:
         for _ in range(2):
             chunks = list(local.sync.complete("tiny-a", "Once", **GREEDY))
             assert chunks[0].cache == BYPASS
@@ -374,10 +370,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("cache-server")
     for seed, name in enumerate(("tiny-a", "tiny-b")):
         write_tiny_llama(root / "models" / f"{name}.gguf", name=name, seed=seed)
-    config = root / "corral.toml"
-    config.write_text(f"include_default_model = false\nmodel_dirs = [{json.dumps(str(root / 'models'))}]\n"
-                      "[defaults]\nn_ctx = 256\nn_parallel = 2\nn_threads = 1\nkeep_alive = -1\n")
-    running = start_server(root, config)
+    running = start_server(root, write_config(root / "corral.toml", tiny_settings(root / "models")))
     yield running
     assert running.stop() == 0, running.log()
 

@@ -20,10 +20,8 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,110 +33,10 @@ from starlette.testclient import TestClient
 
 from corral.backend.server import create_app
 from corral.console.cli import exposure_warning
-from ggufs import write_tiny_llama
-from polling import wait_for
+from support import (HELLO, SLOW, TINY, Server, StubBackend, assert_error, assert_idle, model_state,
+                     replayed_events, slow_config, start_server, wait_for)
 
-TINY = ("tiny-a", "tiny-b", "tiny-c")
-SLOW = "slow"
-SLOW_SHAPE = dict(n_layer=8, n_embd=512, n_head=8, n_kv_head=8, n_ff=1024, context_length=4096)
 LONG = {"max_tokens": 4000, "ignore_eos": True}  # ~13 s on the slow model: always still running
-HELLO = [{"role": "user", "content": "Once upon a time"}]
-WRAPPER = (  # `corral serve` exactly as the entry point runs it, reporting what it imported
-    "import atexit, sys\n"
-    "atexit.register(lambda: print('textual modules:', sorted(m for m in sys.modules "
-    "if m.split('.')[0] == 'textual'), file=sys.stderr))\n"
-    "from corral.console.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
-
-
-# -- a server process ------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    url: str
-    stdout: Path
-    stderr: Path
-    api_key: str | None = None
-
-    def http(self, **kw: Any) -> httpx.Client:
-        headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        return httpx.Client(base_url=self.url, trust_env=False, timeout=30, headers=headers, **kw)
-
-    def openai(self, api_key: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key or self.api_key or "none",
-                             max_retries=0, http_client=httpx.Client(trust_env=False, timeout=30))
-
-    def log(self) -> str:
-        return self.stderr.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-
-
-def write_config(root: Path, model_dir: Path, slow: Path) -> Path:
-    config = root / "corral.toml"
-    config.write_text(
-        "include_default_model = false\n"
-        f"model_dirs = [{json.dumps(str(model_dir))}]\n"
-        "[defaults]\nn_ctx = 256\nn_parallel = 2\nn_threads = 1\nkeep_alive = -1\n"
-        "[budgets]\nmax_loaded = 8\n"
-        f'[[models]]\nname = "{SLOW}"\npath = {json.dumps(str(slow))}\n'
-        "n_ctx = 4096\nn_parallel = 1\nmax_queue = 1\n"
-    )
-    return config
-
-
-def start_server(root: Path, config: Path, *, api_key: str | None = None, grace: float = 1.0,
-                 extra: tuple[str, ...] = ()) -> Server:
-    """Start `corral serve --port 0` and wait for its listening line and a 200 from /health."""
-    root.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_") and k != "PYTHONPATH"}
-    env["HOME"] = str(root)
-    if api_key:
-        env["CORRAL_API_KEY"] = api_key  # the environment, not argv: keys must not show in `ps`
-    stdout, stderr = root / "stdout.txt", root / "stderr.txt"
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-c", WRAPPER, "serve", "--config", str(config), "--port", "0",
-                                 "--grace", str(grace), *extra], stdout=out, stderr=err, env=env, cwd=root)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        match = re.search(r"listening on (http://127\.0\.0\.1:\d+) \((\d+) models\)", stdout.read_text())
-        if match:
-            server = Server(proc, match.group(1), stdout, stderr, api_key)
-            with httpx.Client(trust_env=False) as client:
-                assert client.get(f"{server.url}/health").json() == {"status": "ok"}
-            return server
-        if proc.poll() is not None:
-            raise AssertionError(f"corral serve exited with {proc.returncode}:\n{stderr.read_text()}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"corral serve did not start:\n{stderr.read_text()}")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Callable[..., Path]) -> tuple[Path, Path]:
-    """Three tiny models in a directory, and the slow model outside it (configured by name)."""
-    directory = tmp_path_factory.mktemp("server-models")
-    for seed, name in enumerate(TINY):
-        write_tiny_llama(directory / f"{name}.gguf", name=name, seed=seed)
-    return directory, tiny_gguf(SLOW, **SLOW_SHAPE)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, models: tuple[Path, Path]) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("server")
-    running = start_server(root, write_config(root, *models))
-    yield running
-    assert running.stop() == 0, running.log()
 
 
 @pytest.fixture
@@ -156,40 +54,9 @@ def post(http: httpx.Client, path: str, body: Any, **kw: Any) -> httpx.Response:
     return http.post(path, json=body, **kw)
 
 
-def model_state(http: httpx.Client, name: str) -> dict[str, Any]:
-    return next(m for m in http.get("/api/ps").json()["models"] if m["name"] == name)
-
-
-def replayed_events(http: httpx.Client, after: int = 0) -> Iterator[dict[str, Any]]:
-    """Events from the server's replay ring, read until the stream goes quiet."""
-    with http.stream("GET", "/api/events", params={"after": after}, timeout=httpx.Timeout(30, read=0.5)) as response:
-        assert response.status_code == 200
-        try:
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    yield json.loads(line[6:])
-        except httpx.ReadTimeout:
-            return
-
-
 def finished_event(http: httpx.Client, request_id: str) -> dict[str, Any] | None:
     return next((e for e in replayed_events(http) if e["type"] == "request_finished"
                  and e["request_id"] == request_id), None)
-
-
-def assert_error(response: httpx.Response, status: int, code: str, mentions: str = "") -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert error["code"] == code and error["type"] == code
-    assert error["request_id"] == response.headers["x-request-id"]
-    assert mentions in error["message"], error["message"]
-    return error
-
-
-def assert_idle(http: httpx.Client, name: str) -> None:
-    wait_for(lambda: (lambda m: m["active"] == 0 and m["queued"] == 0 and m["in_flight"] == 0)(model_state(http, name)),
-             what=f"{name} to be idle")
 
 
 # -- serving ---------------------------------------------------------------------------------
@@ -552,7 +419,7 @@ async def test_a_full_queue_is_a_429(server: Server) -> None:
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory, models: tuple[Path, Path]) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("keyed")
-    running = start_server(root, write_config(root, *models), api_key="s3cret-key")
+    running = start_server(root, slow_config(root, *models), api_key="s3cret-key")
     yield running
     assert running.stop() == 0, running.log()
 
@@ -580,7 +447,7 @@ def test_auth_needs_the_key_everywhere_but_health(keyed_server: Server) -> None:
 
 
 def test_sigterm_ends_streams_and_exits_0(tmp_path: Path, models: tuple[Path, Path]) -> None:
-    running = start_server(tmp_path, write_config(tmp_path, *models), grace=1.0)
+    running = start_server(tmp_path, slow_config(tmp_path, *models), grace=1.0)
     try:
         with running.http() as http, running.http() as watcher:
             with watcher.stream("GET", "/api/events", timeout=httpx.Timeout(30, read=20)) as events, \
@@ -615,29 +482,6 @@ def test_sigterm_ends_streams_and_exits_0(tmp_path: Path, models: tuple[Path, Pa
 
 
 # -- in-process: states a subprocess cannot pin down -----------------------------------------
-
-
-class StubBackend:
-    """Just enough of a backend for the app: readiness on demand, and a models() that fails."""
-
-    def __init__(self) -> None:
-        self.started = threading.Event()
-
-    async def ready(self) -> None:
-        await asyncio.to_thread(self.started.wait)
-
-    async def warmed(self) -> None:
-        await self.ready()
-
-    async def models(self) -> list[Any]:
-        raise RuntimeError("secret detail from deep inside")
-
-    async def _no_events(self) -> AsyncIterator[Any]:
-        await asyncio.Event().wait()
-        yield None
-
-    def events(self, after_seq: int | None = None) -> AsyncIterator[Any]:
-        return self._no_events()
 
 
 def test_health_is_starting_then_ok_then_draining() -> None:
@@ -695,7 +539,7 @@ def corral_cli(*args: str, root: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_config_reload_versions_rollback_and_sighup(tmp_path: Path, models: tuple[Path, Path]) -> None:
-    config = write_config(tmp_path, *models)
+    config = slow_config(tmp_path, *models)
     original = config.read_text()
     server = start_server(tmp_path / "srv", config, extra=("--no-watch",))
     try:
@@ -740,7 +584,7 @@ def test_config_reload_versions_rollback_and_sighup(tmp_path: Path, models: tupl
 
 
 def test_a_restart_restores_the_loaded_models_before_health_is_ok(tmp_path: Path, models: tuple[Path, Path]) -> None:
-    config = write_config(tmp_path, *models)
+    config = slow_config(tmp_path, *models)
     root = tmp_path / "srv"
     server = start_server(root, config)
     with server.http() as http:

@@ -15,9 +15,8 @@ import httpx
 import psutil
 import pytest
 
-from test_packaging import clean_env
-from test_protocol import free_port, write_config
 from ggufs import write_tiny_llama
+from support import clean_env, free_port, tiny_settings, write_config
 
 # The serving process reports, as it exits, which of these it imported.
 REPORT = ("import atexit, sys\n"
@@ -70,7 +69,7 @@ def corral_web(tmp_path: Path, *args: str) -> Iterator[WebProcess]:
 def config(tmp_path: Path) -> Path:
     models = tmp_path / "models"
     write_tiny_llama(models / "tiny-web.gguf", name="tiny-web")
-    return write_config(models, tmp_path / "corral.toml")
+    return write_config(tmp_path / "corral.toml", tiny_settings(models))
 
 
 async def read_screen(url: str, wanted: str, timeout: float = 90.0) -> str:

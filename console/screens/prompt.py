@@ -1,11 +1,17 @@
-"""The prompt screen: chat with one model, its answer streaming in as it is generated.
+"""The prompt screen: chat with one model, or have it continue text, its answer streaming in
+as it is generated.
 
-The conversation (turns, and the temperature / max tokens / system prompt used) lives on
-the app, one per model, so leaving the screen and coming back later in the session shows it
-again. Each answer streams in a worker through `backend.chat`; `ctrl+c` or `esc` cancels
-that worker, which closes the backend's stream and so frees the model's slot at its next
-decode step. The partial answer stays, marked "stopped". After each answer the screen shows
-its TTFT and tokens/s, from the stats the last chunk carries.
+The conversation (turns, the temperature / max tokens / system prompt used, and the mode)
+lives on the app, one per model, so leaving the screen and coming back later in the session
+shows it again. Each answer streams in a worker, through `backend.chat` in chat mode or
+`backend.complete` in completion mode; `ctrl+c` or `esc` cancels that worker, which closes
+the backend's stream and so frees the model's slot at its next decode step. The partial
+answer stays, marked "stopped". After each answer the screen shows its TTFT and tokens/s,
+from the stats the last chunk carries.
+
+A model without a chat template of its own (a base model, such as the default gemma-3-270m:
+its chats would go through a fallback template it was never trained on) opens in completion
+mode, and the screen says so; `ctrl+t` switches between the modes.
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ from textual.validation import Integer, Number
 from textual.widgets import Footer, Header, Input, Label, Static
 from textual.worker import Worker, WorkerState
 
-from ..commands import PROMPT, bindings_for
+from ..commands import COMMANDS_BY_ID, PROMPT, bindings_for
 from ..errors import describe_error
+from .help import key_label
 
 if TYPE_CHECKING:
     from corral.backend.generation import RequestStats
+    from corral.backend.snapshot import ModelInfo
 
     from ..app import CorralApp
 
@@ -53,6 +61,7 @@ class Conversation:
     temperature: float = 0.7
     max_tokens: int = 256
     system: str = ""
+    completion: bool | None = None  # the mode the operator chose; None: as the model suggests
     session_id: str = field(default_factory=lambda: f"console-{secrets.token_hex(4)}")
 
     def messages(self) -> list[dict[str, Any]]:
@@ -60,6 +69,22 @@ class Conversation:
         keeps what it had said; an empty one is left out)."""
         system = [{"role": "system", "content": self.system}] if self.system.strip() else []
         return system + [{"role": t.role, "content": t.text} for t in self.turns if t.text]
+
+    def document(self) -> str:
+        """The text a completion continues: the system prompt, then every turn with text, a
+        line each."""
+        system = [self.system] if self.system.strip() else []
+        return "\n".join(system + [t.text for t in self.turns if t.text])
+
+
+def lacks_chat_template(info: ModelInfo | None) -> bool:
+    """Chats with this model would use a fallback template: the one it loaded with says so, or,
+    before a load, the catalog found none in its GGUF (and config sets none)."""
+    if info is None:
+        return False
+    if info.chat_template is not None:
+        return info.chat_template.startswith("fallback:")
+    return info.has_chat_template is False
 
 
 def stats_note(stats: RequestStats | None, finish_reason: str | None) -> str:
@@ -105,6 +130,7 @@ class PromptScreen(Screen[None]):
         super().__init__()
         self.model = model
         self._answer: Worker[None] | None = None
+        self._no_template = False  # set at compose, from the latest status
 
     @property
     def corral(self) -> CorralApp:
@@ -115,15 +141,23 @@ class PromptScreen(Screen[None]):
         return self.corral.conversation(self.model)
 
     @property
+    def completion(self) -> bool:
+        """Completion mode: the conversation goes as one text to continue, not as a chat."""
+        chosen = self.conversation.completion
+        return self._no_template if chosen is None else chosen
+
+    @property
     def streaming(self) -> bool:
         return self._answer is not None and self._answer.state in (WorkerState.PENDING, WorkerState.RUNNING)
 
     def compose(self) -> ComposeResult:
         chat = self.conversation
+        info = next((m for m in self.corral.models if m.name == self.model), None)
+        self._no_template = lacks_chat_template(info)
         yield Header(icon="◆")
         with Horizontal(id="prompt-main"):
             transcript = VerticalScroll(id="transcript")
-            transcript.border_title = f"chat · {self.model}"
+            transcript.border_title = self._mode_title()
             with transcript:
                 for turn in chat.turns:
                     yield TurnView(turn)
@@ -139,6 +173,7 @@ class PromptScreen(Screen[None]):
                             validators=[Integer(minimum=1, maximum=MAX_TOKENS)])
                 yield Label("system prompt")
                 yield Input(chat.system, id="param-system", placeholder="none")
+        yield Static(self._mode_line(), id="prompt-mode", markup=False)
         yield Static(self._last_note(), id="prompt-status", markup=False)
         yield Input(id="prompt-input", placeholder=f"message {self.model} · enter sends")
         yield Footer()
@@ -154,6 +189,27 @@ class PromptScreen(Screen[None]):
 
     def _status(self, text: str) -> None:
         self.query_one("#prompt-status", Static).update(text)
+
+    # -- chat or completion ------------------------------------------------------------------
+
+    def _mode_title(self) -> str:
+        return f"{'completion' if self.completion else 'chat'} · {self.model}"
+
+    def _mode_line(self) -> str:
+        """Which mode answers come in, and why, with the key that switches."""
+        key = key_label(self.app, COMMANDS_BY_ID["corral.prompt.mode"], self.corral.keymap)
+        if self.completion:
+            why = (f"{self.model} has no chat template of its own" if self._no_template
+                   else "the text is continued as it is, without the chat template")
+            return f"completion mode: {why} · {key}: chat"
+        why = f" (a fallback template: {self.model} has none of its own)" if self._no_template else ""
+        return f"chat mode{why} · {key}: completion"
+
+    def action_toggle_mode(self) -> None:
+        """Switch between chat and completion; the next message goes the new way."""
+        self.conversation.completion = not self.completion
+        self.query_one("#transcript", VerticalScroll).border_title = self._mode_title()
+        self.query_one("#prompt-mode", Static).update(self._mode_line())
 
     # -- parameters --------------------------------------------------------------------------
 
@@ -200,11 +256,14 @@ class PromptScreen(Screen[None]):
     async def _stream(self, answer: Turn, view: TurnView) -> None:
         """Append each chunk to the answer as it arrives; note the stats at the end."""
         chat = self.conversation
+        backend = self.corral.backend
+        options: dict[str, Any] = dict(max_tokens=chat.max_tokens, temperature=chat.temperature,
+                                       session_id=chat.session_id)
         stats, finish = None, None
         try:
-            async for chunk in self.corral.backend.chat(
-                    self.model, chat.messages(), max_tokens=chat.max_tokens,
-                    temperature=chat.temperature, session_id=chat.session_id):
+            stream = (backend.complete(self.model, chat.document(), **options) if self.completion
+                      else backend.chat(self.model, chat.messages(), **options))
+            async for chunk in stream:
                 if chunk.text:
                     answer.text += chunk.text
                     view.show()

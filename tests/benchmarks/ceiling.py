@@ -31,8 +31,9 @@ import llama_cpp
 import numpy as np
 
 from corral.backend.catalog import default_model_path
-from corral.backend.engine import ContextSettings, Engine, ModelWeights, batch_add, new_context
-from corral.backend.generation import SamplingParams
+from corral.backend.engine import ContextSettings, Engine
+from corral.backend.generation import Decoding, SamplingParams
+from corral.backend.weights import ModelWeights, batch_add, new_context
 
 PROMPT = "Once upon a time"
 TOKENS = 64
@@ -80,8 +81,8 @@ async def through_engine(weights: ModelWeights, streams: int, threads: int) -> f
     engine = Engine(weights, ContextSettings(n_ctx=4096, n_parallel=8, n_threads=threads), model_name="ceiling")
     await asyncio.to_thread(engine.start)
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
-        requests = [engine.submit(weights.tokenize(f"{i}: {PROMPT}", add_special=True), params)
+        decoding = Decoding(SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True))
+        requests = [engine.submit(weights.tokenize(f"{i}: {PROMPT}", add_special=True), decoding)
                     for i in range(streams)]
         first: float | None = None
         for request in requests:

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..support import free_port, write_config
 from . import serving
-from .serving import Server, build_ratios, corral_command, fmt, free_port, log, render_table, summarize
+from .serving import Server, build_ratios, corral_command, fmt, log, render_table, summarize
 
 MODEL_NAME = "bench-f16"
 LEVELS = (1, 8, 32, 64)
@@ -134,15 +135,11 @@ def cuda_llama_server(given: Path | None, source: Path | None, jobs: int) -> Pat
 def make_servers(model: Path, llama_server: Path, workdir: Path, args: argparse.Namespace) -> list[Server]:
     """corral and llama-server with the same context settings, every layer on the GPU."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-    config = workdir / "corral.toml"
-    config.write_text(
-        "include_default_model = false\n"
-        f'preload = ["{MODEL_NAME}"]\n'
-        "[defaults]\n"
-        f"n_ctx = {args.n_ctx}\nn_parallel = {args.slots}\nn_threads = {args.threads}\n"
-        f"n_batch = {args.n_batch}\nn_gpu_layers = -1\nkeep_alive = -1\nmax_queue = 256\n"
-        "[[models]]\n"
-        f'name = "{MODEL_NAME}"\npath = "{model}"\n')
+    config = write_config(workdir / "corral.toml", {
+        "include_default_model": False, "preload": [MODEL_NAME],
+        "defaults": {"n_ctx": args.n_ctx, "n_parallel": args.slots, "n_threads": args.threads,
+                     "n_batch": args.n_batch, "n_gpu_layers": -1, "keep_alive": -1, "max_queue": 256},
+        "models": [{"name": MODEL_NAME, "path": str(model)}]})
     corral_port, peer_port = free_port(), free_port()
     corral = Server("corral", [*corral_command(), "serve", "--host", "127.0.0.1", "--port", str(corral_port),
                                "--config", str(config)], corral_port, "/health", workdir / "corral.log", env)

@@ -36,17 +36,18 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from ..support import free_port, write_config
 
 CORRAL_MODEL = "gemma-3-270m"  # the catalog name of the default model
 SERVERS = ("corral", "llama-server", "llama_cpp.server")
@@ -178,12 +179,6 @@ def ensure_server_extra(version: str) -> list[str]:
     return requirements
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def corral_command() -> list[str]:
     script = Path(sys.executable).parent / "corral"
     if script.exists():
@@ -298,13 +293,10 @@ def make_servers(which: list[str], model: Path, llama_server: Path | None, workd
     for name in which:
         port = free_port()
         if name == "corral":
-            config = workdir / "corral.toml"
-            config.write_text(
-                "include_default_model = true\n"
-                f'preload = ["{CORRAL_MODEL}"]\n'
-                "[defaults]\n"
-                f"n_ctx = {n_ctx}\nn_parallel = {slots}\nn_threads = {threads}\nn_batch = {n_batch}\n"
-                "keep_alive = -1\nmax_queue = 64\n")
+            config = write_config(workdir / "corral.toml", {
+                "include_default_model": True, "preload": [CORRAL_MODEL],
+                "defaults": {"n_ctx": n_ctx, "n_parallel": slots, "n_threads": threads, "n_batch": n_batch,
+                             "keep_alive": -1, "max_queue": 64}})
             argv = [*corral_command(), "serve", "--host", "127.0.0.1", "--port", str(port),
                     "--config", str(config)]
             servers.append(Server(name, argv, port, "/health", workdir / "corral.log", env))

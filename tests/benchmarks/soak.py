@@ -39,6 +39,7 @@ import psutil
 
 from corral.console import bench
 from tests.benchmarks.serving import corral_command
+from tests.support import write_config
 
 MODEL = "gemma-3-270m"
 START_TIMEOUT_S = 600.0  # the first start assembles the default model's GGUF
@@ -81,16 +82,6 @@ class RssTrace:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def write_config(folder: Path, slots: int, max_queue: int) -> Path:
-    config = folder / "corral.toml"
-    config.write_text(
-        "include_default_model = true\n"
-        f'preload = ["{MODEL}"]\n'
-        "[defaults]\n"
-        f"n_ctx = 4096\nn_parallel = {slots}\nkeep_alive = -1\nmax_queue = {max_queue}\n")
-    return config
 
 
 @contextlib.contextmanager
@@ -173,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="corral-soak-") as tmp:
         folder = Path(tmp)
-        with serving(folder, write_config(folder, args.slots, args.max_queue)) as (proc, url):
+        config = write_config(folder / "corral.toml", {
+            "include_default_model": True, "preload": [MODEL],
+            "defaults": {"n_ctx": 4096, "n_parallel": args.slots, "keep_alive": -1, "max_queue": args.max_queue}})
+        with serving(folder, config) as (proc, url):
             warm(url)
             start = ProcessFigures.of(proc.pid)
             report_path = folder / "bench.json"

@@ -16,15 +16,14 @@ from typing import Any
 
 import httpx
 
-from test_server import HELLO, SLOW, Server
+from support import HELLO, SLOW, Server, toml
 
 STREAM_TOKENS = 500  # several seconds on the slow model: it is still running while a fault happens
 
 
 def model_entry(name: str, path: Path, **options: Any) -> str:
-    """A `[[models]]` table for the config file, appended after the ones write_config writes."""
-    extra = "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
-    return f'[[models]]\nname = "{name}"\npath = {json.dumps(str(path))}\n{extra}'
+    """A `[[models]]` table for the config file, appended after the ones `slow_config` writes."""
+    return toml({"models": [{"name": name, "path": str(path), **options}]})
 
 
 class InFlight:

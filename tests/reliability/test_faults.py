@@ -20,12 +20,8 @@ import httpx
 import pytest
 
 from ggufs import write_corrupt_header, write_truncated, write_unknown_arch
-from polling import wait_for
 from reliability.support import model_entry, stream_survives
-from test_server import (HELLO, SLOW, Server, assert_error, assert_idle, model_state, models, start_server,
-                         write_config)
-
-__all__ = ["models"]  # the fixture, imported so this module's tests can use it
+from support import HELLO, SLOW, Server, assert_error, assert_idle, model_state, slow_config, start_server, wait_for
 
 WIDE = "wide"  # the slow model's file with four slots and a deep queue: room for 100 clients
 RAM_BUDGET = 1 << 30  # room for every good model here; the "huge" entry's KV cache alone is 2 GiB
@@ -59,7 +55,7 @@ def faulty(tmp_path_factory: pytest.TempPathFactory, models: tuple[Path, Path]) 
         model_entry("huge", slow, n_ctx=65536),
         model_entry(WIDE, slow, n_ctx=4096, n_parallel=4, max_queue=128),
     ]
-    config = write_config(root, model_dir, slow)
+    config = slow_config(root, model_dir, slow)
     text = config.read_text().replace("[budgets]\n", f"[budgets]\nram_bytes = {RAM_BUDGET}\n")
     config.write_text(text + "".join(entries))
     running = start_server(root, config)
@@ -184,10 +180,10 @@ async def test_a_hundred_clients_leaving_at_once_free_every_slot(faulty: Server)
 def test_sigkill_during_state_writes_then_restart(tmp_path: Path, models: tuple[Path, Path]) -> None:
     """A crash in the middle of saving state leaves the old file or the new one, never a torn
     one (writes go through a temporary file and a rename), and the restart comes back up."""
-    config = write_config(tmp_path, *models)
+    config = slow_config(tmp_path, *models)
     root = tmp_path / "srv"
     server = start_server(root, config)
-    state_file = root / ".local" / "state" / "corral" / "state.json"
+    state_file = server.state_file
     with server.http() as http:
         assert http.post("/api/models/tiny-c/pin").status_code == 200
 

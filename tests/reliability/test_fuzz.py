@@ -25,10 +25,9 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from pydantic import BaseModel
 
-from corral.backend.server import ChatRequest, CompletionRequest, EmbeddingRequest, create_app
-from test_server import Server, StubBackend, models, server
-
-__all__ = ["models", "server"]  # the fixtures: a `corral serve` of its own for this module
+from corral.backend.server import create_app
+from corral.backend.server.openai import ChatRequest, CompletionRequest, EmbeddingRequest
+from support import Server, StubBackend
 
 BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest, "/v1/embeddings": EmbeddingRequest}

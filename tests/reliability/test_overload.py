@@ -13,9 +13,7 @@ import httpx
 import pytest
 
 from reliability.support import model_entry
-from test_server import Server, assert_idle, models, start_server, write_config
-
-__all__ = ["models"]
+from support import Server, assert_idle, slow_config, start_server
 
 TIGHT = "tight"  # the slow model's file with 2 slots and a queue of 2: 4 requests at most
 CLIENTS = 24
@@ -25,7 +23,7 @@ TOKENS = 24
 @pytest.fixture(scope="module")
 def crowded(tmp_path_factory: pytest.TempPathFactory, models: tuple[Path, Path]) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("overload")
-    config = write_config(root, *models)
+    config = slow_config(root, *models)
     config.write_text(config.read_text() + model_entry(TIGHT, models[1], n_ctx=1024, n_parallel=2, max_queue=2))
     running = start_server(root, config)
     yield running

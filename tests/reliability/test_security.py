@@ -21,20 +21,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.openapi.utils import get_openapi
 from starlette.testclient import TestClient
 
-from corral.backend import server as server_module
 from corral.backend.config import ServerSettings
 from corral.backend.remote import RemoteBackend
-from corral.backend.server import create_app
+from corral.backend.server import create_app, middleware
 from ggufs import write_tiny_llama
-from test_server import (HELLO, TINY, WRAPPER, Server, StubBackend, assert_error, models, replayed_events,
-                         start_server, write_config)
-
-__all__ = ["models"]
+from support import (HELLO, TINY, WRAPPER, Server, StubBackend, assert_error, replayed_events, slow_config,
+                     start_server)
 
 KEY = "k3y-for-the-security-tests"
 PATH_PARAMS = {"name": "tiny-a", "number": "1"}
@@ -86,7 +82,7 @@ def test_the_key_is_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -
         compared.append((a, b))
         return compare(a, b)
 
-    monkeypatch.setattr(server_module.hmac, "compare_digest", spy)
+    monkeypatch.setattr(middleware.hmac, "compare_digest", spy)
     with TestClient(create_app(started_stub(), api_key=KEY)) as client:  # type: ignore[arg-type]
         assert client.get("/api/ps", headers={"authorization": "Bearer nearly-the-key"}).status_code == 401
     assert compared == [(b"nearly-the-key", KEY.encode())]
@@ -100,7 +96,7 @@ def test_serve_warns_when_it_listens_beyond_loopback_without_a_key(tmp_path: Pat
                                                                    models: tuple[Path, Path]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env["CORRAL_STATE_FILE"] = str(tmp_path / "state.json")
-    command = [sys.executable, "-c", WRAPPER, "serve", "--config", str(write_config(tmp_path, *models)),
+    command = [sys.executable, "-c", WRAPPER, "serve", "--config", str(slow_config(tmp_path, *models)),
                "--host", "0.0.0.0", "--port", "0"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
         try:
@@ -118,7 +114,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, models: tuple[Path, Path])
     root = tmp_path_factory.mktemp("guarded")
     outside = root / "outside"
     write_tiny_llama(outside / "evil.gguf", name="evil")  # a valid model, in no configured folder
-    config = write_config(root, *models)
+    config = slow_config(root, *models)
     config.write_text(config.read_text() + f'[server]\napi_key = "{KEY}"\n')  # the key in the file
     running = start_server(root, config)
     running.api_key = KEY
@@ -171,7 +167,7 @@ def test_the_key_is_not_in_config_versions_or_events(guarded: Server) -> None:
 
 async def test_the_console_never_shows_the_key(guarded: Server) -> None:
     from corral.console.app import create_app as console_app
-    from test_console import ready, wait_for
+    from console_support import ready, wait_for
 
     backend = RemoteBackend(guarded.url, api_key=KEY)
     app = console_app(backend)

@@ -11,9 +11,7 @@ from collections import Counter
 import httpx
 import psutil
 
-from test_server import TINY, Server, assert_idle, models, server
-
-__all__ = ["models", "server"]  # the fixtures: a `corral serve` of its own for this module
+from support import TINY, Server, assert_idle
 
 CYCLES = 100
 # The warm-up fills what is bounded but starts empty (the 1,024-event replay ring, each model's

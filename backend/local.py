@@ -1,4 +1,4 @@
-"""The Backend protocol: the one interface the console, the server and notebooks use.
+"""The in-process backend: the model manager behind the Backend protocol (protocol.py).
 
 `LocalBackend` runs the model manager in-process on a loop of its own, in a background
 thread. Callers on any loop (Textual's, uvicorn's, Jupyter's) await its methods; scripts use
@@ -14,60 +14,35 @@ import atexit
 import contextlib
 import functools
 import logging
-import threading
 import time
 import weakref
 from pathlib import Path
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .chat import validate_messages
 from .config import ConfigSource, Settings, config_source
 from .errors import BadRequest, ConfigError
 from .files import write_atomic
 from .events import ConfigApplied, ConfigRejected, Event, EventBus, Notice, RequestFinished
 from .generation import Chunk, Embeddings, SamplingParams, sampling_params
+from .protocol import LoopThread, SyncBackend
+from .rendering import cache_payload, check_request, prepare
+from .request import GenerationRequest, Message, chat_request, completion_request
 from .respcache import BYPASS, MISS, STALE, CacheKey, Lookup, ResponseCache, model_fingerprint, relay, request_key
 from .snapshot import ModelInfo, Status
 from .telemetry import Telemetry
 from .versions import ConfigHistory, ConfigVersion, diff_settings
 
 if TYPE_CHECKING:
-    from .engine import Engine
-    from .manager import Lease, Manager
+    from .manager import Manager
+    from .records import Lease
 
-log = logging.getLogger("corral.api")
+log = logging.getLogger("corral.local")
 
 T = TypeVar("T")
 MAX_EMBED_INPUTS = 2048
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """What every face of corral may do with a backend, local or remote."""
-
-    kind: str  # "local" or "remote"
-    label: str  # shown in the console header: "embedded" or the server URL
-
-    async def models(self) -> list[ModelInfo]: ...
-    async def status(self) -> Status: ...
-    async def load(self, name: str) -> ModelInfo: ...
-    async def evict(self, name: str, *, force: bool = False) -> ModelInfo: ...
-    async def pin(self, name: str, pinned: bool = True) -> ModelInfo: ...
-    def complete(self, model: str, prompt: str, **options: Any) -> AsyncIterator[Chunk]: ...
-    def chat(self, model: str, messages: list[dict[str, Any]], **options: Any) -> AsyncIterator[Chunk]: ...
-    async def embed(self, model: str, inputs: list[str], **options: Any) -> Embeddings: ...
-    async def unload_all(self) -> None: ...
-    async def rescan(self) -> list[ModelInfo]: ...
-    def events(self, after_seq: int | None = None) -> AsyncIterator[Event]: ...
-    async def ready(self) -> None: ...
-    async def warmed(self) -> None: ...
-    async def reload_config(self, source: str = "api") -> ConfigVersion: ...
-    async def rollback_config(self, number: int, source: str = "api") -> ConfigVersion: ...
-    async def config_versions(self) -> list[ConfigVersion]: ...
-    async def aclose(self) -> None: ...
 
 
 class LocalBackend:
@@ -231,119 +206,130 @@ class LocalBackend:
 
     # -- generation ------------------------------------------------------------------------
 
-    async def complete(self, model: str, prompt: str, *, request_id: str | None = None,
-                       session_id: str | None = None, keep_alive: float | str | None = None,
-                       cache: bool = True, **options: Any) -> AsyncIterator[Chunk]:
-        """Stream a plain-text completion of `prompt` (the model is loaded if needed); a
-        deterministic request may be answered from the response cache unless `cache=False`."""
-        params = sampling_params(self._with_defaults(model, options))
-        if not isinstance(prompt, str):
-            raise BadRequest("prompt must be a string")
-        request = _Generation(model, "completion", prompt, params, keep_alive,
-                              functools.partial(_prompt_tokens, prompt=prompt))
-        async with contextlib.aclosing(self._answer(request, cache, request_id, session_id)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+    def complete(self, model: str, prompt: str, **fields: Any) -> AsyncIterator[Chunk]:
+        """Stream a plain-text completion of `prompt`. `fields` are `GenerationRequest` fields
+        (grammar, response_format, logprobs, top_logprobs, keep_alive, cache, request_id,
+        session_id) and sampling options (max_tokens, temperature, ...)."""
+        return self.generate(completion_request(model, prompt, **fields))
 
-    async def chat(self, model: str, messages: list[dict[str, Any]], *, request_id: str | None = None,
-                   session_id: str | None = None, keep_alive: float | str | None = None,
-                   cache: bool = True, **options: Any) -> AsyncIterator[Chunk]:
-        """Stream the assistant's reply to `messages`, formatted with the model's chat template;
-        a deterministic request may be answered from the response cache unless `cache=False`."""
-        params = sampling_params(self._with_defaults(model, options))
-        validate_messages(messages)  # before a possible auto-load, not after
-        messages = self._with_system(model, messages)
-        request = _Generation(model, "chat", messages, params, keep_alive,
-                              functools.partial(_chat_tokens, messages=messages))
-        async with contextlib.aclosing(self._answer(request, cache, request_id, session_id)) as chunks:
+    def chat(self, model: str, messages: list[dict[str, Any]], **fields: Any) -> AsyncIterator[Chunk]:
+        """Stream the assistant's reply to `messages` (OpenAI's shapes: text parts, tool_calls,
+        tool messages), formatted with the model's chat template. Besides `complete`'s fields:
+        tools, tool_choice, parallel_tool_calls, reasoning, reasoning_effort, template_kwargs."""
+        return self.generate(chat_request(model, messages, **fields))
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+        """The one way text is generated: chunks with answer text, reasoning, tool-call deltas
+        and logprobs. A deterministic request may be answered from the response cache unless
+        `request.cache` is false (or it asks for logprobs, which the cache does not keep)."""
+        request.validate()  # before a possible auto-load, not after
+        check_request(request)
+        params = sampling_params(self._with_defaults(request.model, request.options))
+        if request.messages is not None:
+            request = replace(request, messages=self._with_system(request.model, request.messages))
+        plan = _Plan(request, params)
+        if not request.cache or request.logprobs:
+            async with contextlib.aclosing(self._decode(plan)) as chunks:
+                first = True
+                async for chunk in chunks:
+                    yield replace(chunk, cache=BYPASS) if first else chunk
+                    first = False
+            return
+        async with contextlib.aclosing(self._answer(plan)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
     # -- the response cache ----------------------------------------------------------------
 
-    async def _answer(self, request: _Generation, use_cache: bool, request_id: str | None,
-                      session_id: str | None) -> AsyncGenerator[Chunk, None]:
+    async def _answer(self, plan: _Plan) -> AsyncGenerator[Chunk, None]:
         """Replay a cached answer without touching the model (no lease, no load, no decode), or
         decode and keep the answer for next time. A stale answer is replayed while a background
         request recomputes it."""
         started = time.perf_counter()
-        if not isinstance(use_cache, bool):
-            raise BadRequest(f"cache = {use_cache!r}: must be true or false")
-        key = await self._cache_key(request) if use_cache else None
+        request = plan.request
+        key = await self._cache_key(plan)
         lookup = self.response_cache.lookup(key) if key is not None else Lookup(BYPASS)
         if key is not None and lookup.answer is not None:
             if lookup.verdict == STALE:
-                self._refresh(request, key, request_id)
-            yield self._replay(request.model, lookup, time.perf_counter() - started, request_id, session_id)
+                self._refresh(plan, key)
+            yield self._replay(request, lookup, time.perf_counter() - started)
             return
         keep = functools.partial(self.response_cache.store, key) if key is not None else None
-        async with contextlib.aclosing(relay(self._decode(request, request_id, session_id), lookup.verdict,
-                                             keep)) as chunks:
+        async with contextlib.aclosing(relay(self._decode(plan), lookup.verdict, keep)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
-    async def _cache_key(self, request: _Generation) -> CacheKey | None:
+    async def _cache_key(self, plan: _Plan) -> CacheKey | None:
         """The request's cache key; None when it must not touch the cache (the cache is off, the
         request is not deterministic, or the catalog has no usable model of that name)."""
         settings = self.settings  # one snapshot: a config reload may replace it meanwhile
         self.response_cache.configure(settings.cache)
-        if not (settings.cache.enabled and request.params.deterministic):
+        if not (settings.cache.enabled and plan.params.deterministic):
             return None
         await self.ready()
-        return await asyncio.to_thread(self._key_of, settings, request)
+        return await asyncio.to_thread(self._key_of, settings, plan)
 
-    def _key_of(self, settings: Settings, request: _Generation) -> CacheKey | None:
+    def _key_of(self, settings: Settings, plan: _Plan) -> CacheKey | None:
         """Blocking: stats the model's file and hashes the whole prompt."""
+        request = plan.request
         alias = settings.alias_for(request.model)  # its prompt and params are in the request already
         base = alias.model if alias else request.model
         entry = next((e for e in self.manager.catalog.entries() if e.name == base), None)
         if entry is None or not entry.usable or entry.path is None:
             return None  # the lease reports an unknown or broken model with its proper error
         fingerprint = model_fingerprint(settings, base, entry.path)
-        return request_key(request.model, fingerprint, request.kind, request.payload, request.params)
+        return request_key(request.model, fingerprint, request.kind, cache_payload(request), plan.params)
 
-    async def _decode(self, request: _Generation, request_id: str | None,
-                      session_id: str | None) -> AsyncGenerator[Chunk, None]:
-        """Run `request` on its model: acquire it (loading if needed), tokenize off the loop, stream."""
+    async def _decode(self, plan: _Plan, request_id: str | None = None) -> AsyncGenerator[Chunk, None]:
+        """Run `plan` on its model: acquire it (loading if needed), render and tokenize off the
+        loop, stream, and split the raw text by the model's formats (reasoning, tool calls)."""
+        request = plan.request
         async with self._lease(request.model, request.keep_alive) as lease:
-            tokens = await asyncio.to_thread(request.tokens, lease.engine)
-            stop_tokens = lease.engine.weights.turn_tokens if request.kind == "chat" else frozenset()
-            async with contextlib.aclosing(lease.engine.stream(tokens, request.params, request_id=request_id,
-                                                               session_id=session_id,
-                                                               stop_tokens=stop_tokens)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
+            prepared = await asyncio.to_thread(prepare, lease.engine, request, plan.params)
+            stream = lease.engine.stream(prepared.tokens, prepared.decoding,
+                                         request_id=request_id or request.request_id,
+                                         session_id=request.session_id)
+            parser = prepared.parser
+            async with contextlib.aclosing(stream) as chunks:
+                if parser is None:
+                    async for chunk in chunks:
+                        yield chunk
+                else:
+                    async for chunk in chunks:
+                        yield parser.chunk(chunk)
 
-    def _replay(self, model: str, lookup: Lookup, elapsed_s: float, request_id: str | None,
-                session_id: str | None) -> Chunk:
+    def _replay(self, request: GenerationRequest, lookup: Lookup, elapsed_s: float) -> Chunk:
         """A cached answer as the request's one chunk, announced like any finished request."""
         assert lookup.answer is not None
         chunk = lookup.answer.chunk(lookup.verdict, elapsed_s)
         assert chunk.stats is not None and chunk.finish_reason is not None
         stats = chunk.stats
-        self.bus.publish(RequestFinished(model=model, request_id=request_id, session_id=session_id,
-                                         finish_reason=chunk.finish_reason, prompt_tokens=stats.prompt_tokens,
+        self.bus.publish(RequestFinished(model=request.model, request_id=request.request_id,
+                                         session_id=request.session_id, finish_reason=chunk.finish_reason,
+                                         prompt_tokens=stats.prompt_tokens,
                                          completion_tokens=stats.completion_tokens, ttft_s=stats.ttft_s,
                                          duration_s=stats.duration_s, tokens_per_s=None,
                                          cached_tokens=stats.cached_tokens, cached=True))
         return chunk
 
-    def _refresh(self, request: _Generation, key: CacheKey, request_id: str | None) -> None:
+    def _refresh(self, plan: _Plan, key: CacheKey) -> None:
         """Recompute a stale answer on the backend loop, so it outlives the caller's stream. Only
         the request that was served the stale answer starts one, so there is one per key."""
+        request_id = plan.request.request_id
         refresh_id = f"{request_id}.refresh" if request_id else None
-        future = self._submit(self._recompute(replace(request, keep_alive=None), key, refresh_id))
+        quiet = _Plan(replace(plan.request, keep_alive=None, session_id=None), plan.params)
+        future = self._submit(self._recompute(quiet, key, refresh_id))
         self._refreshes.add(future)
         future.add_done_callback(self._refreshes.discard)
 
-    async def _recompute(self, request: _Generation, key: CacheKey, request_id: str | None) -> None:
+    async def _recompute(self, plan: _Plan, key: CacheKey, request_id: str | None) -> None:
         try:
-            async with contextlib.aclosing(relay(self._decode(request, request_id, None), MISS,
+            async with contextlib.aclosing(relay(self._decode(plan, request_id), MISS,
                                                  functools.partial(self.response_cache.store, key))) as chunks:
                 async for _ in chunks:
                     pass
         except Exception as exc:  # the caller already has its answer; the entry just stays stale
-            log.warning("could not refresh a cached answer of %s: %s", request.model, exc)
+            log.warning("could not refresh a cached answer of %s: %s", plan.request.model, exc)
 
     async def embed(self, model: str, inputs: list[str] | str, *, request_id: str | None = None,
                     session_id: str | None = None, keep_alive: float | str | None = None) -> Embeddings:
@@ -374,12 +360,12 @@ class LocalBackend:
         defaults = {**(entry.params.options() if entry else {}), **(alias.params.options() if alias else {})}
         return {**defaults, **{k: v for k, v in options.items() if v is not None}}
 
-    def _with_system(self, model: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _with_system(self, model: str, messages: tuple[Message, ...]) -> tuple[Message, ...]:
         """An alias's system prompt leads a chat that brings none of its own."""
         alias = self.settings.alias_for(model)
-        if alias is None or alias.system is None or any(m.get("role") == "system" for m in messages):
+        if alias is None or alias.system is None or any(m.role == "system" for m in messages):
             return messages
-        return [{"role": "system", "content": alias.system}, *messages]
+        return (Message("system", alias.system), *messages)
 
     def _lease(self, model: str, keep_alive: float | str | None) -> _LeaseScope:
         return _LeaseScope(self, model, keep_alive)
@@ -466,26 +452,12 @@ class _LeaseScope:
 
 
 @dataclass(frozen=True)
-class _Generation:
-    """One generation request in a form that can run again: a stale answer's refresh repeats it."""
+class _Plan:
+    """A request with its sampling resolved against the config of the moment: what runs, and
+    what a stale answer's refresh runs again."""
 
-    model: str
-    kind: str  # "completion" | "chat": part of the cache key
-    payload: str | list[dict[str, Any]]  # the prompt or the messages, as the cache key hashes them
+    request: GenerationRequest
     params: SamplingParams
-    keep_alive: float | str | None
-    tokens: Callable[[Engine], list[int]]  # blocking: runs in a worker thread
-
-
-def _prompt_tokens(engine: Engine, prompt: str) -> list[int]:
-    """Tokenize a plain prompt (blocking: llama.cpp's tokenizer)."""
-    return engine.weights.tokenize(prompt, add_special=True)
-
-
-def _chat_tokens(engine: Engine, messages: list[dict[str, Any]]) -> list[int]:
-    """Render and tokenize a chat (blocking: Jinja and llama.cpp's tokenizer)."""
-    assert engine.template is not None
-    return engine.weights.tokenize(engine.template.render(messages), add_special=False)
 
 
 def _log_failure(future: Future[Any]) -> None:
@@ -496,95 +468,6 @@ def _log_failure(future: Future[Any]) -> None:
 async def _sync_value(fn: Any) -> Any:
     """Read manager state on its own loop (it is not thread-safe)."""
     return fn()
-
-
-class LoopThread:
-    """An event loop running in a daemon thread of its own.
-
-    A caller blocks on a future of this loop, never on its own loop, so blocking calls work
-    from plain code and from inside a running loop alike (a Jupyter cell runs on the kernel's)."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def stop(self) -> None:
-        """Stop the loop and its thread (idempotent); the loop is closed once the thread ended."""
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        if not self.thread.is_alive():
-            self.loop.close()
-
-
-class SyncBackend:
-    """Blocking twins of a backend's methods for scripts (and notebooks that prefer them).
-
-    Each call runs through `submit` on a loop other than the caller's: LocalBackend's own
-    loop, or a private one that RemoteBackend starts for its `sync`."""
-
-    def __init__(self, backend: Backend, submit: Callable[[Coroutine[Any, Any, Any]], Future[Any]]) -> None:
-        self._backend = backend
-        self._submit = submit
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._submit(coro).result()
-
-    def models(self) -> list[ModelInfo]:
-        return self._run(self._backend.models())
-
-    def status(self) -> Status:
-        return self._run(self._backend.status())
-
-    def load(self, name: str) -> ModelInfo:
-        return self._run(self._backend.load(name))
-
-    def evict(self, name: str, *, force: bool = False) -> ModelInfo:
-        return self._run(self._backend.evict(name, force=force))
-
-    def pin(self, name: str, pinned: bool = True) -> ModelInfo:
-        return self._run(self._backend.pin(name, pinned))
-
-    def complete(self, model: str, prompt: str, **options: Any) -> Iterator[Chunk]:
-        return self._iterate(self._backend.complete(model, prompt, **options))
-
-    def chat(self, model: str, messages: list[dict[str, Any]], **options: Any) -> Iterator[Chunk]:
-        return self._iterate(self._backend.chat(model, messages, **options))
-
-    def embed(self, model: str, inputs: list[str] | str, **options: Any) -> Embeddings:
-        return self._run(self._backend.embed(model, inputs, **options))
-
-    def reload_config(self, source: str = "api") -> ConfigVersion:
-        return self._run(self._backend.reload_config(source))
-
-    def rollback_config(self, number: int, source: str = "api") -> ConfigVersion:
-        return self._run(self._backend.rollback_config(number, source))
-
-    def config_versions(self) -> list[ConfigVersion]:
-        return self._run(self._backend.config_versions())
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run any coroutine on the loop the twins use and wait for it (scripts, tests)."""
-        return self._run(coro)
-
-    def text(self, model: str, prompt: str, **options: Any) -> str:
-        """The whole completion as one string."""
-        return "".join(chunk.text for chunk in self.complete(model, prompt, **options))
-
-    def _iterate(self, stream: AsyncIterator[Chunk]) -> Iterator[Chunk]:
-        try:
-            while True:
-                try:
-                    yield self._run(stream.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            self._run(stream.aclose())
 
 
 async def _wait_quietly(task: asyncio.Task[None]) -> None:

@@ -11,22 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from corral.backend.api import Backend, LocalBackend
+from corral.backend.local import LocalBackend
+from corral.backend.protocol import Backend
 from corral.backend.config import settings_from_dict
 from corral.backend.errors import BadRequest, ModelNotFound
 from corral.backend.events import StateChanged
-
-
-def tiny_settings(model_dir: Path) -> object:
-    return settings_from_dict({
-        "include_default_model": False, "model_dirs": [str(model_dir)],
-        "defaults": {"n_ctx": 256, "n_parallel": 2, "n_threads": 1, "keep_alive": -1},
-    })
+from support import tiny_settings
 
 
 @pytest.fixture
 def backend(model_dir: Path) -> Iterator[LocalBackend]:
-    with LocalBackend(tiny_settings(model_dir)) as local:
+    with LocalBackend(settings_from_dict(tiny_settings(model_dir))) as local:
         yield local
 
 
@@ -102,7 +97,7 @@ def test_bad_requests_are_typed_errors_and_do_not_hurt(backend: LocalBackend) ->
 
 
 def test_close_unloads_and_stops_the_backend_thread(model_dir: Path) -> None:
-    local = LocalBackend(tiny_settings(model_dir))
+    local = LocalBackend(settings_from_dict(tiny_settings(model_dir)))
     local.sync.load("tiny-a")
     local.close()
     assert not local._thread.is_alive()

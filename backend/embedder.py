@@ -1,0 +1,136 @@
+"""Embeddings: pooled vectors from a second context on a generation model's weights.
+
+Kept apart from the generation engine because nothing is shared but the weights: its own
+small context, its own lock, and calls that block a worker thread instead of joining the
+scheduler's batches (`Engine.embed_async` runs them).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import llama_cpp
+import numpy as np
+
+from .errors import BadRequest, Cancelled
+from .weights import ModelWeights, batch_add, new_context
+
+T = TypeVar("T")
+
+
+class Embedder:
+    """A second, small context on the same weights that turns texts into pooled vectors.
+
+    One mean-pooled, L2-normalised vector per input, as OpenAI's /v1/embeddings returns.
+    Calls are serialised by a lock and block: run them in a worker thread, never on a loop.
+
+    The pooling is ours, not llama.cpp's: an embeddings context outputs every token, and this
+    llama.cpp sizes its output buffer and compute graph with a row of logits per output token
+    (n_vocab floats: 1 MiB each for gemma-3's 262,144). With one pass over a whole text, the
+    2,048-token context reserved 2 GiB for outputs, and a single 120-token input left 215 MB
+    more RSS behind. Texts are decoded in chunks whose logits fit in LOGITS_BYTES (at least
+    MIN_CHUNK tokens), and the per-token hidden states (what llama.cpp's MEAN pooling averages)
+    are summed here. A model without causal attention (an encoder such as BERT or
+    EmbeddingGemma) must see a text in one ubatch, so its context is as long as
+    ONE_PASS_LOGITS_BYTES allows: 2,048 tokens for BERT's 30,522-token vocabulary, 256 for
+    EmbeddingGemma's 262,144; a longer input is refused with the limit.
+    """
+
+    MAX_CTX = 2048
+    MIN_CTX = 64
+    LOGITS_BYTES = 32 * 2**20
+    ONE_PASS_LOGITS_BYTES = 256 * 2**20
+    MIN_CHUNK = 16
+
+    def __init__(self, weights: ModelWeights, *, n_ctx: int, n_threads: int) -> None:
+        self.weights = weights.retain()
+        self.n_ctx = max(self.MIN_CTX, min(n_ctx, weights.n_ctx_train or n_ctx, self.MAX_CTX))
+        self.chunk = min(self.n_ctx, max(self.MIN_CHUNK, self.LOGITS_BYTES // (4 * weights.n_vocab)))
+        self._threads = n_threads
+        try:
+            self._ctx = self._open()
+            if not llama_cpp.llama_get_causal_attn(self._ctx):
+                one_pass = min(self.n_ctx, max(self.MIN_CTX, self.ONE_PASS_LOGITS_BYTES // (4 * weights.n_vocab)))
+                if self.chunk != one_pass:
+                    llama_cpp.llama_free(self._ctx)
+                    self.n_ctx = self.chunk = one_pass
+                    self._ctx = self._open()
+        except Exception:
+            self.weights.release()
+            raise
+        # the width llama.cpp gives each output row: n_embd_out, which a GGUF may set apart from n_embd
+        self.n_embd = llama_cpp.llama_model_n_embd_out(weights.handle)
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.chunk, 0, 1)
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def _open(self) -> llama_cpp.llama_context_p:
+        return new_context(self.weights, n_ctx=self.n_ctx, n_batch=self.chunk, n_seq_max=1,
+                           n_threads=self._threads, flash_attn=False, embeddings=True)
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Vectors for `texts` and the number of tokens they took."""
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise BadRequest(f"input[{i}] is empty")
+        with self._lock:  # the weights stay alive while we hold it (close takes it too)
+            if self._ctx is None:
+                raise Cancelled("the model was unloaded")
+            tokenized = [self.weights.tokenize(text, add_special=True) for text in texts]
+            for i, tokens in enumerate(tokenized):
+                if len(tokens) > self.n_ctx:
+                    raise BadRequest(f"input[{i}] is {len(tokens)} tokens but the embedding context "
+                                     f"holds {self.n_ctx}; split the text")
+            vectors = []
+            for tokens in tokenized:
+                if self._stopping:  # the model is unloading: do not make it wait for the whole batch
+                    raise Cancelled("the model is unloading")
+                vectors.append(self._one(tokens))
+            return vectors, sum(map(len, tokenized))
+
+    def _one(self, tokens: list[int]) -> list[float]:
+        llama_cpp.llama_memory_clear(self._memory, True)
+        batch = self._batch
+        total = np.zeros(self.n_embd, dtype=np.float64)
+        for start in range(0, len(tokens), self.chunk):
+            batch.n_tokens = 0
+            for pos, token in enumerate(tokens[start:start + self.chunk], start):
+                batch_add(batch, token, pos, 0, True)
+            rc = llama_cpp.llama_decode(self._ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"embedding decode failed (llama_decode returned {rc})")
+            rows = llama_cpp.llama_get_embeddings(self._ctx)
+            total += np.ctypeslib.as_array(rows, shape=(batch.n_tokens, self.n_embd)).sum(axis=0, dtype=np.float64)
+        norm = float(np.linalg.norm(total))  # the mean's direction: dividing by the count first changes nothing
+        return (total / norm if norm > 0 else total).tolist()
+
+    def close(self) -> None:
+        self._stopping = True  # read between inputs by a running embed()
+        with self._lock:
+            if self._ctx is None:
+                return
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        self.weights.release()
+
+
+def in_own_thread(fn: Callable[..., T], *args: Any, name: str) -> Future[T]:
+    """Run `fn(*args)` on a new thread that ends with it; the future carries its outcome
+    (`Engine.embed_async` says why embeddings never run on a pool thread)."""
+    future: Future[T] = Future()
+
+    def work() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return future

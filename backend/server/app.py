@@ -1,0 +1,205 @@
+"""The app: its shared state, its lifespan, /health, and the one route table of every dialect.
+
+The wire format is fixed by a separate contract (the remote backend is written against it), so
+no route holds policy of its own: every error is a `CorralError` mapped by its `http_status`
+and `code`, and every route is a thin translation to one Backend call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from starlette.responses import JSONResponse, Response
+
+from ..errors import CorralError, ModelNotFound, NotFound, ShuttingDown
+from ..events import wait_event
+from ..metrics import UNKNOWN_MODEL, Metrics
+from . import admin, openai
+from .middleware import (ErrorShapes, RequestContext, ids, install_error_handlers, read_json, require_key,
+                         state_of)
+from .streams import generation_route
+
+if TYPE_CHECKING:
+    from ..protocol import Backend
+
+log = logging.getLogger("corral.server")
+
+# Each dialect's error body, by path prefix (the longest wins). corral's own admin API answers
+# in OpenAI's shape, which RemoteBackend reads.
+ERROR_BODIES = {"": openai.error_body}
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the backend, readiness, drain status and in-flight generations."""
+
+    backend: Backend
+    api_key: str | None
+    metrics: Metrics = field(default_factory=Metrics)
+    ready: bool = False
+    ready_error: str | None = None
+    draining: bool = False
+    in_flight: int = 0
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    async def wait_ready(self) -> None:
+        """Health turns 200 once the catalog is scanned and a warm restart has loaded the
+        models of the last run."""
+        try:
+            await self.backend.warmed()
+        except Exception as exc:  # shown by /health; the first request will raise it again
+            log.exception("backend failed to start")
+            self.ready_error = f"backend failed to start: {exc}"
+            return
+        self.ready = True
+
+    def begin_drain(self) -> None:
+        """Health → 503 draining, new generations refused, /api/events streams end."""
+        self.draining = True
+        self.stopping.set()
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another instance or after restart")
+
+    def flight(self) -> Flight:
+        self.in_flight += 1
+        self.idle.clear()
+        return Flight(self)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when no generation is running, waiting at most `timeout` seconds."""
+        return await wait_event(self.idle, timeout)
+
+
+class Flight:
+    """One generation counted as in flight until `close`, which also closes its backend stream."""
+
+    def __init__(self, state: ServerState) -> None:
+        self._state = state
+        self._closed = False
+
+    async def close(self, stream: AsyncIterator[Any] | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if stream is not None and hasattr(stream, "aclose"):
+                await stream.aclose()  # releases the model lease; cancels the request if still running
+        finally:
+            self._state.in_flight -= 1
+            if self._state.in_flight == 0:
+                self._state.idle.set()
+
+
+def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
+    """The HTTP face of `backend`. The caller creates and closes the backend; the app only
+    waits for it to be ready (health) and reads its events (metrics)."""
+    state = ServerState(backend, api_key or None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(state.wait_ready(), name="corral-ready"),
+                 asyncio.create_task(state.metrics.consume(backend.events(after_seq=0)), name="corral-metrics")]
+        try:
+            yield
+        finally:
+            state.begin_drain()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    app = FastAPI(title="corral", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)  # a redirect would skip auth and echo the Host header
+    app.state.corral = state
+    cache = getattr(backend, "response_cache", None)  # only an in-process backend keeps one
+    if cache is not None:
+        state.metrics.track_cache(cache.stats)
+    errors = ErrorShapes(ERROR_BODIES)
+    install_error_handlers(app, errors)
+    app.add_middleware(RequestContext, metrics=state.metrics, errors=errors)
+    app.add_api_route("/health", health, methods=["GET"])  # probes carry no key
+
+    api = APIRouter(dependencies=[Depends(require_key(state.api_key))])
+    routes: list[tuple[str, str, Callable[..., Any]]] = [
+        # OpenAI: /v1/*
+        ("POST", "/v1/chat/completions", generation_route(openai.ChatRequest)),
+        ("POST", "/v1/completions", generation_route(openai.CompletionRequest)),
+        ("POST", "/v1/embeddings", embeddings),
+        ("GET", "/v1/models", models),
+        ("GET", "/v1/models/{name:path}", model),
+        # admin: /api/*, /metrics
+        ("GET", "/api/ps", admin.ps),
+        ("POST", "/api/config/reload", admin.reload_config),
+        ("GET", "/api/config/versions", admin.config_versions),
+        ("GET", "/api/config/versions/{number}", admin.config_version),
+        ("POST", "/api/config/rollback/{number}", admin.rollback_config),
+        ("POST", "/api/models/{name:path}/load", admin.load),
+        ("POST", "/api/models/{name:path}/evict", admin.evict),
+        ("POST", "/api/models/{name:path}/pin", admin.pin),
+        ("POST", "/api/models/{name:path}/unpin", admin.unpin),
+        ("POST", "/api/unload-all", admin.unload_all),
+        ("POST", "/api/rescan", admin.rescan),
+        ("GET", "/metrics", admin.metrics),
+        ("GET", "/api/events", admin.events),
+    ]
+    for method, path, handler in routes:
+        api.add_api_route(path, handler, methods=[method])
+    app.include_router(api)
+    return app
+
+
+async def health(request: Request) -> Response:
+    state = state_of(request)
+    if state.draining:
+        return JSONResponse({"status": "draining", "reason": "shutting down: finishing in-flight requests"},
+                            status_code=503)
+    if not state.ready:
+        return JSONResponse({"status": "starting", "reason": state.ready_error or
+                             "scanning the model catalog and restoring the models of the last run"},
+                            status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def embeddings(request: Request) -> Response:
+    state = state_of(request)
+    body = await read_json(request, openai.EmbeddingRequest)
+    request.scope["corral.model"] = body.model
+    request_id, session_id = ids(request)
+    state.check_accepting()
+    flight = state.flight()
+    try:
+        # Not raced against a disconnect: an embedding is one short batch in a worker thread
+        # that cancelling could not stop, and it holds no generation slot.
+        result = await state.backend.embed(body.model, body.input, request_id=request_id, session_id=session_id,
+                                           keep_alive=body.keep_alive)
+    except CorralError as exc:
+        state.metrics.rejected(UNKNOWN_MODEL if isinstance(exc, ModelNotFound) else body.model, exc.http_status)
+        raise
+    finally:
+        await flight.close()
+    return JSONResponse(openai.embedding_response(body, result))
+
+
+async def _usable(request: Request) -> list[str]:
+    return [m.name for m in await state_of(request).backend.models() if m.usable]
+
+
+async def models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [openai.model_card(name) for name in await _usable(request)]}
+
+
+async def model(request: Request, name: str) -> dict[str, Any]:
+    if name not in await _usable(request):
+        raise NotFound(f"model {name!r} does not exist or cannot be used; GET /v1/models lists the models")
+    return openai.model_card(name)
