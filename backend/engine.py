@@ -27,7 +27,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import llama_cpp
-import numpy as np
 
 from .chat import ChatTemplate
 from .embedder import Embedder, in_own_thread
@@ -36,6 +35,7 @@ from .events import EventBus, RequestFinished, RequestStarted
 from .generation import Chunk, Decoding, RequestStats, TokenLogprob
 from .request import MAX_TOP_LOGPROBS
 from .samplers import GrammarDeadEnd, GrammarStats, Scratch, TokenSampler
+from .slots import SlotCache
 from .weights import ModelWeights, batch_add, new_context
 
 log = logging.getLogger("corral.engine")
@@ -116,7 +116,7 @@ class _Sequence:
         if (eog and self.sampler.held) or (not params.ignore_eos and (eog or token in decoding.stop_tokens)):
             self.delimited = True
             return self._flush(), "stop"
-        self.text += self._decoder.decode(self._weights.piece(token))
+        self.text += self._decoder.decode(self._weights.piece(token, special=token in decoding.shown_tokens))
         if params.stop:
             hit = _find_stop(self.text, params.stop, max(0, self.emitted - max(map(len, params.stop))))
             if hit is not None:  # bytes still in the decoder belong after the stop: drop them
@@ -164,54 +164,6 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
-MIN_REUSE = 8  # a cached prefix shorter than this is not worth keeping a slot for
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
-
-
-class _SlotCache:
-    """Which tokens each llama.cpp sequence id still holds in the KV cache, and who gets which id.
-
-    A finished request leaves its KV in place. The next request goes to the free sequence whose
-    cached tokens share the longest prefix with its prompt (a follow-up turn of a chat extends
-    the previous prompt and answer), and only the tokens after that prefix are evaluated.
-    Without a useful match it takes the least recently used sequence, so a warm prefix is not
-    clobbered by an unrelated request. Owned by the scheduler thread, except `free` which
-    `submit` reads under the engine's lock.
-    """
-
-    def __init__(self, n: int) -> None:
-        self.tokens: list[list[int]] = [[] for _ in range(n)]
-        self.last_used = [0.0] * n
-        self.free = list(range(n))
-
-    def take(self, prompt: list[int]) -> tuple[int, int]:
-        """A free sequence id for `prompt` and how many of its leading tokens are cached.
-
-        At least one prompt token is always left to evaluate: its logits give the first token.
-        """
-        shared = {seq: min(_common_prefix(self.tokens[seq], prompt), len(prompt) - 1) for seq in self.free}
-        best = max(self.free, key=lambda seq: (shared[seq], self.last_used[seq]))
-        if shared[best] < MIN_REUSE:
-            best = min(self.free, key=lambda seq: (bool(self.tokens[seq]), self.last_used[seq]))
-        self.free.remove(best)
-        return best, shared[best]
-
-    def give_back(self, seq_id: int) -> None:
-        self.last_used[seq_id] = time.perf_counter()
-        self.free.append(seq_id)
-
-    def idle_cached(self) -> list[int]:
-        """Free sequences that still hold KV: the first thing to drop when the cache is full."""
-        return [seq for seq in self.free if self.tokens[seq]]
-
-
 @dataclass(frozen=True)
 class EngineLoad:
     """What the engine is doing now: for /api/ps, the console's queue panel and admission."""
@@ -249,7 +201,7 @@ class Engine:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._pending: deque[_Request] = deque()
         self._running: dict[int, _Sequence] = {}
-        self._slots = _SlotCache(settings.n_parallel)
+        self._slots = SlotCache(settings.n_parallel)
         self._cv = threading.Condition()
         self._closing = False
         self._recent_tokens: deque[tuple[float, int]] = deque(maxlen=256)

@@ -248,3 +248,7 @@ class Decoding:
     logprobs: bool = False  # each chunk carries its tokens' log-probabilities
     top_logprobs: int = 0  # and this many most likely alternatives per token
     stop_tokens: frozenset[int] = frozenset()  # besides end-of-generation (chat: turn delimiters)
+    # control tokens whose text the answer keeps: a tool-call or thinking marker that a
+    # vocabulary holds as one control token would otherwise render as nothing, and the
+    # output parsers would never see it
+    shown_tokens: frozenset[int] = frozenset()

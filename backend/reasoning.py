@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import BadRequest
 from .generation import Grammar
-from .schema_grammar import literal
+from .gbnf import literal
 
 # (start, end) marker pairs, the more specific first; each end marker's first character occurs
 # nowhere else in it (allow_thinking's grammar relies on that)

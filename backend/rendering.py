@@ -64,9 +64,12 @@ def prepare(engine: Engine, request: GenerationRequest, params: SamplingParams) 
     prompt = template.render(messages, tools=tools, **kwargs)
     tokens = weights.tokenize(prompt, add_special=False)
     starts_thinking = thinking is not None and thinking.opened_by(prompt)
-    if grammar is not None and thinking is not None and request.reasoning is not False:
+    if grammar is not None and thinking is not None and kwargs.get(reasoning_formats.SWITCH) is not False:
         grammar = thinking.allow_thinking(grammar, starts_thinking)  # a schema must not forbid thinking
-    decoding = Decoding(params, grammar, request.logprobs, request.top_logprobs, weights.turn_tokens)
+    markers = [*(toolcalls.MARKERS[fmt] if fmt is not None else ()),
+               *((thinking.start, thinking.end) if thinking is not None else ())]
+    decoding = Decoding(params, grammar, request.logprobs, request.top_logprobs, weights.turn_tokens,
+                        weights.control_tokens(markers) if markers else frozenset())
     parser = OutputParser.of(thinking, starts_thinking, fmt, request)
     return Prepared(tokens, decoding, parser)
 

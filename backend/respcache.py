@@ -24,7 +24,6 @@ import hashlib
 import json
 import threading
 import time
-import uuid
 from collections import Counter, OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
@@ -35,6 +34,7 @@ from typing import Any
 from .config import CacheSettings, Settings
 from .events import EventBus, Notice
 from .generation import Chunk, RequestStats, SamplingParams, ToolCallDelta
+from .toolparse import fresh_call_id
 
 HIT, STALE, MISS, BYPASS = "hit", "stale", "miss", "bypass"
 STORABLE = frozenset({"stop", "length", "tool_calls"})  # a cancelled or failed request's text is not an answer
@@ -97,7 +97,7 @@ class Answer:
         """The answer replayed as one final chunk; its timings are the replay's own."""
         stats = RequestStats(self.prompt_tokens, self.completion_tokens, queue_wait_s=0.0, ttft_s=elapsed_s,
                              duration_s=elapsed_s, cached_tokens=self.prompt_tokens, cached=True)
-        calls = tuple(replace(call, id=f"call_{uuid.uuid4().hex[:24]}") for call in self.tool_calls)
+        calls = tuple(replace(call, id=fresh_call_id(call.id or "")) for call in self.tool_calls)
         return Chunk(self.text, self.finish_reason, stats, cache=verdict, reasoning=self.reasoning,
                      tool_calls=calls)
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BadRequest
+from .gbnf import MAX_DIGITS, char, integer_range, literal, repeat
 from .generation import Grammar
 
 # The one list of what the conversion honours: keyword -> the JSON type it constrains ("" =
@@ -55,7 +56,6 @@ FORMATS = ("date", "time", "date-time", "uuid")
 ANNOTATIONS = frozenset({"title", "description", "examples", "default", "$comment", "$schema", "$id",
                          "$defs", "definitions", "deprecated", "readOnly", "writeOnly"})
 TYPES = ("string", "number", "integer", "boolean", "null", "object", "array")
-MAX_DIGITS = 16
 
 _LOWER = {"minimum": max, "exclusiveMinimum": max, "minItems": max, "minLength": max,
           "maximum": min, "exclusiveMaximum": min, "maxItems": min, "maxLength": min}
@@ -96,32 +96,6 @@ _BUILTINS: dict[str, str] = {
 _RESERVED = frozenset(_BUILTINS) | {"root"}
 _RULE_REFS = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|([a-zA-Z][a-zA-Z0-9-]*)')
 _NOT_NAME = re.compile(r"[^a-zA-Z0-9-]+")
-
-
-def literal(text: str) -> str:
-    """A GBNF string literal matching exactly `text`."""
-    return '"' + "".join(_char(c) for c in text) + '"'
-
-
-def _char(c: str, in_class: bool = False) -> str:
-    """One character as GBNF writes it in a literal (or, with in_class, in a [...] class)."""
-    if c.isascii() and (c.isalnum() or c in " _.,:;!?#$%&'()*+/<=>@`{|}~" or (c in "-[]^" and not in_class)):
-        return c
-    if c in '"\\' and not in_class:
-        return "\\" + c
-    code = ord(c)
-    return f"\\x{code:02X}" if code < 0x100 else f"\\u{code:04X}" if code < 0x10000 else f"\\U{code:08X}"
-
-
-def _repeat(expr: str, low: int, high: int | None) -> str:
-    """`expr` between low and high times (None: no upper bound), as GBNF."""
-    if high == 0:
-        return ""
-    if (low, high) == (0, 1):
-        return f"( {expr} )?"
-    if high is None:
-        return f"( {expr} )*" if low == 0 else f"( {expr} )+" if low == 1 else f"( {expr} ){{{low},}}"
-    return f"( {expr} ){{{low},{high}}}" if low != high else f"( {expr} ){{{low}}}"
 
 
 @dataclass
@@ -367,7 +341,7 @@ class GbnfBuilder:
             low, high = _integer_bounds(schema, where)
             if low is None and high is None:
                 return self.builtin("integer")
-            return self.rule(name, f"{_integer_range(low, high)} space")
+            return self.rule(name, f"{integer_range(low, high)} space")
         bounds = [k for k in schema if KEYWORDS.get(k) == "integer"]
         if kind == "number" and bounds:
             raise BadRequest(f"{where}: keyword {bounds[0]!r} is supported for integers only, not numbers")
@@ -388,7 +362,7 @@ class GbnfBuilder:
         high = _count(schema, "maxLength", where, None)
         if high is not None and low > high:
             raise BadRequest(f"{where}: minLength {low} is more than maxLength {high}")
-        return self.rule(name, f'"\\"" {_repeat("char", low, high)} "\\"" space')
+        return self.rule(name, f'"\\"" {repeat("char", low, high)} "\\"" space')
 
     def _object(self, doc: _Document, schema: dict[str, Any], name: str, where: str) -> str:
         props = schema.get("properties", {})
@@ -443,7 +417,7 @@ class GbnfBuilder:
             children = {c: sub for c, sub in node.items() if c}
             alternatives = [] if "" in node else [""]
             alternatives += [f"{literal(c)} {visit(sub)}" for c, sub in children.items()]
-            excluded = "".join(_char(c, in_class=True) for c in children)
+            excluded = "".join(char(c, in_class=True) for c in children)
             alternatives.append(f'[^"\\\\\\x7F\\x00-\\x1F{excluded}] key-char*')
             return "( " + " | ".join(alternatives) + " )"
 
@@ -477,10 +451,10 @@ class GbnfBuilder:
         if not rules:
             if tail is None or more_high == 0:
                 return self.rule(name, '"[" space "]" space')
-            rest = _repeat(f"{_COMMA} {tail}", max(more_low - 1, 0), None if more_high is None else more_high - 1)
+            rest = repeat(f"{_COMMA} {tail}", max(more_low - 1, 0), None if more_high is None else more_high - 1)
             body = f"{tail} {rest}" if more_low else f"( {tail} {rest} )?"
             return self.rule(name, f'"[" space {body} "]" space')
-        sequence = _repeat(f"{_COMMA} {tail}", more_low, more_high) if tail is not None else ""
+        sequence = repeat(f"{_COMMA} {tail}", more_low, more_high) if tail is not None else ""
         for i in reversed(range(len(rules))):
             sequence = f"{_COMMA + ' ' if i else ''}{rules[i]} {sequence}".strip()
             if i >= low:
@@ -582,49 +556,14 @@ def _integer_bounds(schema: dict[str, Any], where: str) -> tuple[int | None, int
     return low, high
 
 
-def _integer_range(low: int | None, high: int | None) -> str:
-    """Decimal integers in [low, high] (None: up to MAX_DIGITS digits), no leading zeros, no -0."""
-    alternatives = []
-    if low is None or low < 0:
-        magnitudes = (1 if high is None or high >= 0 else -high, None if low is None else -low)
-        alternatives.append(f'"-" {_natural_range(*magnitudes)}')
-    if high is None or high >= 0:
-        alternatives.append(_natural_range(0 if low is None else max(low, 0), high))
-    return "( " + " | ".join(alternatives) + " )"
-
-
-def _natural_range(low: int, high: int | None) -> str:
-    high = 10 ** MAX_DIGITS - 1 if high is None else high
-    spans = []
-    for digits in range(len(str(low)), len(str(high)) + 1):
-        a, b = max(low, 10 ** (digits - 1) if digits > 1 else 0), min(high, 10 ** digits - 1)
-        if a <= b:
-            spans.append(_same_length(str(a), str(b)))
-    return "( " + " | ".join(spans) + " )"
-
-
-def _same_length(low: str, high: str) -> str:
-    """Digit strings of one length between low and high."""
-    if low == high:
-        return literal(low)
-    rest = len(low) - 1
-    tail = f" [0-9]{{{rest}}}" if rest else ""
-    if low[1:] == "0" * rest and high[1:] == "9" * rest:
-        return f"[{low[0]}-{high[0]}]{tail}"
-    if low[0] == high[0]:
-        return f"{literal(low[0])} {_same_length(low[1:], high[1:])}"
-    parts = [f"{literal(low[0])} {_same_length(low[1:], '9' * rest)}"]
-    if int(high[0]) - int(low[0]) > 1:
-        parts.append(f"[{int(low[0]) + 1}-{int(high[0]) - 1}]{tail}")
-    parts.append(f"{literal(high[0])} {_same_length('0' * rest, high[1:])}")
-    return "( " + " | ".join(parts) + " )"
-
-
 def schema_grammar(schema: Any, where: str = "schema") -> Grammar:
     """A grammar for JSON matching `schema`; BadRequest naming `where` and the keyword if the
     schema asks for something the grammar cannot hold the output to."""
     builder = GbnfBuilder()
-    return builder.grammar(builder.schema(schema, "schema", where))
+    try:
+        return builder.grammar(builder.schema(schema, "schema", where))
+    except RecursionError:
+        raise BadRequest(f"{where}: the schema is nested too deeply to convert") from None
 
 
 def json_object_grammar() -> Grammar:

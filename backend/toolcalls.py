@@ -29,7 +29,8 @@ from typing import Any
 from .errors import BadRequest
 from .generation import Grammar
 from .request import Tool, ToolChoice
-from .schema_grammar import GbnfBuilder, literal
+from .gbnf import literal
+from .schema_grammar import GbnfBuilder
 
 
 class ToolFormat(enum.Enum):
@@ -49,6 +50,13 @@ class ToolFormat(enum.Enum):
 # held output starts at the first group (else the match); a pattern written ^...$ must match
 # the whole output. The llama3 JSON pattern admits exactly the grammar's whitespace.
 _SPACE_RE = r"(?: |\n{1,2}[ \t]{0,20})?"
+# The literal markers of each format, which the parser must see in the output text.
+MARKERS: dict[ToolFormat, tuple[str, ...]] = {
+    ToolFormat.HERMES: ("<tool_call>", "</tool_call>"),
+    ToolFormat.LLAMA3: ("<|python_tag|>",),
+    ToolFormat.MISTRAL: ("[TOOL_CALLS]",),
+    ToolFormat.GENERIC: (),
+}
 TRIGGERS: dict[ToolFormat, tuple[str, ...]] = {
     ToolFormat.HERMES: (r"<tool_call>",),
     ToolFormat.LLAMA3: (r"<\|python_tag\|>", rf'^\s*(\{{{_SPACE_RE}"name")[\s\S]*$'),

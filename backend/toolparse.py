@@ -143,9 +143,7 @@ class ToolCallParser:
 
     def _open_call(self, name: str) -> None:
         self._flush_args()
-        ident = ("".join(secrets.choice(_ALNUM) for _ in range(9)) if self.format is ToolFormat.MISTRAL
-                 else "call_" + "".join(secrets.choice(_ALNUM) for _ in range(24)))
-        self._deltas.append(ToolCallDelta(self.calls, ident, name))
+        self._deltas.append(ToolCallDelta(self.calls, call_id(self.format is ToolFormat.MISTRAL), name))
         self.calls += 1
         self._produced = True
         self._raw.clear()
@@ -479,6 +477,19 @@ class ToolCallParser:
             raise _NotACall
         for call in calls:
             self._emit_call(call)
+
+
+def call_id(short: bool = False) -> str:
+    """A new call id: "call_" and 24 letters or digits, or 9 alone (Mistral's templates refuse
+    any other shape)."""
+    if short:
+        return "".join(secrets.choice(_ALNUM) for _ in range(9))
+    return "call_" + "".join(secrets.choice(_ALNUM) for _ in range(24))
+
+
+def fresh_call_id(like: str) -> str:
+    """A new id of the same shape as `like`, for an answer replayed from the cache."""
+    return call_id(short=not like.startswith("call_"))
 
 
 def new_parser(fmt: ToolFormat, tools: Sequence[Tool]) -> ToolCallParser:

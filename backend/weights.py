@@ -155,8 +155,12 @@ class ModelWeights:
         """Control tokens that open or close a chat turn in this vocabulary. A chat answer ends
         at any of them: a small or base model that skips its end-of-turn token goes on to write
         the user's next turn itself, and that text is not the assistant's answer."""
+        return self.control_tokens(TURN_MARKERS)
+
+    def control_tokens(self, markers: tuple[str, ...] | list[str]) -> frozenset[int]:
+        """The markers this vocabulary holds as single control tokens."""
         found = set()
-        for marker in TURN_MARKERS:
+        for marker in markers:
             tokens = self.tokenize(marker, add_special=False, parse_special=True)
             if len(tokens) == 1 and llama_cpp.llama_vocab_is_control(self.vocab, tokens[0]):
                 found.add(tokens[0])

@@ -29,8 +29,9 @@ _CHARS = (
 )
 
 
-def _vocab() -> tuple[list[str], list[float], list[int]]:
-    """SPM vocabulary: specials, 256 byte tokens, characters, then word-start pieces.
+def _vocab(control: tuple[str, ...] = ()) -> tuple[list[str], list[float], list[int]]:
+    """SPM vocabulary: specials, 256 byte tokens, characters, word-start pieces, then the
+    `control` tokens (markers such as "[TOOL_CALLS]" that real vocabularies hold as one token).
 
     llama.cpp's SPM tokenizer builds tokens by merging adjacent pieces, so every prefix of
     a word piece ("▁t", "▁th", "▁the") is in the vocabulary; longer pieces score higher so
@@ -52,6 +53,9 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
     tokens += pieces
     types += [TokenType.NORMAL] * len(pieces)
     scores = [0.0] * (3 + 256) + [float(len(p)) - i * 1e-4 for i, p in enumerate(pieces)]
+    tokens += control
+    types += [TokenType.CONTROL] * len(control)
+    scores += [0.0] * len(control)
     return tokens, scores, [int(t) for t in types]
 
 
@@ -70,6 +74,7 @@ def write_tiny_llama(
     name: str = "tiny",
     arch: str = "llama",
     causal: bool = True,
+    control_tokens: tuple[str, ...] = (),
 ) -> Path:
     """Write a random-weight llama model that llama.cpp loads; the same args give the same bytes.
     `causal=False` declares bidirectional attention, as encoders (BERT, EmbeddingGemma) do."""
@@ -79,7 +84,7 @@ def write_tiny_llama(
         raise ValueError("n_embd must divide by n_head and n_head by n_kv_head")
     path = Path(path)
     head_dim = n_embd // n_head
-    tokens, scores, token_types = _vocab()
+    tokens, scores, token_types = _vocab(control_tokens)
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
     matrix_dtype = np.float32 if dtype == "f32" else np.float16

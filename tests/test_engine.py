@@ -6,12 +6,13 @@ import asyncio
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from corral.backend.embedder import Embedder
-from corral.backend.engine import ContextSettings, Engine
+from corral.backend.engine import ContextSettings, Engine, _Request, _Sequence
 from corral.backend.errors import BadRequest, LoadFailed, QueueFull
 from corral.backend.events import EventBus, RequestFinished, RequestStarted
 from corral.backend.generation import Chunk, Decoding, SamplingParams
@@ -387,3 +388,22 @@ def test_an_encoder_reads_a_text_in_one_pass_and_refuses_more_than_its_budget(
             encoder.embed([LONG_TEXT])
     finally:
         encoder.close()
+
+
+def test_a_shown_control_token_keeps_its_text(tiny_gguf: Any) -> None:
+    """A format's marker that the vocabulary holds as one control token (Mistral's
+    [TOOL_CALLS], Llama's <|python_tag|>) renders as nothing by default; a sequence that names
+    it in `shown_tokens` keeps its text, so the output parsers see the marker."""
+    weights = ModelWeights(str(tiny_gguf("marker", control_tokens=("[TOOL_CALLS]",))))
+    try:
+        [marker] = weights.control_tokens(["[TOOL_CALLS]"])
+        [letter] = weights.tokenize("x", add_special=False)[-1:]
+        texts = {}
+        for shown in (frozenset(), frozenset({marker})):
+            decoding = Decoding(SamplingParams(max_tokens=8), shown_tokens=shown)
+            request = _Request("r", None, [weights.bos], decoding, delivery=None, sampler=SimpleNamespace(held=False))
+            sequence = _Sequence(request, 0, weights, 64, 0)
+            texts[bool(shown)] = sequence.add_token(marker)[0] + sequence.add_token(letter)[0]
+        assert texts == {False: "x", True: "[TOOL_CALLS]x"}
+    finally:
+        weights.release()

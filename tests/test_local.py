@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from corral.backend.protocol import Backend
 from corral.backend.config import settings_from_dict
 from corral.backend.errors import BadRequest, ModelNotFound
 from corral.backend.events import StateChanged
+from ggufs import write_tiny_llama
 from support import tiny_settings
 
 
@@ -182,3 +184,30 @@ async def test_cancelled_requests_never_leave_a_model_busy(backend: LocalBackend
 
     await asyncio.wait_for(idle(), 5)
     assert (await backend.models())[0].state == "ready"
+
+
+MISTRAL_TEMPLATE = (
+    "{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{%- for m in messages %}{%- if m.tool_calls is defined %}[TOOL_CALLS]{{ m.tool_calls | tojson }}"
+    "{%- else %}[INST]{{ m.content }}[/INST]{%- endif %}{%- endfor %}"
+)
+
+
+def test_a_mistral_template_gets_mistral_tool_calls(tmp_path: Path) -> None:
+    """A template that writes [TOOL_CALLS] makes the answer a Mistral call list: held to its
+    grammar, parsed back into a call with a 9-character id (the vocabulary holds the marker as
+    a control token, as Mistral's does; test_engine checks that such a token keeps its text)."""
+    write_tiny_llama(tmp_path / "m" / "mistralish.gguf", name="mistralish", chat_template=MISTRAL_TEMPLATE,
+                     control_tokens=("[TOOL_CALLS]",))
+    settings = tiny_settings(tmp_path / "m", defaults={"n_ctx": 2048, "n_parallel": 1, "n_threads": 1})
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"]}}}
+    with LocalBackend(settings_from_dict(settings)) as local:
+        chunks = list(local.sync.chat("mistralish", [{"role": "user", "content": "pick"}], tools=[tool],
+                                      tool_choice="required", parallel_tool_calls=False, max_tokens=600,
+                                      temperature=0.0))
+    calls = [delta for chunk in chunks for delta in chunk.tool_calls]
+    assert chunks[-1].finish_reason == "tool_calls", "".join(c.text for c in chunks)
+    assert [c.name for c in calls if c.name] == ["pick"] and "[TOOL_CALLS]" not in "".join(c.text for c in chunks)
+    assert re.fullmatch(r"[A-Za-z0-9]{9}", calls[0].id or "")  # Mistral's templates refuse other ids
+    assert 1 <= json.loads("".join(c.arguments for c in calls))["n"] <= 9

@@ -225,6 +225,14 @@ def test_langchain_bind_tools_and_structured_output(server: Server) -> None:
     assert isinstance(message.tool_calls[0]["args"].get("city"), str)
     person = chat.with_structured_output(Person, method="json_schema").invoke("Invent a person.")
     assert isinstance(person, Person)
+    # streamed: langchain joins the tool-call entries of every chunk by index
+    bound = chat.bind_tools([get_weather], tool_choice="any", parallel_tool_calls=False)
+    whole = None
+    for piece in bound.stream("What is the weather in Paris?"):
+        whole = piece if whole is None else whole + piece
+    assert whole is not None and not whole.invalid_tool_calls, whole.invalid_tool_calls
+    assert [call["name"] for call in whole.tool_calls] == ["get_weather"]
+    assert whole.tool_calls[0]["args"] == message.tool_calls[0]["args"]
 
 
 BAD = [

@@ -162,9 +162,9 @@ def test_tool_call_deltas_stream_as_openai_streams_them() -> None:
     assert [d.get("role") for d in deltas] == ["assistant", None, None]  # the role comes with the first one sent
     assert [d["tool_calls"] for d in deltas] == [
         [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}],
-        [{"index": 0, "function": {"arguments": '{"city": '}},  # a call opens with empty arguments:
-         {"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": ""}},
-         {"index": 1, "function": {"arguments": "{"}}],  # what came with its name follows on its own
+        [{"index": 0, "function": {"arguments": '{"city": '}},  # one entry per call and chunk: arguments
+         {"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{"}}],
+        # that came with the name ride in the call's opening entry
         [{"index": 0, "function": {"arguments": '"Paris"}'}}, {"index": 1, "function": {"arguments": "}"}}],
     ]
     piece = shape.piece(STREAM[2])

@@ -3,7 +3,7 @@
 The console drives either one through the same `Backend` protocol, so every behaviour it
 relies on is asserted here against both: the remote one talks to a real `corral serve`
 subprocess on 127.0.0.1, so these tests also pin down the wire format between
-backend/server.py and backend/remote.py. Remote-only tests at the end cover what only a
+backend/server/ and backend/remote.py. Remote-only tests at the end cover what only a
 network has: reconnecting event streams, API keys, unreachable servers, closing a stream.
 
 Backends are module-scoped (each starts once) and every test leaves the models it touched
@@ -290,6 +290,47 @@ async def test_remote_text_equals_local_text(tiny_server: Server, tiny_models: P
     assert "".join(c.text for c in remote_chunks) == "".join(c.text for c in local_chunks)
     assert "".join(c.text for c in remote_chat) == "".join(c.text for c in local_chat)
     assert remote_chunks[-1].stats.prompt_tokens == local_chunks[-1].stats.prompt_tokens
+
+
+async def test_tools_schemas_and_logprobs_come_through_both_backends_alike(tmp_path: Path,
+                                                                            tiny_models: Path) -> None:
+    """The Python API takes the request's fields and yields the same structured chunks, in
+    process and over the wire: a grammar-held tool call, a schema-held answer, logprobs. (A
+    context of 2,048 and room for 600 tokens: the tools' description fills the tiny
+    vocabulary's 256, and random weights spend many tokens on whitespace the grammar allows.)"""
+    settings = tiny_settings(tiny_models, defaults={"n_ctx": 2048, "n_parallel": 2, "n_threads": 1,
+                                                    "keep_alive": -1})
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"]}}}
+    chat = [{"role": "user", "content": "pick a number"}]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+
+    async def run(backend: Any) -> tuple[Any, ...]:
+        called = await collect(backend.chat("tiny-b", chat, tools=[tool], tool_choice="required",
+                                            parallel_tool_calls=False, max_tokens=600, **GREEDY))
+        shaped = await collect(backend.complete("tiny-b", "answer:", max_tokens=600, response_format={
+            "type": "json_schema", "json_schema": {"name": "ok", "schema": schema}}, **GREEDY))
+        scored = await collect(backend.complete("tiny-b", "Once upon a time", max_tokens=4, logprobs=True,
+                                                top_logprobs=3, **GREEDY))
+        calls = [d for c in called for d in c.tool_calls]
+        arguments = "".join(d.arguments for d in calls)
+        logprobs = [lp for c in scored for lp in c.logprobs]
+        return (called[-1].finish_reason, [d.name for d in calls if d.name], json.loads(arguments),
+                json.loads("".join(c.text for c in shaped)),
+                [(lp.token, round(lp.logprob, 4), [t.token for t in lp.top]) for lp in logprobs])
+
+    server = start_server(tmp_path, write_config(tmp_path / "corral.toml", settings))
+    try:
+        async with RemoteBackend(server.url) as remote:
+            over_http = await run(remote)
+    finally:
+        assert server.stop() == 0, server.log()
+    async with LocalBackend(settings_from_dict(settings)) as local:
+        in_process = await run(local)
+    assert over_http == in_process
+    finish, names, arguments, shaped, logprobs = in_process
+    assert finish == "tool_calls" and names == ["pick"] and 1 <= arguments["n"] <= 9
+    assert isinstance(shaped["ok"], bool) and len(logprobs) == 4 and all(len(top) == 3 for *_, top in logprobs)
 
 
 async def test_server_side_validation_maps_to_bad_request(tiny_server: Server) -> None:

@@ -299,7 +299,7 @@ class ChatShape(_Shape):
         if chunk.reasoning:
             delta["reasoning_content"] = chunk.reasoning
         if chunk.tool_calls:
-            delta["tool_calls"] = [entry for d in chunk.tool_calls for entry in _call_entries(d)]
+            delta["tool_calls"] = _call_entries(chunk.tool_calls)
         return {"index": 0, "delta": delta, "logprobs": _chat_logprobs(chunk.logprobs),
                 "finish_reason": chunk.finish_reason}
 
@@ -346,14 +346,23 @@ class CompletionShape(_Shape):
                 "top_logprobs": [{top.token: top.logprob for top in t.top} for t in tokens], "text_offset": offsets}
 
 
-def _call_entries(delta: ToolCallDelta) -> list[dict[str, Any]]:
-    """OpenAI's stream entries for a call piece: a call opens with its id and name and empty
-    arguments; its arguments follow in entries of their own."""
-    more = [{"index": delta.index, "function": {"arguments": delta.arguments}}] if delta.arguments else []
-    if delta.id is None and delta.name is None:
-        return more
-    return [{"index": delta.index, "id": delta.id, "type": "function",
-             "function": {"name": delta.name, "arguments": ""}}, *more]
+def _call_entries(deltas: tuple[ToolCallDelta, ...]) -> list[dict[str, Any]]:
+    """OpenAI's stream entries for a chunk's call pieces: one entry per call and chunk (pieces
+    of one call are joined), the first of a call with its id, type and name. Clients such as
+    langchain merge entries by index across chunks and break on two of one index in a chunk."""
+    merged: dict[int, ToolCallDelta] = {}
+    for delta in deltas:
+        seen = merged.get(delta.index)
+        merged[delta.index] = delta if seen is None else replace(
+            seen, id=seen.id or delta.id, name=seen.name or delta.name, arguments=seen.arguments + delta.arguments)
+    entries: list[dict[str, Any]] = []
+    for delta in merged.values():
+        if delta.id is None and delta.name is None:
+            entries.append({"index": delta.index, "function": {"arguments": delta.arguments}})
+        else:
+            entries.append({"index": delta.index, "id": delta.id, "type": "function",
+                            "function": {"name": delta.name, "arguments": delta.arguments}})
+    return entries
 
 
 def _chat_logprobs(tokens: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> dict[str, Any] | None:

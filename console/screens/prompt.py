@@ -259,11 +259,14 @@ class PromptScreen(Screen[None]):
         backend = self.corral.backend
         options: dict[str, Any] = dict(max_tokens=chat.max_tokens, temperature=chat.temperature,
                                        session_id=chat.session_id)
-        stats, finish = None, None
+        stats, finish, thought = None, None, 0
         try:
             stream = (backend.complete(self.model, chat.document(), **options) if self.completion
                       else backend.chat(self.model, chat.messages(), **options))
             async for chunk in stream:
+                if chunk.reasoning:  # a reasoning model thinks before it answers: say so
+                    thought += len(chunk.reasoning)
+                    self._status(f"thinking… {thought} characters of reasoning  ctrl+c / esc stops")
                 if chunk.text:
                     answer.text += chunk.text
                     view.show()
