@@ -223,7 +223,7 @@ class LocalBackend:
         and logprobs. A deterministic request may be answered from the response cache unless
         `request.cache` is false (or it asks for logprobs, which the cache does not keep)."""
         request.validate()  # before a possible auto-load, not after
-        check_request(request)
+        await asyncio.to_thread(check_request, request)  # schemas and grammars: off the loop
         params = sampling_params(self._with_defaults(request.model, request.options))
         if request.messages is not None:
             request = replace(request, messages=self._with_system(request.model, request.messages))

@@ -17,6 +17,7 @@ from . import reasoning as reasoning_formats
 from . import toolcalls
 from .generation import Chunk, Decoding, Grammar, SamplingParams
 from .request import GenerationRequest
+from .samplers import check_grammar
 from .schema_grammar import json_object_grammar, schema_grammar
 from .toolparse import new_parser
 
@@ -86,8 +87,11 @@ def _format_grammar(request: GenerationRequest) -> Grammar | None:
 
 
 def check_request(request: GenerationRequest) -> None:
-    """What can be refused before any model is touched: schemas the grammar cannot honour."""
-    _format_grammar(request)
+    """Blocking: what can be refused before any model is touched: schemas the grammar cannot
+    honour, and GBNF that llama.cpp cannot parse."""
+    grammar = _format_grammar(request)
+    if request.grammar is not None and grammar is not None:
+        check_grammar(grammar)
     for i, tool in enumerate(request.tools):
         schema_grammar(tool.parameters, where=f"tools[{i}].function.parameters")
 

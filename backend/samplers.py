@@ -47,7 +47,7 @@ import numpy as np
 from . import llamalog
 from .errors import BadRequest
 from .generation import Decoding, Grammar, SamplingParams, TokenLogprob, TopLogprob
-from .weights import ModelWeights
+from .weights import ModelWeights, init_backend
 
 log = logging.getLogger("corral.engine")
 
@@ -92,9 +92,20 @@ def make_chain(params: SamplingParams, n_vocab: int) -> llama_cpp.llama_sampler_
     return chain
 
 
+def check_grammar(grammar: Grammar) -> None:
+    """BadRequest with llama.cpp's reason if `grammar` does not parse, before any model is
+    loaded for it: llama.cpp's parser needs no vocabulary until the grammar is applied."""
+    init_backend()
+    llama_cpp.llama_sampler_free(_parsed(None, grammar))
+
+
 def new_grammar(weights: ModelWeights, grammar: Grammar) -> llama_cpp.llama_sampler_p:
-    """llama.cpp's grammar sampler for `grammar`; BadRequest with llama.cpp's reason if it
-    does not parse."""
+    """llama.cpp's grammar sampler for `grammar` over `weights`' vocabulary; BadRequest with
+    llama.cpp's reason if it does not parse."""
+    return _parsed(weights.vocab, grammar)
+
+
+def _parsed(vocab: llama_cpp.llama_vocab_p | None, grammar: Grammar) -> llama_cpp.llama_sampler_p:
     if not grammar.gbnf.strip():
         raise BadRequest("grammar: the GBNF text is empty")
     if "\0" in grammar.gbnf or "\0" in grammar.root:
@@ -104,7 +115,7 @@ def new_grammar(weights: ModelWeights, grammar: Grammar) -> llama_cpp.llama_samp
     except UnicodeEncodeError:
         raise BadRequest("grammar: the GBNF text contains a lone surrogate, which is not text") from None
     with llamalog.capture() as captured, _stderr_captured() as printed:
-        sampler = llama_cpp.llama_sampler_init_grammar(weights.vocab, gbnf, root)
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf, root)
     if printed:
         log.debug("llama.cpp printed while parsing a grammar: %s", printed.decode("utf-8", "replace"))
     if not sampler:

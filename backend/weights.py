@@ -27,7 +27,7 @@ _backend_lock = threading.Lock()
 _backend_ready = False
 
 
-def _init_backend() -> None:
+def init_backend() -> None:
     """Once per process: our log callback first, then llama.cpp's backend."""
     global _backend_ready
     with _backend_lock:
@@ -50,7 +50,7 @@ class ModelWeights:
 
     def __init__(self, path: str, *, n_gpu_layers: int = 0, main_gpu: int | None = None,
                  progress: ProgressFn | None = None) -> None:
-        _init_backend()
+        init_backend()
         self.path = path
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers

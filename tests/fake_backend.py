@@ -107,6 +107,7 @@ class FakeBackend:
         self.max_loaded = max_loaded
         self.step_delay = step_delay
         self.token_delay = token_delay
+        self.thinking = ""  # reasoning text the first chunk carries, as a reasoning model's would
         self._models: dict[str, ModelInfo] = {
             m.name: m for m in (default_models(now) if models is None else models)}
         self._seq = 0
@@ -240,7 +241,7 @@ class FakeBackend:
                                     queue_wait_s=0.0))
         pieces = ["Once", " upon", " a", " time"]
         try:
-            yield Chunk(pieces[0], cache=BYPASS)
+            yield Chunk(pieces[0], cache=BYPASS, reasoning=self.thinking)
             for piece in pieces[1:-1]:
                 await asyncio.sleep(self.token_delay)
                 yield Chunk(piece)

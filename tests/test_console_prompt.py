@@ -157,3 +157,17 @@ async def test_before_a_load_the_catalog_decides(has_template: bool | None, mode
         await send(pilot, "hi")
         await wait_for(pilot, lambda: len(transcript(app)) == 3)
         assert sent(backend)[0].kind == mode
+
+
+async def test_a_reasoning_model_is_shown_thinking_and_its_thoughts_stay_out_of_the_answer() -> None:
+    app, backend = make_app()
+    backend.thinking = "Let me see."
+    async with app.run_test(size=SIZE) as pilot:
+        await open_prompt(pilot, "qwen2.5-0.5b-instruct")
+        said: list[str] = []
+        status = app.screen._status
+        app.screen._status = lambda text: (said.append(text), status(text))[-1]
+        await send(pilot, "hello")
+        await wait_for(pilot, lambda: len(transcript(app)) == 3)
+        assert any(text.startswith("thinking… 11 characters of reasoning") for text in said), said
+        assert transcript(app)[1] == "Once upon a time"

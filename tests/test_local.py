@@ -160,6 +160,11 @@ def test_bad_messages_are_refused_before_any_load(backend: LocalBackend) -> None
         list(backend.sync.chat("tiny-c", [{"role": "wizard", "content": "hi"}]))
     with pytest.raises(BadRequest, match="prompt must be a string"):
         backend.sync.text("tiny-c", None)  # type: ignore[arg-type]
+    with pytest.raises(BadRequest, match="Undefined rule identifier 'nowhere'"):
+        backend.sync.text("tiny-c", "hi", grammar='root ::= "a" | nowhere')
+    with pytest.raises(BadRequest, match="keyword 'multipleOf'"):
+        backend.sync.text("tiny-c", "hi", response_format={"type": "json_schema", "json_schema": {
+            "schema": {"type": "integer", "multipleOf": 2}}})
     assert {m.name: m.state for m in backend.sync.models()}["tiny-c"] == "available"
 
 
