@@ -331,6 +331,19 @@ class LocalBackend:
         except Exception as exc:  # the caller already has its answer; the entry just stays stale
             log.warning("could not refresh a cached answer of %s: %s", plan.request.model, exc)
 
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        """How many tokens a chat request's prompt takes, rendered with the model's template
+        as `generate` would render it (loading the model if needed); nothing is generated."""
+        request.validate()
+        if request.messages is None:
+            raise BadRequest("count_tokens counts a chat request's prompt (messages), not a plain prompt")
+        await asyncio.to_thread(check_request, request)
+        params = sampling_params(self._with_defaults(request.model, request.options))
+        request = replace(request, messages=self._with_system(request.model, request.messages))
+        async with self._lease(request.model, request.keep_alive) as lease:
+            prepared = await asyncio.to_thread(prepare, lease.engine, request, params)
+        return len(prepared.tokens)
+
     async def embed(self, model: str, inputs: list[str] | str, *, request_id: str | None = None,
                     session_id: str | None = None, keep_alive: float | str | None = None) -> Embeddings:
         """One pooled, normalised vector per input, from a second context on the model's weights."""

@@ -32,6 +32,7 @@ from .errors import (BudgetExceeded, CorralError, ModelFileError, ModelNotFound,
 from .events import Dropped, Event, Notice, event_from_dict
 from .generation import Chunk, Embeddings
 from .request import GenerationRequest, chat_request, completion_request
+from .server.anthropic import count_body
 from .server.openai import chunk_from_wire, wire_body
 from .versions import ConfigVersion
 from .snapshot import ModelInfo, Status
@@ -336,6 +337,14 @@ class RemoteBackend:
             raise CorralError(f"corral server at {self.url} ended a generation stream without "
                               "its final chunk")
         yield replace(final, cache=verdict) if verdict else final
+
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        """How many tokens a chat request's prompt takes on the server (its count_tokens route)."""
+        request.validate()
+        data = await self._request("POST", "/v1/messages/count_tokens", json_body=count_body(request),
+                                   headers=self._ids(request.request_id, request.session_id),
+                                   timeout=self._waiting(), model=request.model)
+        return int(data["input_tokens"])
 
     async def embed(self, model: str, inputs: str | list[str], *, request_id: str | None = None,
                     session_id: str | None = None, keep_alive: float | str | None = None) -> Embeddings:

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from ggufs import write_tiny_llama
-from support import SLOW, SLOW_SHAPE, TINY, Server, slow_config, start_server, tiny_settings, write_config
+from support import (SLOW, SLOW_SHAPE, TINY, Server, default_model_config, slow_config, start_server, tiny_settings,
+                     write_config)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -117,3 +118,14 @@ def engine_factory(tiny_gguf: Callable[..., Path]) -> Iterator[Any]:
     yield make
     for engine in made:
         engine.close()
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A `corral serve` of the module's own on the default model, and a tiny model named
+    "tiny-side" beside it (for a request on another model), for the dialect tests."""
+    root = tmp_path_factory.mktemp("default-server")
+    write_tiny_llama(root / "models" / "tiny-side.gguf", name="tiny-side")
+    running = start_server(root, default_model_config(root, root / "models"))
+    yield running
+    assert running.stop() == 0, running.log()

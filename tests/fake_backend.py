@@ -28,7 +28,7 @@ from typing import Any
 from corral.backend.generation import Chunk, Embeddings, RequestStats
 from corral.backend.request import GenerationRequest, chat_request, completion_request
 from corral.backend.respcache import BYPASS
-from corral.backend.errors import ConfigError, LoadFailed, ModelNotFound, ModelPinned, NotFound
+from corral.backend.errors import BadRequest, ConfigError, LoadFailed, ModelNotFound, ModelPinned, NotFound
 from corral.backend.events import (
     ConfigApplied,
     ConfigRejected,
@@ -280,6 +280,15 @@ class FakeBackend:
         self._get(model)
         texts = [inputs] if isinstance(inputs, str) else inputs
         return Embeddings([[float(len(t)), 1.0] for t in texts], sum(len(t.split()) for t in texts))
+
+    async def count_tokens(self, request: GenerationRequest) -> int:
+        """A word count of the request's messages stands in for the model's tokenizer."""
+        self.calls.append(("count_tokens", request))
+        request.validate()
+        if request.messages is None:
+            raise BadRequest("count_tokens counts a chat request's prompt (messages), not a plain prompt")
+        self._get(request.model)
+        return sum(len(m.content.split()) for m in request.messages)
 
     async def rescan(self) -> list[ModelInfo]:
         return await self.models()

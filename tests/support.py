@@ -1,5 +1,6 @@
 """What the tests share: a real `corral serve` on 127.0.0.1, its config file, a free port,
-polling, and the HTTP checks the server tests and the reliability tests both make.
+polling, the HTTP checks the server tests and the reliability tests both make, and the tool
+and schema the dialect tests share.
 
 pytest imports this as `support` (tests/ has no `__init__.py`, so pytest puts it on sys.path);
 the benchmarks, run as `python -m tests.benchmarks.<name>` from the repository root, import it
@@ -23,9 +24,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+from pydantic import BaseModel, Field
 
 TINY = ("tiny-a", "tiny-b", "tiny-c")  # conftest's `tiny_models`
 SLOW = "slow"  # a larger random model (~300 tokens/s on 2 cores): requests still running when needed
@@ -239,3 +241,41 @@ class StubBackend:
 
     def events(self, after_seq: int | None = None) -> AsyncIterator[Any]:
         return self._no_events()
+
+
+# -- what the dialect tests share ----------------------------------------------------------------
+
+WEATHER_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 40},
+                   "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+}
+
+
+class Person(BaseModel):
+    """A structured-output target: strings, an integer and an enum."""
+
+    name: str = Field(max_length=30)
+    age: int
+    role: Literal["engineer", "artist", "farmer"]
+
+
+def check_weather(arguments: Any) -> dict[str, Any]:
+    """A weather call's arguments (JSON text or parsed) fit WEATHER_PARAMETERS."""
+    args = json.loads(arguments) if isinstance(arguments, str) else arguments
+    assert isinstance(args, dict) and set(args) == {"city", "unit"}, args
+    assert isinstance(args["city"], str) and len(args["city"]) <= 40
+    assert args["unit"] in ("celsius", "fahrenheit")
+    return args
+
+
+def default_model_config(root: Path, model_dir: Path | None = None) -> Path:
+    """`root`/corral.toml serving the default model (by its path: a server home of its own
+    would assemble the 253 MB file again) and the models of `model_dir`, 4 slots each."""
+    from corral.backend.catalog import DEFAULT_MODEL_NAME, default_model_path
+
+    return write_config(root / "corral.toml", {
+        "include_default_model": False, "model_dirs": [str(model_dir)] if model_dir else [],
+        "models": [{"name": DEFAULT_MODEL_NAME, "path": str(default_model_path())}],
+        "defaults": {"n_ctx": 2048, "n_parallel": 4, "keep_alive": -1}, "budgets": {"max_loaded": 4}})

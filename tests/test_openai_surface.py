@@ -11,34 +11,19 @@ whole answer.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from typing import Any, Literal
 
 import openai
 import pytest
-from pydantic import BaseModel, Field
 
-from corral.backend.catalog import DEFAULT_MODEL_NAME, default_model_path
-from ggufs import write_tiny_llama
-from support import Server, start_server
+from corral.backend.catalog import DEFAULT_MODEL_NAME
+from support import WEATHER_PARAMETERS, Person, Server, check_weather
 
 pytestmark = pytest.mark.e2e
 MODEL = DEFAULT_MODEL_NAME
 TINY = "tiny-side"
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 40},
-                           "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-            "required": ["city", "unit"],
-        },
-    },
-}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                            "parameters": WEATHER_PARAMETERS}}
 TIME = {
     "type": "function",
     "function": {
@@ -51,39 +36,9 @@ TIME = {
 ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
 
 
-class Person(BaseModel):
-    name: str = Field(max_length=30)
-    age: int
-    role: Literal["engineer", "artist", "farmer"]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("surface")
-    models = root / "models"
-    write_tiny_llama(models / f"{TINY}.gguf", name=TINY)
-    config = root / "corral.toml"
-    # the default model by its path: a server home of its own would assemble the 253 MB file again
-    config.write_text(f"include_default_model = false\nmodel_dirs = [{json.dumps(str(models))}]\n"
-                      f'[[models]]\nname = "{MODEL}"\npath = {json.dumps(str(default_model_path()))}\n'
-
-                      "[defaults]\nn_ctx = 2048\nn_parallel = 4\nkeep_alive = -1\n"
-                      "[budgets]\nmax_loaded = 4\n")
-    running = start_server(root, config)
-    yield running
-    assert running.stop() == 0, running.log()
-
-
 @pytest.fixture
-def oai(server: Server) -> openai.OpenAI:
-    return server.openai()
-
-
-def check_weather(arguments: str) -> dict[str, Any]:
-    args = json.loads(arguments)
-    assert set(args) == {"city", "unit"} and isinstance(args["city"], str), args
-    assert args["unit"] in ("celsius", "fahrenheit") and len(args["city"]) <= 40
-    return args
+def oai(default_server: Server) -> openai.OpenAI:
+    return default_server.openai()
 
 
 def test_parse_with_a_pydantic_model(oai: openai.OpenAI) -> None:
@@ -209,7 +164,7 @@ def test_models_retrieve(oai: openai.OpenAI) -> None:
     assert "no-such-model" in str(info.value)
 
 
-def test_langchain_bind_tools_and_structured_output(server: Server) -> None:
+def test_langchain_bind_tools_and_structured_output(default_server: Server) -> None:
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
 
@@ -218,7 +173,7 @@ def test_langchain_bind_tools_and_structured_output(server: Server) -> None:
         """Current weather in a city."""
         return "sunny"
 
-    chat = ChatOpenAI(model=MODEL, base_url=f"{server.url}/v1", api_key="none", temperature=0, max_tokens=80,
+    chat = ChatOpenAI(model=MODEL, base_url=f"{default_server.url}/v1", api_key="none", temperature=0, max_tokens=80,
                       max_retries=0)
     message = chat.bind_tools([get_weather], tool_choice="any").invoke("What is the weather in Paris?")
     assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"
@@ -250,9 +205,9 @@ BAD = [
 ]
 
 
-def test_bad_input_is_a_400_naming_the_field_while_another_stream_goes_on(server: Server) -> None:
+def test_bad_input_is_a_400_naming_the_field_while_another_stream_goes_on(default_server: Server) -> None:
     tokens: list[str] = []
-    with server.http() as http, http.stream("POST", "/v1/completions", json={
+    with default_server.http() as http, http.stream("POST", "/v1/completions", json={
             "model": MODEL, "prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True,
             "temperature": 0, "stream": True}) as stream:
         lines = stream.iter_lines()

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from ..errors import CorralError, ModelNotFound, NotFound, ShuttingDown
 from ..events import wait_event
 from ..metrics import UNKNOWN_MODEL, Metrics
-from . import admin, openai
+from . import admin, anthropic, openai, responses
 from .middleware import (ErrorShapes, RequestContext, ids, install_error_handlers, read_json, require_key,
                          state_of)
 from .streams import generation_route
@@ -32,7 +32,7 @@ log = logging.getLogger("corral.server")
 
 # Each dialect's error body, by path prefix (the longest wins). corral's own admin API answers
 # in OpenAI's shape, which RemoteBackend reads.
-ERROR_BODIES = {"": openai.error_body}
+ERROR_BODIES = {"": openai.error_body, "/v1/messages": anthropic.error_body}
 
 
 @dataclass
@@ -135,9 +135,16 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
         # OpenAI: /v1/*
         ("POST", "/v1/chat/completions", generation_route(openai.ChatRequest)),
         ("POST", "/v1/completions", generation_route(openai.CompletionRequest)),
+        # OpenAI Responses
+        ("POST", "/v1/responses", generation_route(responses.ResponsesRequest)),
+        ("GET", "/v1/responses/{response_id}", responses.retrieve),
+        ("DELETE", "/v1/responses/{response_id}", responses.delete),
         ("POST", "/v1/embeddings", embeddings),
         ("GET", "/v1/models", models),
         ("GET", "/v1/models/{name:path}", model),
+        # Anthropic Messages
+        ("POST", "/v1/messages", generation_route(anthropic.MessagesRequest)),
+        ("POST", "/v1/messages/count_tokens", count_tokens),
         # admin: /api/*, /metrics
         ("GET", "/api/ps", admin.ps),
         ("POST", "/api/config/reload", admin.reload_config),
@@ -189,6 +196,22 @@ async def embeddings(request: Request) -> Response:
     finally:
         await flight.close()
     return JSONResponse(openai.embedding_response(body, result))
+
+
+async def count_tokens(request: Request) -> dict[str, Any]:
+    """Anthropic's count_tokens: the request's prompt as the model's template renders it. It
+    leases the model like a generation, so it counts as in flight for the drain."""
+    state = state_of(request)
+    body = await read_json(request, anthropic.CountTokensRequest)
+    request.scope["corral.model"] = body.model
+    generation = body.generation(*ids(request))
+    generation.validate()
+    state.check_accepting()
+    flight = state.flight()
+    try:
+        return {"input_tokens": await state.backend.count_tokens(generation)}
+    finally:
+        await flight.close()
 
 
 async def _usable(request: Request) -> list[str]:

@@ -167,14 +167,17 @@ class RequestContext:
 
 
 def require_key(api_key: str | None) -> Callable[..., Awaitable[None]]:
-    """The dependency of every route but /health: `Authorization: Bearer <api_key>`, compared
-    in constant time (none needed when there is no key)."""
+    """The dependency of every route but /health: `Authorization: Bearer <api_key>`, or
+    `x-api-key: <api_key>` as Anthropic's clients send it, compared in constant time (none
+    needed when there is no key)."""
 
-    async def check(authorization: Annotated[str | None, Header()] = None) -> None:
+    async def check(authorization: Annotated[str | None, Header()] = None,
+                    x_api_key: Annotated[str | None, Header()] = None) -> None:
         if api_key is None:
             return
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        sent = [token.strip() if scheme.lower() == "bearer" else None, x_api_key]
+        if not any(key is not None and hmac.compare_digest(key.strip().encode(), api_key.encode()) for key in sent):
             raise Unauthorized("missing or wrong API key; send the header 'Authorization: Bearer <key>'")
 
     return check

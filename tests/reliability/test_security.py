@@ -33,7 +33,7 @@ from support import (HELLO, TINY, WRAPPER, Server, StubBackend, assert_error, re
                      start_server)
 
 KEY = "k3y-for-the-security-tests"
-PATH_PARAMS = {"name": "tiny-a", "number": "1"}
+PATH_PARAMS = {"name": "tiny-a", "number": "1", "response_id": "resp_unknown"}
 
 
 def guarded_routes() -> list[tuple[str, str]]:
