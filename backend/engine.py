@@ -73,6 +73,7 @@ class _Request:
     decoding: Decoding
     delivery: _Delivery
     sampler: TokenSampler
+    api: str | None = None  # which API it came in by, for the events
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
 
@@ -304,7 +305,7 @@ class Engine:
         return embedder.embed(texts)
 
     def submit(self, tokens: list[int], decoding: Decoding, *, request_id: str | None = None,
-               session_id: str | None = None) -> _Request:
+               session_id: str | None = None, api: str | None = None) -> _Request:
         """Queue a request; chunks arrive on the calling loop's queue. Raises QueueFull/BadRequest,
         also for a grammar llama.cpp cannot parse: that is known before anything is queued."""
         decoding.params.validate()
@@ -318,7 +319,8 @@ class Engine:
                 f"{self.n_ctx}; shorten the prompt or raise n_ctx"
             )
         request = _Request(request_id or uuid.uuid4().hex, session_id, tokens, decoding,
-                           _Delivery(asyncio.get_running_loop()), TokenSampler(self.weights, decoding, self._scratch))
+                           _Delivery(asyncio.get_running_loop()), TokenSampler(self.weights, decoding, self._scratch),
+                           api=api)
         with self._cv:
             refusal: Exception | None = None
             if self._closing:
@@ -342,9 +344,9 @@ class Engine:
             self._cv.notify()
 
     async def stream(self, tokens: list[int], decoding: Decoding, *, request_id: str | None = None,
-                     session_id: str | None = None) -> AsyncIterator[Chunk]:
+                     session_id: str | None = None, api: str | None = None) -> AsyncIterator[Chunk]:
         """Submit and yield chunks; leaving the iterator early cancels the request."""
-        request = self.submit(tokens, decoding, request_id=request_id, session_id=session_id)
+        request = self.submit(tokens, decoding, request_id=request_id, session_id=session_id, api=api)
         try:
             while True:
                 chunk = await request.delivery.queue.get()
@@ -430,7 +432,8 @@ class Engine:
             self._running[seq.seq_id] = seq
             self._publish(RequestStarted(model=self.model_name, request_id=request.id,
                                          session_id=request.session_id, prompt_tokens=len(request.tokens),
-                                         queue_wait_s=seq.started - request.submitted, cached_tokens=cached))
+                                         queue_wait_s=seq.started - request.submitted, cached_tokens=cached,
+                                         api=request.api))
 
     def _trim(self, seq_id: int, keep: int) -> int:
         """Drop the KV of `seq_id` after its first `keep` tokens; returns how many were kept."""
@@ -534,7 +537,7 @@ class Engine:
         out.append((seq.request.delivery, Chunk(text, reason, stats, error, logprobs=logprobs)))
         self._publish(RequestFinished(
             model=self.model_name, request_id=seq.request.id, session_id=seq.request.session_id,
-            finish_reason=reason, prompt_tokens=stats.prompt_tokens,
+            api=seq.request.api, finish_reason=reason, prompt_tokens=stats.prompt_tokens,
             completion_tokens=stats.completion_tokens, ttft_s=stats.ttft_s,
             duration_s=stats.duration_s, tokens_per_s=stats.tokens_per_s, error=error,
             cached_tokens=stats.cached_tokens,
@@ -548,7 +551,7 @@ class Engine:
         stats = RequestStats(len(request.tokens), 0, waited, None, waited)
         out.append((request.delivery, Chunk("", reason, stats, error)))
         self._publish(RequestFinished(
-            model=self.model_name, request_id=request.id, session_id=request.session_id,
+            model=self.model_name, request_id=request.id, session_id=request.session_id, api=request.api,
             finish_reason=reason, prompt_tokens=stats.prompt_tokens, completion_tokens=0, ttft_s=None,
             duration_s=waited, tokens_per_s=None, error=error,
         ))

@@ -79,6 +79,7 @@ class RequestStarted(Event):
     prompt_tokens: int
     queue_wait_s: float
     cached_tokens: int = 0  # prompt tokens reused from the sequence's KV cache
+    api: str | None = None  # which API the request came in by (GenerationRequest.api)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +96,7 @@ class RequestFinished(Event):
     error: str | None = None
     cached_tokens: int = 0
     cached: bool = False  # answered from the response cache: nothing was decoded
+    api: str | None = None  # which API the request came in by (GenerationRequest.api)
 
 
 @dataclass(frozen=True, kw_only=True)

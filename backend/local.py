@@ -288,7 +288,7 @@ class LocalBackend:
             prepared = await asyncio.to_thread(prepare, lease.engine, request, plan.params)
             stream = lease.engine.stream(prepared.tokens, prepared.decoding,
                                          request_id=request_id or request.request_id,
-                                         session_id=request.session_id)
+                                         session_id=request.session_id, api=request.api)
             parser = prepared.parser
             async with contextlib.aclosing(stream) as chunks:
                 if parser is None:
@@ -309,7 +309,7 @@ class LocalBackend:
                                          prompt_tokens=stats.prompt_tokens,
                                          completion_tokens=stats.completion_tokens, ttft_s=stats.ttft_s,
                                          duration_s=stats.duration_s, tokens_per_s=None,
-                                         cached_tokens=stats.cached_tokens, cached=True))
+                                         cached_tokens=stats.cached_tokens, cached=True, api=request.api))
         return chunk
 
     def _refresh(self, plan: _Plan, key: CacheKey) -> None:
@@ -345,7 +345,8 @@ class LocalBackend:
         return len(prepared.tokens)
 
     async def embed(self, model: str, inputs: list[str] | str, *, request_id: str | None = None,
-                    session_id: str | None = None, keep_alive: float | str | None = None) -> Embeddings:
+                    session_id: str | None = None, keep_alive: float | str | None = None,
+                    api: str = "python") -> Embeddings:
         """One pooled, normalised vector per input, from a second context on the model's weights."""
         texts = [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
@@ -361,7 +362,7 @@ class LocalBackend:
         self.bus.publish(RequestFinished(model=model, request_id=request_id, session_id=session_id,
                                          finish_reason="embeddings", prompt_tokens=tokens, completion_tokens=0,
                                          ttft_s=None, duration_s=time.perf_counter() - started,
-                                         tokens_per_s=None))
+                                         tokens_per_s=None, api=api))
         return Embeddings(vectors, tokens)
 
     def _with_defaults(self, model: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -48,7 +48,8 @@ class Metrics:
         self.requests = Counter(
             "corral_requests", "Requests by model and outcome: the finish reason "
             "(stop, length, cancelled, error; embeddings) of requests that ran, or the HTTP status of those "
-            "refused before running (429, 400, 404, ...)", ["model", "status"], registry=r)
+            "refused before running (429, 400, 404, ...), and the API it came in by (openai, anthropic, "
+            "responses; python for the in-process API)", ["model", "status", "api"], registry=r)
         self.prompt_tokens = Counter("corral_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.cached_tokens = Counter("corral_prompt_tokens_cached", "Prompt tokens whose KV was reused "
                                      "from a slot's previous request instead of evaluated", ["model"], registry=r)
@@ -79,7 +80,7 @@ class Metrics:
         """Account for one backend event (called for every event; most are not about metrics)."""
         model = event.model or UNKNOWN_MODEL
         if isinstance(event, RequestFinished):
-            self.requests.labels(model, event.finish_reason).inc()
+            self.requests.labels(model, event.finish_reason, event.api or "python").inc()
             if event.cached:  # replayed from the response cache: no tokens processed, no model timing
                 return
             self.prompt_tokens.labels(model).inc(event.prompt_tokens)
@@ -112,13 +113,13 @@ class Metrics:
             if close is not None:  # unsubscribe, so the bus stops delivering to a dead reader
                 await close()
 
-    def rejected(self, model: str, status: int) -> None:
+    def rejected(self, model: str, status: int, api: str) -> None:
         """A generation request refused before it ran (it produces no backend event)."""
-        self.requests.labels(model, str(status)).inc()
+        self.requests.labels(model, str(status), api).inc()
 
-    def unfinished(self, model: str, finish_reason: str) -> None:
+    def unfinished(self, model: str, finish_reason: str, api: str) -> None:
         """A request that ended without running (cancelled while queued): no event says so."""
-        self.requests.labels(model, finish_reason).inc()
+        self.requests.labels(model, finish_reason, api).inc()
 
     def track_cache(self, stats: Callable[[], CacheStats]) -> None:
         """Export the response cache's own counts at each scrape (it counts under its lock, so

@@ -111,6 +111,7 @@ class GenerationRequest:
     cache: bool = True
     request_id: str | None = None
     session_id: str | None = None
+    api: str = "python"  # which API it came in by: "openai", "anthropic", "responses", ...
 
     @property
     def kind(self) -> str:

@@ -8,6 +8,7 @@ structure: block types, stop reasons, usage, and tool inputs that fit their sche
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from corral.backend.server import create_app
 from corral.backend.server.anthropic import CountTokensRequest, MessagesShape, count_body
 from fake_backend import FakeBackend
 from ggufs import write_tiny_llama
-from support import WEATHER_PARAMETERS, Server, check_weather, start_server
+from support import WEATHER_PARAMETERS, Server, check_weather, replayed_events, start_server, wait_for
 
 pytestmark = pytest.mark.e2e
 MODEL = DEFAULT_MODEL_NAME
@@ -54,6 +55,19 @@ def test_create_whole(claude: anthropic.Anthropic) -> None:
     assert message.stop_reason in ("end_turn", "max_tokens")
     assert [block.type for block in message.content] in (["text"], [])
     assert message.usage.input_tokens > 0 and 1 <= message.usage.output_tokens <= 12
+
+
+def test_requests_are_counted_and_announced_by_their_api(claude: anthropic.Anthropic,
+                                                         default_server: Server) -> None:
+    request_id = "anthropic-api-label"
+    claude.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}],
+                           extra_headers={"x-request-id": request_id}, extra_body={**GREEDY, "cache": False})
+    with default_server.http() as http:
+        counted = r'corral_requests_total\{api="anthropic",model="%s",status="\w+"\} [1-9]' % re.escape(MODEL)
+        wait_for(lambda: re.search(counted, http.get("/metrics").text), what="the anthropic request counter")
+        finished = [e for e in replayed_events(http) if e["type"] == "request_finished"
+                    and e["request_id"] == request_id]
+    assert [e["api"] for e in finished] == ["anthropic"]
 
 
 def test_stream_assembles_the_whole_message(claude: anthropic.Anthropic) -> None:

@@ -200,7 +200,7 @@ def test_metrics_export_the_cache_and_skip_replayed_requests_in_model_timings() 
     assert samples["corral_cache_lookups_total"][(("model", "m"), ("result", "hit"))] == 1
     assert samples["corral_cache_lookups_total"][(("model", "m"), ("result", "miss"))] == 1
     assert samples["corral_cache_entries"][()] == 1 and samples["corral_cache_bytes"][()] == len("once upon")
-    assert samples["corral_requests_total"][(("model", "m"), ("status", "stop"))] == 1
+    assert samples["corral_requests_total"][(("api", "python"), ("model", "m"), ("status", "stop"))] == 1
     assert (("model", "m"),) not in samples.get("corral_generated_tokens_total", {})
     assert (("model", "m"),) not in samples.get("corral_request_duration_seconds_count", {})
 

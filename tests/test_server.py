@@ -333,11 +333,12 @@ def test_metrics(http: httpx.Client) -> None:
 
     def counted() -> Any:
         samples = scrape()
-        finished = samples.get("corral_requests_total", {}).get((("model", "tiny-a"), ("status", "length")), 0)
+        counts = samples.get("corral_requests_total", {})
+        finished = counts.get((("api", "openai"), ("model", "tiny-a"), ("status", "length")), 0)
         return samples if finished >= 1 else None
 
     samples = wait_for(counted, what="the request counter")  # fed from events, asynchronously
-    assert samples["corral_requests_total"][(("model", "(unknown)"), ("status", "404"))] >= 1
+    assert samples["corral_requests_total"][(("api", "openai"), ("model", "(unknown)"), ("status", "404"))] >= 1
     assert samples["corral_generated_tokens_total"][(("model", "tiny-a"),)] >= 4
     assert samples["corral_time_to_first_token_seconds_count"][(("model", "tiny-a"),)] >= 1
     assert samples["corral_request_duration_seconds_count"][(("model", "tiny-a"),)] >= 1
@@ -408,7 +409,7 @@ async def test_a_full_queue_is_a_429(server: Server) -> None:
         second.cancel()
         await asyncio.gather(first, second, return_exceptions=True)
         metrics = (await client.get("/metrics")).text
-        assert re.search(r'corral_requests_total\{model="slow",status="429"\} [1-9]', metrics)
+        assert re.search(r'corral_requests_total\{api="openai",model="slow",status="429"\} [1-9]', metrics)
     with server.http() as http:
         assert_idle(http, SLOW)
 

@@ -99,7 +99,7 @@ class CountTokensRequest(_Body):
             tool_choice=choice.choice() if choice else ToolChoice(),
             parallel_tool_calls=not (choice and choice.disable_parallel_tool_use),
             reasoning=None if self.thinking is None else self.thinking.type == "enabled",
-            request_id=request_id, session_id=session_id)
+            request_id=request_id, session_id=session_id, api="anthropic")
 
     def options(self) -> dict[str, Any]:
         """The sampling options the client set (none: counting samples nothing)."""

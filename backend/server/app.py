@@ -189,9 +189,10 @@ async def embeddings(request: Request) -> Response:
         # Not raced against a disconnect: an embedding is one short batch in a worker thread
         # that cancelling could not stop, and it holds no generation slot.
         result = await state.backend.embed(body.model, body.input, request_id=request_id, session_id=session_id,
-                                           keep_alive=body.keep_alive)
+                                           keep_alive=body.keep_alive, api="openai")
     except CorralError as exc:
-        state.metrics.rejected(UNKNOWN_MODEL if isinstance(exc, ModelNotFound) else body.model, exc.http_status)
+        state.metrics.rejected(UNKNOWN_MODEL if isinstance(exc, ModelNotFound) else body.model, exc.http_status,
+                               "openai")
         raise
     finally:
         await flight.close()

@@ -165,7 +165,8 @@ class _Generation(_Body, SamplingFields):
         return GenerationRequest(
             model=self.model, options=self.options(), grammar=self.grammar,
             response_format=self.response_format.format() if self.response_format else ResponseFormat(),
-            keep_alive=self.keep_alive, cache=self.cache, request_id=request_id, session_id=session_id, **what)
+            keep_alive=self.keep_alive, cache=self.cache, request_id=request_id, session_id=session_id, api="openai",
+            **what)
 
 
 class ChatRequest(_Generation):

@@ -153,7 +153,8 @@ class ResponsesRequest(_Body):
             tool_choice=tool_choice(self.tool_choice), parallel_tool_calls=self.parallel_tool_calls,
             response_format=self.text.format.format() if self.text and self.text.format else ResponseFormat(),
             reasoning_effort=self.reasoning.effort if self.reasoning else None,
-            keep_alive=self.keep_alive, cache=self.cache, request_id=request_id, session_id=session_id)
+            keep_alive=self.keep_alive, cache=self.cache, request_id=request_id, session_id=session_id,
+            api="responses")
 
     def shape(self, request_id: str, session_id: str | None) -> ResponsesShape:
         return ResponsesShape(self, request_id, session_id)

@@ -100,7 +100,7 @@ async def answer(request: Request, generation: GenerationRequest, shape: Shape, 
     except CorralError as exc:
         await flight.close(chunks)
         state.metrics.rejected(UNKNOWN_MODEL if isinstance(exc, ModelNotFound) else generation.model,
-                               exc.http_status)
+                               exc.http_status, generation.api)
         raise
     except BaseException:
         await flight.close(chunks)
@@ -122,7 +122,7 @@ async def answer(request: Request, generation: GenerationRequest, shape: Shape, 
         if last.finish_reason is None:
             raise GenerationFailed("the backend ended the request without a final chunk")
         if last.stats is None:  # ended before it ran (cancelled while queued): no event counts it
-            state.metrics.unfinished(model, last.finish_reason)
+            state.metrics.unfinished(model, last.finish_reason, generation.api)
         if last.finish_reason == "error":
             raise GenerationFailed(f"model {model!r}: {last.error or 'generation failed'}")
         return JSONResponse(shape.whole(collected), headers=headers)
@@ -137,7 +137,7 @@ async def answer(request: Request, generation: GenerationRequest, shape: Shape, 
                     yield shape.piece(chunk)
                 chunk = await anext(chunks, cut)
             if chunk.stats is None:
-                state.metrics.unfinished(model, chunk.finish_reason)
+                state.metrics.unfinished(model, chunk.finish_reason, generation.api)
             yield shape.end(chunk)
         except CorralError as exc:  # raised mid-stream: the status line is long gone
             yield shape.end(Chunk("", "error", error=exc.message))

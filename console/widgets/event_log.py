@@ -180,6 +180,8 @@ class EventLog(RichLog):
                         self._style("warning"))
         else:
             line.append(kind, self._style("muted"))
+        if kind in ("request_started", "request_finished") and e.api:
+            line.append(f"  via {e.api}", self._style("muted"))
         if kind in ("request_started", "request_finished") and e.session_id:
             line.append(f"  session {e.session_id}", self._style("muted"))
         return line
