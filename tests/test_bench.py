@@ -18,7 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from corral.console.bench import COLUMNS, SCENARIOS, Call, Workload, main, send
+from corral.console.bench import main
+from corral.console.bench_measure import COLUMNS
+from corral.console.bench_traffic import SCENARIOS, Call, Workload, send
 from support import Server, free_port, start_server, write_config
 
 KEY = "bench-test-key-0123"
