@@ -26,7 +26,7 @@ from .config import ConfigSource, Settings, config_source
 from .errors import BadRequest, ConfigError
 from .files import write_atomic
 from .events import ConfigApplied, ConfigRejected, Event, EventBus, Notice, RequestFinished
-from .generation import Chunk, Embeddings, SamplingParams, sampling_params
+from .generation import Chunk, Embeddings, Grammar, SamplingParams, sampling_params
 from .protocol import LoopThread, SyncBackend
 from .rendering import cache_payload, check_request, prepare
 from .request import GenerationRequest, Message, chat_request, completion_request
@@ -222,22 +222,22 @@ class LocalBackend:
         """The one way text is generated: chunks with answer text, reasoning, tool-call deltas
         and logprobs. A deterministic request may be answered from the response cache unless
         `request.cache` is false (or it asks for logprobs, which the cache does not keep)."""
-        request.validate()  # before a possible auto-load, not after
-        await asyncio.to_thread(check_request, request)  # schemas and grammars: off the loop
+        plan = await self._plan(request)
+        bypass = not plan.request.cache or plan.request.logprobs
+        answer = relay(self._decode(plan), BYPASS) if bypass else self._answer(plan)
+        async with contextlib.aclosing(answer) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _plan(self, request: GenerationRequest) -> _Plan:
+        """Check `request` before a possible auto-load, not after (its schemas and grammar off
+        the loop), and resolve it against the config of the moment."""
+        request.validate()
+        grammar = await asyncio.to_thread(check_request, request)
         params = sampling_params(self._with_defaults(request.model, request.options))
         if request.messages is not None:
             request = replace(request, messages=self._with_system(request.model, request.messages))
-        plan = _Plan(request, params)
-        if not request.cache or request.logprobs:
-            async with contextlib.aclosing(self._decode(plan)) as chunks:
-                first = True
-                async for chunk in chunks:
-                    yield replace(chunk, cache=BYPASS) if first else chunk
-                    first = False
-            return
-        async with contextlib.aclosing(self._answer(plan)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        return _Plan(request, params, grammar)
 
     # -- the response cache ----------------------------------------------------------------
 
@@ -285,7 +285,7 @@ class LocalBackend:
         loop, stream, and split the raw text by the model's formats (reasoning, tool calls)."""
         request = plan.request
         async with self._lease(request.model, request.keep_alive) as lease:
-            prepared = await asyncio.to_thread(prepare, lease.engine, request, plan.params)
+            prepared = await asyncio.to_thread(prepare, lease.engine, request, plan.params, plan.grammar)
             stream = lease.engine.stream(prepared.tokens, prepared.decoding,
                                          request_id=request_id or request.request_id,
                                          session_id=request.session_id, api=request.api)
@@ -317,7 +317,7 @@ class LocalBackend:
         the request that was served the stale answer starts one, so there is one per key."""
         request_id = plan.request.request_id
         refresh_id = f"{request_id}.refresh" if request_id else None
-        quiet = _Plan(replace(plan.request, keep_alive=None, session_id=None), plan.params)
+        quiet = replace(plan, request=replace(plan.request, keep_alive=None, session_id=None))
         future = self._submit(self._recompute(quiet, key, refresh_id))
         self._refreshes.add(future)
         future.add_done_callback(self._refreshes.discard)
@@ -334,14 +334,11 @@ class LocalBackend:
     async def count_tokens(self, request: GenerationRequest) -> int:
         """How many tokens a chat request's prompt takes, rendered with the model's template
         as `generate` would render it (loading the model if needed); nothing is generated."""
-        request.validate()
         if request.messages is None:
             raise BadRequest("count_tokens counts a chat request's prompt (messages), not a plain prompt")
-        await asyncio.to_thread(check_request, request)
-        params = sampling_params(self._with_defaults(request.model, request.options))
-        request = replace(request, messages=self._with_system(request.model, request.messages))
+        plan = await self._plan(request)
         async with self._lease(request.model, request.keep_alive) as lease:
-            prepared = await asyncio.to_thread(prepare, lease.engine, request, params)
+            prepared = await asyncio.to_thread(prepare, lease.engine, plan.request, plan.params, plan.grammar)
         return len(prepared.tokens)
 
     async def embed(self, model: str, inputs: list[str] | str, *, request_id: str | None = None,
@@ -472,6 +469,7 @@ class _Plan:
 
     request: GenerationRequest
     params: SamplingParams
+    grammar: Grammar | None  # of its response format or GBNF, converted once (check_request)
 
 
 def _log_failure(future: Future[Any]) -> None:

@@ -32,10 +32,11 @@ class Prepared:
     parser: OutputParser | None  # None: the raw text is the answer
 
 
-def prepare(engine: Engine, request: GenerationRequest, params: SamplingParams) -> Prepared:
-    """Blocking: render and tokenize the prompt, build the grammar and the output parser."""
+def prepare(engine: Engine, request: GenerationRequest, params: SamplingParams,
+            grammar: Grammar | None) -> Prepared:
+    """Blocking: render and tokenize the prompt, build the tool grammar (`grammar` is the
+    request's own, from `check_request`) and the output parser."""
     weights = engine.weights
-    grammar = _format_grammar(request)
     if request.messages is None:
         assert request.prompt is not None
         tokens = weights.tokenize(request.prompt, add_special=True)
@@ -47,21 +48,18 @@ def prepare(engine: Engine, request: GenerationRequest, params: SamplingParams) 
     thinking = reasoning_formats.detect_reasoning(template.text)
     kwargs = reasoning_formats.template_kwargs(thinking, request.reasoning, request.reasoning_effort,
                                                request.template_kwargs)
-    calls = request.tools and request.tool_choice.mode != "none"
-    fmt = toolcalls.detect_format(template.text) if calls else None
+    calls = bool(request.tools) and request.tool_choice.mode != "none"
+    replayed = any(m.tool_calls or m.role == "tool" for m in request.messages)  # earlier calls, results
+    fmt = toolcalls.detect_format(template.text) if calls or replayed else None
     tools: list[dict[str, Any]] | None = None
-    if fmt is not None:
+    if fmt is not None and not fmt.native:  # a template that knows no tools reads them as text
+        messages = toolcalls.prepare_messages(fmt, messages, request.tools if calls else (), request.tool_choice)
+    if fmt is not None and calls:
         if fmt.native:
             tools = [tool.template_dict() for tool in request.tools]
-        else:
-            messages = toolcalls.prepare_messages(fmt, messages, request.tools, request.tool_choice)
         grammar = toolcalls.tool_grammar(fmt, request.tools, request.tool_choice, request.parallel_tool_calls)
-    elif any(m.tool_calls or m.role == "tool" for m in request.messages):
-        # a tool round trip whose follow-up offers no tools: the template still has to read it
-        fmt = toolcalls.detect_format(template.text)
-        if not fmt.native:
-            messages = toolcalls.prepare_messages(fmt, messages, (), request.tool_choice)
-        fmt = None
+    else:
+        fmt = None  # no calls to hold or parse
     prompt = template.render(messages, tools=tools, **kwargs)
     tokens = weights.tokenize(prompt, add_special=False)
     starts_thinking = thinking is not None and thinking.opened_by(prompt)
@@ -86,14 +84,15 @@ def _format_grammar(request: GenerationRequest) -> Grammar | None:
     return None
 
 
-def check_request(request: GenerationRequest) -> None:
-    """Blocking: what can be refused before any model is touched: schemas the grammar cannot
-    honour, and GBNF that llama.cpp cannot parse."""
+def check_request(request: GenerationRequest) -> Grammar | None:
+    """Blocking: refuse what can be refused before any model is touched (schemas the grammar
+    cannot honour, GBNF that llama.cpp cannot parse); returns the request's own grammar."""
     grammar = _format_grammar(request)
     if request.grammar is not None and grammar is not None:
         check_grammar(grammar)
     for i, tool in enumerate(request.tools):
         schema_grammar(tool.parameters, where=f"tools[{i}].function.parameters")
+    return grammar
 
 
 class OutputParser:
