@@ -6,7 +6,8 @@ can use these types without importing llama.cpp.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field
@@ -147,6 +148,17 @@ class ToolCallDelta:
     id: str | None = None
     name: str | None = None
     arguments: str = ""
+
+
+def whole_calls(deltas: Iterable[ToolCallDelta]) -> tuple[ToolCallDelta, ...]:
+    """The calls that `deltas` stream, one each, in index order: its id and name from the
+    pieces that carry them, its arguments all the pieces' fragments joined."""
+    calls: dict[int, ToolCallDelta] = {}
+    for delta in deltas:
+        seen = calls.get(delta.index)
+        calls[delta.index] = delta if seen is None else replace(
+            seen, id=seen.id or delta.id, name=seen.name or delta.name, arguments=seen.arguments + delta.arguments)
+    return tuple(calls[index] for index in sorted(calls))
 
 
 @dataclass(frozen=True)

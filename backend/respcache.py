@@ -33,7 +33,7 @@ from typing import Any
 
 from .config import CacheSettings, Settings
 from .events import EventBus, Notice
-from .generation import Chunk, RequestStats, SamplingParams, ToolCallDelta
+from .generation import Chunk, RequestStats, SamplingParams, ToolCallDelta, whole_calls
 from .toolparse import fresh_call_id
 
 HIT, STALE, MISS, BYPASS = "hit", "stale", "miss", "bypass"
@@ -266,7 +266,7 @@ async def relay(stream: AsyncGenerator[Chunk, None], verdict: str,
     (so a consumer that stops at the final chunk cannot lose it)."""
     texts: list[str] = []
     thoughts: list[str] = []
-    calls: dict[int, ToolCallDelta] = {}
+    calls: list[ToolCallDelta] = []  # the pieces; whole_calls joins them
     first = True
     async with aclosing(stream) as chunks:
         async for chunk in chunks:
@@ -275,12 +275,8 @@ async def relay(stream: AsyncGenerator[Chunk, None], verdict: str,
             if keep is not None:
                 texts.append(chunk.text)
                 thoughts.append(chunk.reasoning)
-                for delta in chunk.tool_calls:
-                    whole = calls.get(delta.index)
-                    calls[delta.index] = delta if whole is None else replace(
-                        whole, arguments=whole.arguments + delta.arguments)
+                calls.extend(chunk.tool_calls)
                 if chunk.finish_reason in STORABLE and chunk.stats is not None:
                     keep(Answer("".join(texts), chunk.finish_reason, chunk.stats.prompt_tokens,
-                                chunk.stats.completion_tokens, "".join(thoughts),
-                                tuple(calls[i] for i in sorted(calls))))
+                                chunk.stats.completion_tokens, "".join(thoughts), whole_calls(calls)))
             yield chunk

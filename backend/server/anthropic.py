@@ -15,13 +15,12 @@ ends an answer as "end_turn" (its text is cut before the stop string, as Anthrop
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import BadRequest, Cancelled
-from ..generation import MAX_STOP_CHARS, MAX_STOPS, Chunk, RequestStats, ToolCallDelta, bounds
+from ..generation import MAX_STOP_CHARS, MAX_STOPS, Chunk, RequestStats, bounds, whole_calls
 from ..request import GenerationRequest, Message, Tool, ToolCall, ToolChoice, content_text
 from .openai import MAX_TOOLS
 
@@ -238,10 +237,10 @@ class MessagesShape:
         text = "".join(c.text for c in chunks)
         if text:
             content.append({"type": "text", "text": text})
-        for id_, name, arguments in _calls(d for c in chunks for d in c.tool_calls):
-            input_ = _tool_input(arguments)
+        for call in whole_calls(d for c in chunks for d in c.tool_calls):
+            input_ = _tool_input(call.arguments)
             if input_ is not None:  # a call cut off by max_tokens is left out; stop_reason says why
-                content.append({"type": "tool_use", "id": id_, "name": name, "input": input_})
+                content.append({"type": "tool_use", "id": call.id or "", "name": call.name or "", "input": input_})
         last = chunks[-1]
         return self._message(content, _stop_reason(last), last.stats)
 
@@ -288,16 +287,6 @@ class MessagesShape:
             return ""
         self._block = None
         return event("content_block_stop", {"index": self._blocks - 1})
-
-
-def _calls(deltas: Iterable[ToolCallDelta]) -> list[tuple[str, str, str]]:
-    """Whole calls (id, name, arguments) from their streamed pieces, in index order."""
-    calls: dict[int, list[str]] = {}
-    for delta in deltas:
-        call = calls.setdefault(delta.index, ["", "", ""])
-        call[0], call[1] = call[0] or delta.id or "", call[1] or delta.name or ""
-        call[2] += delta.arguments
-    return [(id_, name, arguments) for _, (id_, name, arguments) in sorted(calls.items())]
 
 
 # -- the other way: what RemoteBackend sends -----------------------------------------------------

@@ -29,7 +29,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from ..config import parse_duration
 from ..errors import BadRequest
 from ..generation import (Chunk, Embeddings, RequestStats, SamplingFields, TokenLogprob, ToolCallDelta, TopLogprob,
-                          bounds)
+                          bounds, whole_calls)
 from ..request import (MAX_TOP_LOGPROBS, GenerationRequest, Message, ResponseFormat, message, response_format, tool,
                        tool_choice)
 from ..respcache import HIT, STALE
@@ -307,15 +307,12 @@ class ChatShape(_Shape):
     def _whole_choice(self, chunks: list[Chunk]) -> dict[str, Any]:
         text = "".join(c.text for c in chunks)
         reasoning = "".join(c.reasoning for c in chunks)
-        calls: dict[int, list[str]] = {}  # index → [id, name, arguments]
-        for delta in (d for c in chunks for d in c.tool_calls):
-            call = calls.setdefault(delta.index, ["", "", ""])
-            call[0], call[1] = call[0] or delta.id or "", call[1] or delta.name or ""
-            call[2] += delta.arguments
+        calls = whole_calls(d for c in chunks for d in c.tool_calls)
         message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
         if calls:
-            message["tool_calls"] = [{"id": id_, "type": "function", "function": {"name": name, "arguments": args}}
-                                     for _, (id_, name, args) in sorted(calls.items())]
+            message["tool_calls"] = [{"id": call.id or "", "type": "function",
+                                      "function": {"name": call.name or "", "arguments": call.arguments}}
+                                     for call in calls]
         if reasoning:
             message["reasoning_content"] = reasoning
         return {"index": 0, "message": message, "logprobs": _chat_logprobs([t for c in chunks for t in c.logprobs]),
@@ -351,13 +348,8 @@ def _call_entries(deltas: tuple[ToolCallDelta, ...]) -> list[dict[str, Any]]:
     """OpenAI's stream entries for a chunk's call pieces: one entry per call and chunk (pieces
     of one call are joined), the first of a call with its id, type and name. Clients such as
     langchain merge entries by index across chunks and break on two of one index in a chunk."""
-    merged: dict[int, ToolCallDelta] = {}
-    for delta in deltas:
-        seen = merged.get(delta.index)
-        merged[delta.index] = delta if seen is None else replace(
-            seen, id=seen.id or delta.id, name=seen.name or delta.name, arguments=seen.arguments + delta.arguments)
     entries: list[dict[str, Any]] = []
-    for delta in merged.values():
+    for delta in whole_calls(deltas):
         if delta.id is None and delta.name is None:
             entries.append({"index": delta.index, "function": {"arguments": delta.arguments}})
         else:
