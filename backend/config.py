@@ -23,7 +23,8 @@ from .generation import SamplingFields
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
-_DURATIONS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "ms": 0.001}
+_DURATIONS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "ms": 0.001, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_DURATION_PART = re.compile(r"([0-9]*\.?[0-9]+)\s*(ms|us|µs|ns|[smhd]?)")
 
 
 def parse_bytes(value: Any) -> int:
@@ -39,15 +40,19 @@ def parse_bytes(value: Any) -> int:
 
 
 def parse_duration(value: Any) -> float:
-    """'5m', '30s', '1h', 90, -1 (forever) → seconds; negative means never expire."""
+    """'5m', '30s', '1h', 90, -1 (forever) → seconds; negative means never expire. Go's compound
+    form ('1h30m', '5m0s'), which ollama's clients send, reads as the sum of its parts."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as '5m' or seconds")
     if isinstance(value, (int, float)):
         return float(value)
-    match = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*([a-z]*)\s*", str(value).lower())
-    if not match or match.group(2) not in _DURATIONS:
-        raise ValueError(f"{value!r} is not a duration; use e.g. '30s', '5m', '1h' or -1 for forever")
-    return float(match.group(1)) * _DURATIONS[match.group(2)]
+    text = str(value).strip().lower()
+    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text)
+    parts = _DURATION_PART.findall(body)
+    if not parts or "".join(n + u for n, u in parts) != body.replace(" ", "") or (
+            len(parts) > 1 and any(u == "" for _, u in parts)):
+        raise ValueError(f"{value!r} is not a duration; use e.g. '30s', '5m', '1h30m' or -1 for forever")
+    return sign * sum(float(number) * _DURATIONS[unit] for number, unit in parts)
 
 
 def parse_gpu_layers(value: Any) -> int | str:
@@ -149,6 +154,11 @@ class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8377, ge=0, le=65535)
     api_key: str | None = Field(None, min_length=8, description="Bearer key every route but /health needs")
+    ollama_port: int | None = Field(None, ge=0, le=65535, description="also listen here with ollama's API at its "
+                                                                    "own paths (11434: ollama's clients' default)")
+    responses_max: int = Field(1000, ge=0, le=1_000_000, description="stored Responses kept (store: true); the "
+                                                                     "oldest goes first, 0 keeps none")
+    responses_ttl: Seconds = Field(3600.0, gt=0, description="how long a stored Response is kept")
 
 
 class CacheSettings(_Strict):

@@ -94,6 +94,7 @@ class _Sequence:
         self.text = ""
         self.emitted = 0  # chars of self.text already sent
         self.delimited = False  # ended by an end-of-generation or stop token, not part of the answer
+        self.stop_sequence: str | None = None  # the stop string that ended it
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._weights = weights
         self.max_tokens = min(request.decoding.params.max_tokens, n_ctx - len(request.tokens))
@@ -119,7 +120,8 @@ class _Sequence:
             return self._flush(), "stop"
         self.text += self._decoder.decode(self._weights.piece(token, special=token in decoding.shown_tokens))
         if params.stop:
-            hit = _find_stop(self.text, params.stop, max(0, self.emitted - max(map(len, params.stop))))
+            hit, self.stop_sequence = _find_stop(self.text, params.stop,
+                                                 max(0, self.emitted - max(map(len, params.stop))))
             if hit is not None:  # bytes still in the decoder belong after the stop: drop them
                 self.text = self.text[:hit]
                 out, self.emitted = self.text[self.emitted:], hit
@@ -146,12 +148,14 @@ class _Sequence:
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.request.submitted,
             duration_s=now - self.request.submitted,
             cached_tokens=self.cached,
+            stop_sequence=self.stop_sequence,
         )
 
 
-def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int | None, str | None]:
+    """Where the first stop string in `text` (from `start`) begins, and which one it is."""
+    hits = [(i, s) for s in stops if (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else (None, None)
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

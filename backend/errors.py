@@ -131,6 +131,13 @@ class BadRequest(CorralError):
     code = "invalid_request"
 
 
+class NotSupported(CorralError):
+    """A route a client's API has that corral does not serve; the message says what to use."""
+
+    http_status = 501
+    code = "not_supported"
+
+
 class Cancelled(CorralError):
     """A request that was cancelled (client left, stop pressed, or shutdown)."""
 

@@ -120,6 +120,7 @@ class RequestStats:
     duration_s: float
     cached_tokens: int = 0  # prompt tokens whose KV was reused from the slot's previous request
     cached: bool = False  # the answer was replayed from the response cache, not decoded
+    stop_sequence: str | None = None  # the stop string that ended the answer (finish reason "stop")
 
     @property
     def tokens_per_s(self) -> float | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import ConfigSource, Settings, config_source
+from .digests import Digests, describe
 from .errors import BadRequest, ConfigError
 from .files import write_atomic
 from .events import ConfigApplied, ConfigRejected, Event, EventBus, Notice, RequestFinished
@@ -31,7 +32,7 @@ from .protocol import LoopThread, SyncBackend
 from .rendering import cache_payload, check_request, prepare
 from .request import GenerationRequest, Message, chat_request, completion_request
 from .respcache import BYPASS, MISS, STALE, CacheKey, Lookup, ResponseCache, model_fingerprint, relay, request_key
-from .snapshot import ModelInfo, Status
+from .snapshot import ModelDetails, ModelInfo, Status
 from .telemetry import Telemetry
 from .versions import ConfigHistory, ConfigVersion, diff_settings
 
@@ -68,6 +69,7 @@ class LocalBackend:
         self.history.record(settings, text, "start", [], [])
         self._config_lock: asyncio.Lock | None = None  # made on the backend loop
         self._state_file = state_file
+        self.digests = Digests(state_file.with_name("digests.json") if state_file else None)
         self.bus = EventBus()
         self.response_cache = ResponseCache(self.settings.cache, bus=self.bus)
         self._refreshes: set[Future[None]] = set()  # background recomputes of stale answers
@@ -184,9 +186,26 @@ class LocalBackend:
         return Status(tuple(models), host, self.manager.ram_budget, reserved,
                       self.settings.budgets.max_loaded)
 
-    async def load(self, name: str) -> ModelInfo:
+    async def load(self, name: str, keep_alive: float | str | None = None) -> ModelInfo:
+        """Load `name`; a `keep_alive` (seconds or "5m"; negative: forever) sets its idle keep-alive."""
         await self.ready()
-        return await self._call(self.manager.load(name))
+        return await self._call(self.manager.load(name, keep_alive))
+
+    async def details(self, name: str) -> ModelDetails:
+        """The facts of `name`'s file (header, size, sha256), read and hashed off the loops; an
+        alias describes its base model's file. ModelNotFound for a name the catalog lacks."""
+        await self.ready()
+        path, n_ctx, template, alias_of = await self._call(_sync_value(lambda: self._file_of(name)))
+        return await asyncio.to_thread(describe, name, path, self.digests, n_ctx=n_ctx,
+                                       chat_template=template, alias_of=alias_of)
+
+    def _file_of(self, name: str) -> tuple[Path | None, int, str | None, str | None]:
+        """On the backend loop: the model's file, its n_ctx, the template its chats take from
+        config or GGUF, and the base model of an alias."""
+        record, alias = self.manager.record(name), self.manager.alias(name)
+        info = record.entry.info
+        template = record.own_template(info.chat_template if info else None)
+        return record.entry.path, record.settings.n_ctx, template, alias.model if alias else None
 
     async def evict(self, name: str, *, force: bool = False) -> ModelInfo:
         await self.ready()

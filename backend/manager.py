@@ -222,7 +222,8 @@ class Manager(Reconfiguration):
             estimate_detail=r.estimate.to_dict() if r.estimate else None,
             measured_bytes=r.measured, measured_vram=r.measured_vram, load_seconds=r.load_seconds, load_percent=r.load_percent,
             last_used=r.last_used, chat_template=r.template_source,
-            has_chat_template=bool(r.chat_template or r.chat_format) or (meta.has_chat_template if meta else None),
+            has_chat_template=(r.own_template(meta.chat_template if meta else None) is not None) or (
+                None if meta is None else False),  # None: no header read yet, so unknown
             oldest_wait_s=load.oldest_wait_s if load and load.queued else 0.0,
             requests=r.percentiles(), priority=r.priority, load_position=self._load_position(r.name),
             **_placement_fields(r),
@@ -255,10 +256,16 @@ class Manager(Reconfiguration):
 
     # -- loading ---------------------------------------------------------------------------
 
-    async def load(self, name: str) -> ModelInfo:
-        """Load `name` if it is not loaded (single-flight: concurrent callers share one load)."""
+    async def load(self, name: str, keep_alive: float | str | None = None) -> ModelInfo:
+        """Load `name` if it is not loaded (single-flight: concurrent callers share one load).
+        A `keep_alive` sets its idle keep-alive as a request's does (0: unload once idle)."""
         record = self.record(name)
+        seconds = None if keep_alive is None else _keep_alive_seconds(keep_alive)
         await self._ensure_loaded(record)
+        if seconds is not None:  # before any await: an unload in between would keep a stale override
+            record.keep_alive_override = seconds
+            self._set_expiry(record)
+            self._notify()  # the reaper may be asleep until the old expiry
         await self.warm.flushed()
         return self.info(record)
 

@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .generation import Chunk, Embeddings
-from .snapshot import ModelInfo, Status
+from .snapshot import ModelDetails, ModelInfo, Status
 
 if TYPE_CHECKING:
     from .events import Event
@@ -35,7 +35,8 @@ class Backend(Protocol):
 
     async def models(self) -> list[ModelInfo]: ...
     async def status(self) -> Status: ...
-    async def load(self, name: str) -> ModelInfo: ...
+    async def load(self, name: str, keep_alive: float | str | None = None) -> ModelInfo: ...
+    async def details(self, name: str) -> ModelDetails: ...
     async def evict(self, name: str, *, force: bool = False) -> ModelInfo: ...
     async def pin(self, name: str, pinned: bool = True) -> ModelInfo: ...
     def complete(self, model: str, prompt: str, **options: Any) -> AsyncIterator[Chunk]: ...
@@ -97,8 +98,11 @@ class SyncBackend:
     def status(self) -> Status:
         return self._run(self._backend.status())
 
-    def load(self, name: str) -> ModelInfo:
-        return self._run(self._backend.load(name))
+    def load(self, name: str, keep_alive: float | str | None = None) -> ModelInfo:
+        return self._run(self._backend.load(name, keep_alive))
+
+    def details(self, name: str) -> ModelDetails:
+        return self._run(self._backend.details(name))
 
     def evict(self, name: str, *, force: bool = False) -> ModelInfo:
         return self._run(self._backend.evict(name, force=force))

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .catalog import CatalogEntry
+from .chat import choose_template
 from .config import ModelDefaults
 from .engine import Engine
+from .errors import ConfigError
 from .memory import MemoryEstimate
 from .placement import Placement
 from .snapshot import RequestPercentiles
@@ -91,6 +93,16 @@ class Record:
         return RequestPercentiles.of([s.ttft_s for s in self.recent if s.ttft_s is not None],
                                      [s.duration_s for s in self.recent],
                                      [s.tokens_per_s for s in self.recent if s.tokens_per_s])
+
+    def own_template(self, gguf_template: str | None) -> str | None:
+        """The template text chats take from config or from the GGUF (`gguf_template`), picked
+        as a load picks it; None when they fall back to a built-in one for the architecture."""
+        try:
+            chosen = choose_template(gguf_template=gguf_template, architecture="", bos_token="", eos_token="",
+                                     config_format=self.chat_format, config_template=self.chat_template)
+        except ConfigError:  # an unknown chat_format: the model's load says so
+            return None
+        return None if chosen.source.startswith("fallback:") else chosen.text
 
     @property
     def keep_alive(self) -> float:

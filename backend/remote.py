@@ -35,7 +35,7 @@ from .request import GenerationRequest, chat_request, completion_request
 from .server.anthropic import count_body
 from .server.openai import chunk_from_wire, wire_body
 from .versions import ConfigVersion
-from .snapshot import ModelInfo, Status
+from .snapshot import ModelDetails, ModelInfo, Status
 
 if TYPE_CHECKING:
     from .protocol import LoopThread, SyncBackend
@@ -198,8 +198,9 @@ class RemoteBackend:
         return headers
 
     @staticmethod
-    def _model_path(name: str, action: str) -> str:
-        return f"/api/models/{quote(name, safe='')}/{action}"
+    def _model_path(name: str, action: str = "") -> str:
+        path = f"/api/models/{quote(name, safe='')}"
+        return f"{path}/{action}" if action else path
 
     # -- queries and actions ---------------------------------------------------------------
 
@@ -254,10 +255,16 @@ class RemoteBackend:
     async def models(self) -> list[ModelInfo]:
         return list((await self.status()).models)
 
-    async def load(self, name: str) -> ModelInfo:
-        data = await self._request("POST", self._model_path(name, "load"), timeout=self._waiting(),
-                                   model=name)
+    async def load(self, name: str, keep_alive: float | str | None = None) -> ModelInfo:
+        params = None if keep_alive is None else {"keep_alive": str(keep_alive)}
+        data = await self._request("POST", self._model_path(name, "load"), params=params,
+                                   timeout=self._waiting(), model=name)
         return ModelInfo.from_dict(data)
+
+    async def details(self, name: str) -> ModelDetails:
+        """The server's details of `name`'s file; hashing a big file the first time takes a while."""
+        data = await self._request("GET", self._model_path(name), timeout=self._waiting(), model=name)
+        return ModelDetails.from_dict(data)
 
     async def evict(self, name: str, *, force: bool = False) -> ModelInfo:
         data = await self._request("POST", self._model_path(name, "evict"),

@@ -92,11 +92,13 @@ class Answer:
     completion_tokens: int
     reasoning: str = ""
     tool_calls: tuple[ToolCallDelta, ...] = ()  # one whole call each: id, name and all its arguments
+    stop_sequence: str | None = None
 
     def chunk(self, verdict: str, elapsed_s: float) -> Chunk:
         """The answer replayed as one final chunk; its timings are the replay's own."""
         stats = RequestStats(self.prompt_tokens, self.completion_tokens, queue_wait_s=0.0, ttft_s=elapsed_s,
-                             duration_s=elapsed_s, cached_tokens=self.prompt_tokens, cached=True)
+                             duration_s=elapsed_s, cached_tokens=self.prompt_tokens, cached=True,
+                             stop_sequence=self.stop_sequence)
         calls = tuple(replace(call, id=fresh_call_id(call.id or "")) for call in self.tool_calls)
         return Chunk(self.text, self.finish_reason, stats, cache=verdict, reasoning=self.reasoning,
                      tool_calls=calls)
@@ -278,5 +280,6 @@ async def relay(stream: AsyncGenerator[Chunk, None], verdict: str,
                 calls.extend(chunk.tool_calls)
                 if chunk.finish_reason in STORABLE and chunk.stats is not None:
                     keep(Answer("".join(texts), chunk.finish_reason, chunk.stats.prompt_tokens,
-                                chunk.stats.completion_tokens, "".join(thoughts), whole_calls(calls)))
+                                chunk.stats.completion_tokens, "".join(thoughts), whole_calls(calls),
+                                chunk.stats.stop_sequence))
             yield chunk

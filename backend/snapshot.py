@@ -117,6 +117,33 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class ModelDetails:
+    """The facts of one catalog model's file, for clients that show or compare a model (its
+    header, its sha256): heavier than ModelInfo, so asked for one model at a time."""
+
+    name: str
+    path: str | None
+    file_size: int | None
+    modified_at: float | None  # the file's mtime, unix time
+    digest: str | None  # sha256 (hex) of the whole file; None when it cannot be read
+    architecture: str | None
+    parameters: int | None
+    quantization: str | None  # the GGUF file type, e.g. "Q8_0"
+    context_length: int | None  # trained context
+    n_ctx: int  # context this model loads with
+    chat_template: str | None  # the template text its config or GGUF gives; None: a fallback is used
+    metadata: dict[str, str | int | float | bool]  # the GGUF header's scalars, long strings cut
+    alias_of: str | None = None  # an alias describes its base model's file under its own name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelDetails:
+        return cls(**{f.name: data.get(f.name) for f in fields(cls) if f.name in data or f.default is MISSING})
+
+
+@dataclass(frozen=True)
 class Status:
     models: tuple[ModelInfo, ...]
     host: HostStats

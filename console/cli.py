@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, help="port to listen on; 0 picks a free one (default: [server] port, "
                                                 "else 8377)")
     serve.add_argument("--config", dest="serve_config", metavar="FILE", help="TOML config file (as corral --config)")
+    serve.add_argument("--ollama-port", type=_port, help="also listen on this port with ollama's API at ollama's "
+                                                          "paths, e.g. 11434 (default: [server] ollama_port, else off)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
                                          "(default: $CORRAL_API_KEY, else [server] api_key; prefer those: "
                                          "arguments show in ps)")
@@ -207,6 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from corral.backend.errors import ConfigError
     from corral.backend.server import serve
+    from corral.backend.server.stored import Store
 
     if args.api_key is not None and len(args.api_key) < 8:
         raise ConfigError("--api-key: use at least 8 characters (a short key is easy to guess)")
@@ -215,16 +218,19 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port
     api_key = args.api_key or settings.server.api_key
+    ollama_port = settings.server.ollama_port if args.ollama_port is None else args.ollama_port
     warning = exposure_warning(host, api_key)
     if warning:
         print(f"corral serve: warning: {warning}", file=sys.stderr, flush=True)
 
-    def listening(host: str, port: int, models: int) -> None:
+    def listening(host: str, port: int, models: int, ollama_port: int | None) -> None:
         shown = f"[{host}]" if ":" in host else host
-        print(f"corral serve: listening on http://{shown}:{port} ({models} models)", flush=True)
+        also = f"; ollama API on http://{shown}:{ollama_port}" if ollama_port is not None else ""
+        print(f"corral serve: listening on http://{shown}:{port} ({models} models){also}", flush=True)
 
     try:
         asyncio.run(serve(backend, host=host, port=port, api_key=api_key, grace_s=args.grace,
+                          ollama_port=ollama_port, stored=Store(settings.server.responses_max, settings.server.responses_ttl),
                           on_listening=listening))
     finally:
         backend.close()

@@ -123,9 +123,10 @@ def engine_factory(tiny_gguf: Callable[..., Path]) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A `corral serve` of the module's own on the default model, and a tiny model named
-    "tiny-side" beside it (for a request on another model), for the dialect tests."""
+    "tiny-side" beside it (for a request on another model), for the dialect tests; it also
+    listens on an ollama port."""
     root = tmp_path_factory.mktemp("default-server")
     write_tiny_llama(root / "models" / "tiny-side.gguf", name="tiny-side")
-    running = start_server(root, default_model_config(root, root / "models"))
+    running = start_server(root, default_model_config(root, root / "models"), extra=("--ollama-port", "0"))
     yield running
     assert running.stop() == 0, running.log()

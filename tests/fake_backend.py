@@ -21,6 +21,7 @@ wall clock. `calls` records what was asked of it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from typing import Any
@@ -40,7 +41,8 @@ from corral.backend.events import (
     RequestStarted,
     StateChanged,
 )
-from corral.backend.snapshot import ModelInfo, Status
+from corral.backend.config import parse_duration
+from corral.backend.snapshot import ModelDetails, ModelInfo, Status
 from corral.backend.versions import ConfigVersion
 from corral.backend.telemetry import GPUStats, HostStats
 
@@ -163,8 +165,10 @@ class FakeBackend:
                        if m.state in ("loading", "ready", "busy", "unloading"))
         return Status(models, self.host, self.ram_budget, reserved, self.max_loaded)
 
-    async def load(self, name: str) -> ModelInfo:
+    async def load(self, name: str, keep_alive: float | str | None = None) -> ModelInfo:
         self.calls.append(("load", name))
+        if keep_alive is not None:
+            self._set(name, keep_alive_s=parse_duration(keep_alive))
         m = self._get(name)
         while m.state in ("loading", "unloading"):
             await asyncio.sleep(0)
@@ -188,6 +192,16 @@ class FakeBackend:
         self.publish(ModelLoaded(model=name, seconds=1.25, estimate_bytes=estimate,
                                  measured_bytes=measured))
         return self._transition(name, "ready")
+
+    async def details(self, name: str) -> ModelDetails:
+        """Details from the model's ModelInfo; there is no file, so the digest is of its name."""
+        m = self._get(name)
+        return ModelDetails(
+            name=name, path=m.path, file_size=m.file_size, modified_at=self.now,
+            digest=hashlib.sha256(name.encode()).hexdigest(), architecture=m.architecture,
+            parameters=m.parameters, quantization=m.quantization, context_length=m.context_length,
+            n_ctx=m.n_ctx, chat_template=None, alias_of=m.alias_of,
+            metadata={"general.architecture": m.architecture or "llama", "general.name": name})
 
     async def evict(self, name: str, *, force: bool = False) -> ModelInfo:
         self.calls.append(("evict", name, force))

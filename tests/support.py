@@ -122,6 +122,7 @@ class Server:
     stdout: Path
     stderr: Path
     api_key: str | None = None
+    ollama_url: str | None = None  # where it serves ollama's API at ollama's paths (--ollama-port)
 
     @property
     def port(self) -> int:
@@ -143,6 +144,14 @@ class Server:
 
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key or self.api_key or "none",
                              max_retries=0, http_client=httpx.Client(trust_env=False, timeout=60))
+
+    def ollama(self, host: str | None = None) -> Any:
+        """The official `ollama` client on this server's ollama port (or on `host`, such as
+        `{url}/ollama`)."""
+        import ollama
+
+        headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return ollama.Client(host=host or self.ollama_url, headers=headers, trust_env=False, timeout=60)
 
     def log(self) -> str:
         return self.stderr.read_text(errors="replace")
@@ -173,9 +182,10 @@ def start_server(root: Path, config: Path, *, api_key: str | None = None, grace:
                                  "--grace", str(grace), *extra], stdout=out, stderr=err, env=env, cwd=root)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = re.search(r"listening on (http://127\.0\.0\.1:\d+) \((\d+) models\)", stdout.read_text())
+        match = re.search(r"listening on (http://127\.0\.0\.1:\d+) \((\d+) models\)"
+                          r"(?:; ollama API on (http://127\.0\.0\.1:\d+))?", stdout.read_text())
         if match:
-            server = Server(proc, match.group(1), stdout, stderr, api_key)
+            server = Server(proc, match.group(1), stdout, stderr, api_key, match.group(3))
             with httpx.Client(trust_env=False) as client:
                 assert client.get(f"{server.url}/health").json() == {"status": "ok"}
             return server

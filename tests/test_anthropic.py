@@ -282,3 +282,17 @@ def test_count_body_reads_back_as_the_same_request() -> None:
     assert again.messages == request.messages and again.tools == request.tools
     assert again.tool_choice == request.tool_choice and again.parallel_tool_calls is False
     assert again.reasoning is True
+
+
+def test_a_stop_sequence_is_named_as_the_stop_reason(claude: anthropic.Anthropic) -> None:
+    ask = [{"role": "user", "content": "Count from one to twenty."}]
+    free = claude.messages.create(model=MODEL, max_tokens=16, extra_body=GREEDY, messages=ask)
+    text = free.content[0].text  # type: ignore[union-attr]
+    stop = text.split()[2]  # a word the greedy answer reaches
+    cut = claude.messages.create(model=MODEL, max_tokens=16, extra_body=GREEDY, messages=ask, stop_sequences=[stop])
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
+    assert text.startswith(cut.content[0].text) and stop not in cut.content[0].text  # type: ignore[union-attr]
+    with claude.messages.stream(model=MODEL, max_tokens=16, extra_body={**GREEDY, "cache": False}, messages=ask,
+                                stop_sequences=["no such words", stop]) as stream:
+        streamed = stream.get_final_message()
+    assert (streamed.stop_reason, streamed.stop_sequence) == ("stop_sequence", stop)

@@ -68,6 +68,8 @@ def test_parse_bytes_message_shows_the_value_and_an_example() -> None:
     ("1h", 3600.0),
     ("2d", 172800.0),
     ("250ms", 0.25),
+    ("1h30m", 5400.0),  # Go's form, as ollama's clients send keep_alive
+    ("5m0s", 300.0),
     ("1.5h", 5400.0),
     (" 10 s ", 10.0),
     ("90", 90.0),
@@ -83,7 +85,7 @@ def test_parse_duration_accepts_documented_forms(text: Any, expected: float) -> 
     assert isinstance(result, float)
 
 
-@pytest.mark.parametrize("garbage", ["soon", "", "m", "5 minutes", "5y", "1h30m", "five", "--1",
+@pytest.mark.parametrize("garbage", ["soon", "", "m", "5 minutes", "5y", "1h 30", "five", "--1", "5m m",
                                      None, True, [5]])
 def test_parse_duration_rejects_garbage(garbage: Any) -> None:
     with pytest.raises(ValueError):

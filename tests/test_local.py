@@ -18,7 +18,7 @@ from corral.backend.config import settings_from_dict
 from corral.backend.errors import BadRequest, ModelNotFound
 from corral.backend.events import StateChanged
 from ggufs import write_tiny_llama
-from support import tiny_settings
+from support import tiny_settings, wait_for
 
 
 @pytest.fixture
@@ -153,6 +153,16 @@ def test_none_means_default_and_durations_are_accepted(backend: LocalBackend) ->
     assert backend.sync.text("tiny-a", "hi", max_tokens=2, stop=None, seed=None, min_p=None, ignore_eos=True,
                              keep_alive="5m")
     assert backend.sync.models()[0].keep_alive_s == 300.0
+
+
+def test_load_with_keep_alive(backend: LocalBackend) -> None:
+    """As a request's keep_alive: "10m" keeps the model 600 s once idle, 0 unloads it at once."""
+    kept = backend.sync.load("tiny-a", keep_alive="10m")
+    assert kept.keep_alive_s == 600 and kept.ttl_left_s is not None and kept.ttl_left_s > 590
+    backend.sync.load("tiny-b", keep_alive=0)
+    wait_for(lambda: {m.name: m.state for m in backend.sync.models()}["tiny-b"] == "available",
+             what="tiny-b to unload")
+    assert {m.name: m.state for m in backend.sync.models()}["tiny-a"] == "ready"
 
 
 def test_bad_messages_are_refused_before_any_load(backend: LocalBackend) -> None:

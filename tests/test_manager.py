@@ -12,8 +12,8 @@ import pytest
 
 from corral.backend.config import settings_from_dict
 from corral.backend.generation import Decoding, SamplingParams
-from corral.backend.errors import (BudgetExceeded, CorralError, IllegalTransition, LoadFailed, ModelBusy,
-                                   ModelNotFound, ModelPinned)
+from corral.backend.errors import (BadRequest, BudgetExceeded, CorralError, IllegalTransition, LoadFailed,
+                                   ModelBusy, ModelNotFound, ModelPinned)
 from corral.backend.events import Event, EventBus, LoadProgress, ModelLoaded, RequestFinished, StateChanged
 from corral.backend.manager import Manager
 from corral.backend.records import ALLOWED, State
@@ -307,6 +307,25 @@ async def test_per_request_keep_alive_overrides_model_ttl(model_dir: Path, runni
     await events.wait_for(lambda: state(manager, "tiny-a") == "available", timeout=5)
     await asyncio.sleep(0.5)
     assert state(manager, "tiny-b") == "ready"
+
+
+async def test_load_with_keep_alive_zero_unloads_once_idle(model_dir: Path, running: Any) -> None:
+    manager, events = await running(make_settings(model_dir))  # default: keep forever
+    info = await manager.load("tiny-a", keep_alive=0)
+    assert info.keep_alive_s == 0
+    await events.wait_for(lambda: state(manager, "tiny-a") == "available", timeout=5)
+    assert manager.info(manager.record("tiny-a")).keep_alive_s == -1  # the override ends with the load
+
+
+async def test_load_with_keep_alive_sets_the_ttl(model_dir: Path, running: Any) -> None:
+    manager, _ = await running(make_settings(model_dir))
+    await manager.load("tiny-a")
+    info = await manager.load("tiny-a", keep_alive="10m")  # already loaded: only the keep-alive changes
+    assert info.state == "ready" and info.keep_alive_s == 600 and 590 < info.ttl_left_s <= 600
+    forever = await manager.load("tiny-a", keep_alive="-1")
+    assert forever.keep_alive_s == -1 and forever.ttl_left_s is None
+    with pytest.raises(BadRequest, match="keep_alive = 'soon'"):
+        await manager.load("tiny-a", keep_alive="soon")
 
 
 async def test_pinned_model_does_not_expire(model_dir: Path, running: Any) -> None:

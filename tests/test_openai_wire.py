@@ -152,7 +152,9 @@ def test_chat_chunks_survive_the_round_trip() -> None:
                           logprobs=c.logprobs) for c in STREAM]  # the verdict travels in a header instead
     assert sent[0]["choices"][0]["delta"] == {"role": "assistant", "reasoning_content": "Thinking"}
     assert sent[-1]["corral"] == {"request_id": "r-1", "session_id": "s-1", "queue_wait_s": 0.25, "ttft_s": 0.5,
-                                  "duration_s": 1.5, "tokens_per_s": 4.0, "cache": "miss"}
+                                  "duration_s": 1.5, "tokens_per_s": 4.0, "cache": "miss", "stop_sequence": None}
+    stopped = Chunk("", "stop", replace(STATS, stop_sequence="\n\n"))  # which stop string ended it travels too
+    assert chunk_from_wire(json.loads(json.dumps(shape.final_dict(stopped))), chat=True) == stopped
     assert sent[-1]["usage"] == {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17,
                                  "prompt_tokens_details": {"cached_tokens": 4}}
 

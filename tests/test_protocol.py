@@ -164,6 +164,14 @@ async def test_load_makes_a_model_ready(backend: Any) -> None:
     assert info.measured_bytes is not None and info.load_seconds is not None
 
 
+async def test_load_sets_a_keep_alive(backend: Any) -> None:
+    """A duration string and a number string (seconds) alike, also over HTTP's query string."""
+    kept = await backend.load("tiny-b", keep_alive="10m")
+    assert kept.state == "ready" and kept.keep_alive_s == 600 and kept.ttl_left_s
+    forever = await backend.load("tiny-b", keep_alive="-1")  # as the suite's other tests expect
+    assert forever.keep_alive_s == -1 and forever.ttl_left_s is None
+
+
 async def test_status_shows_states_and_host_stats(backend: Any) -> None:
     await backend.load("tiny-a")
     status = await backend.status()

@@ -10,13 +10,14 @@ usage, stream events that assemble into the whole answer, and what the grammar p
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
 
 from corral.backend.catalog import DEFAULT_MODEL_NAME
 from corral.backend.server.stored import Store, Stored
-from support import WEATHER_PARAMETERS, Person, Server, check_weather
+from support import WEATHER_PARAMETERS, Person, Server, check_weather, start_server, tiny_settings, write_config
 
 pytestmark = pytest.mark.e2e
 MODEL = DEFAULT_MODEL_NAME
@@ -154,3 +155,17 @@ def test_the_store_keeps_a_bounded_number_for_a_while() -> None:
     now[0] = 10.5
     assert store.get("b") is None and store.get("c") is None and store.get("d")  # b and c outlived the TTL
     assert store.delete("d") and not store.delete("d")
+
+
+def test_the_store_bounds_come_from_the_config(tmp_path: Path, tiny_models: Path) -> None:
+    config = write_config(tmp_path / "corral.toml", tiny_settings(tiny_models, server={"responses_max": 1,
+                                                                                          "responses_ttl": "1h"}))
+    server = start_server(tmp_path, config)
+    try:
+        oai = server.openai()
+        first, second = (oai.responses.create(model="tiny-a", input="hi", max_output_tokens=2) for _ in range(2))
+        assert oai.responses.retrieve(second.id).id == second.id
+        with pytest.raises(openai.NotFoundError, match="at most 1,"):
+            oai.responses.retrieve(first.id)  # one is kept: the older went
+    finally:
+        assert server.stop() == 0, server.log()

@@ -85,8 +85,14 @@ async def rollback_config(request: Request, number: int, source: str = "api") ->
     return without_secrets((await state_of(request).backend.rollback_config(number, _config_source(source))).to_dict())
 
 
-async def load(request: Request, name: str) -> dict[str, Any]:
-    return (await state_of(request).backend.load(name)).to_dict()
+async def load(request: Request, name: str, keep_alive: str | None = None) -> dict[str, Any]:
+    """`keep_alive` as a request's: seconds ("300", "-1": forever) or a duration ("5m")."""
+    return (await state_of(request).backend.load(name, keep_alive)).to_dict()
+
+
+async def details(request: Request, name: str) -> dict[str, Any]:
+    """One model's file: GET /api/models/{name} (hashed once per file version, off the loop)."""
+    return (await state_of(request).backend.details(name)).to_dict()
 
 
 async def evict(request: Request, name: str, force: bool = False) -> dict[str, Any]:

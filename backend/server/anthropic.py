@@ -7,9 +7,8 @@ count_tokens bodies (`count_body`). Only pydantic and the standard library are i
 
 Content blocks map onto corral's messages: `text` blocks are message text, an assistant's
 `tool_use` blocks its tool calls and `thinking` blocks its reasoning, and each `tool_result`
-block in a user turn becomes a `tool` message answering its call. Corral's stream cannot tell a
-stop sequence from the end of a turn, so `stop_reason` is never "stop_sequence": a stop string
-ends an answer as "end_turn" (its text is cut before the stop string, as Anthropic does).
+block in a user turn becomes a `tool` message answering its call. An answer a stop string ended
+has `stop_reason` "stop_sequence" and names it (its text is cut before it, as Anthropic does).
 """
 
 from __future__ import annotations
@@ -196,10 +195,14 @@ def usage(stats: RequestStats | None) -> dict[str, int]:
             "output_tokens": stats.completion_tokens if stats else 0}  # thinking tokens included
 
 
-def _stop_reason(last: Chunk) -> str:
+def _stop(last: Chunk) -> dict[str, str | None]:
+    """`stop_reason` and `stop_sequence` of a finished answer."""
     if last.finish_reason == "cancelled":
         raise Cancelled("the request was cancelled before it finished")
-    return _STOP_REASONS[last.finish_reason or "stop"]
+    sequence = last.stats.stop_sequence if last.stats else None
+    if last.finish_reason == "stop" and sequence is not None:
+        return {"stop_reason": "stop_sequence", "stop_sequence": sequence}
+    return {"stop_reason": _STOP_REASONS[last.finish_reason or "stop"], "stop_sequence": None}
 
 
 def _tool_input(arguments: str) -> dict[str, Any] | None:
@@ -224,10 +227,10 @@ class MessagesShape:
         self._block: tuple[str, int] | None = None  # the open block: its kind (a call: its index)
         self._blocks = 0  # blocks opened so far
 
-    def _message(self, content: list[dict[str, Any]], stop_reason: str | None,
+    def _message(self, content: list[dict[str, Any]], stop: dict[str, str | None],
                  stats: RequestStats | None) -> dict[str, Any]:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
-                "stop_reason": stop_reason, "stop_sequence": None, "usage": usage(stats)}
+                **stop, "usage": usage(stats)}
 
     def whole(self, chunks: list[Chunk]) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
@@ -242,7 +245,7 @@ class MessagesShape:
             if input_ is not None:  # a call cut off by max_tokens is left out; stop_reason says why
                 content.append({"type": "tool_use", "id": call.id or "", "name": call.name or "", "input": input_})
         last = chunks[-1]
-        return self._message(content, _stop_reason(last), last.stats)
+        return self._message(content, _stop(last), last.stats)
 
     def piece(self, chunk: Chunk) -> str:
         out = self._start(None)
@@ -263,7 +266,7 @@ class MessagesShape:
                                      if last.finish_reason == "cancelled" else "generation failed")
             return event("error", {"error": {"type": "api_error", "message": message}})
         out = self._start(last.stats) + self.piece(last) + self._close()
-        return (out + event("message_delta", {"delta": {"stop_reason": _stop_reason(last), "stop_sequence": None},
+        return (out + event("message_delta", {"delta": _stop(last),
                                               "usage": {"output_tokens": usage(last.stats)["output_tokens"]}})
                 + event("message_stop", {}))
 
@@ -271,7 +274,8 @@ class MessagesShape:
         if self._started:
             return ""
         self._started = True
-        return (event("message_start", {"message": self._message([], None, stats)})
+        return (event("message_start", {"message": self._message([], {"stop_reason": None, "stop_sequence": None},
+                                                                  stats)})
                 + event("ping", {}))
 
     def _delta(self, block: tuple[str, int], opening: dict[str, Any], delta: dict[str, Any]) -> str:

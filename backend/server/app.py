@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from ..errors import CorralError, ModelNotFound, NotFound, ShuttingDown
+from ..errors import NotFound, ShuttingDown
 from ..events import wait_event
-from ..metrics import UNKNOWN_MODEL, Metrics
-from . import admin, anthropic, openai, responses
+from ..metrics import Metrics
+from . import admin, anthropic, ollama, ollama_routes, openai, responses
 from .middleware import (ErrorShapes, RequestContext, ids, install_error_handlers, read_json, require_key,
                          state_of)
-from .streams import generation_route
+from .stored import Store
+from .streams import embedding, generation_route
 
 if TYPE_CHECKING:
     from ..protocol import Backend
@@ -32,7 +33,8 @@ log = logging.getLogger("corral.server")
 
 # Each dialect's error body, by path prefix (the longest wins). corral's own admin API answers
 # in OpenAI's shape, which RemoteBackend reads.
-ERROR_BODIES = {"": openai.error_body, "/v1/messages": anthropic.error_body}
+ERROR_BODIES = {"": openai.error_body, "/v1/messages": anthropic.error_body,
+                ollama_routes.PREFIX: ollama.error_body}
 
 
 @dataclass
@@ -42,6 +44,7 @@ class ServerState:
     backend: Backend
     api_key: str | None
     metrics: Metrics = field(default_factory=Metrics)
+    stored: Store = field(default_factory=Store)  # the Responses API's stored responses
     ready: bool = False
     ready_error: str | None = None
     draining: bool = False
@@ -102,10 +105,13 @@ class Flight:
                 self._state.idle.set()
 
 
-def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
+def create_app(backend: Backend, *, api_key: str | None = None, ollama_port: int | None = None,
+               stored: Store | None = None) -> FastAPI:
     """The HTTP face of `backend`. The caller creates and closes the backend; the app only
-    waits for it to be ready (health) and reads its events (metrics)."""
-    state = ServerState(backend, api_key or None)
+    waits for it to be ready (health) and reads its events (metrics). Requests that arrive on
+    `ollama_port` get ollama's API at ollama's own paths; `stored` bounds the stored
+    Responses (default: 1,000 for an hour)."""
+    state = ServerState(backend, api_key or None, stored=stored or Store())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,6 +134,8 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
     errors = ErrorShapes(ERROR_BODIES)
     install_error_handlers(app, errors)
     app.add_middleware(RequestContext, metrics=state.metrics, errors=errors)
+    if ollama_port is not None:
+        app.add_middleware(ollama_routes.OllamaPort, port=ollama_port)  # outermost: errors see the ollama path
     app.add_api_route("/health", health, methods=["GET"])  # probes carry no key
 
     api = APIRouter(dependencies=[Depends(require_key(state.api_key))])
@@ -136,9 +144,10 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
         ("POST", "/v1/chat/completions", generation_route(openai.ChatRequest)),
         ("POST", "/v1/completions", generation_route(openai.CompletionRequest)),
         # OpenAI Responses
-        ("POST", "/v1/responses", generation_route(responses.ResponsesRequest)),
-        ("GET", "/v1/responses/{response_id}", responses.retrieve),
-        ("DELETE", "/v1/responses/{response_id}", responses.delete),
+        ("POST", "/v1/responses", generation_route(responses.ResponsesRequest,
+                                                   bind=lambda body, state: body.use(state.stored))),
+        ("GET", "/v1/responses/{response_id}", stored_response),
+        ("DELETE", "/v1/responses/{response_id}", delete_response),
         ("POST", "/v1/embeddings", embeddings),
         ("GET", "/v1/models", models),
         ("GET", "/v1/models/{name:path}", model),
@@ -159,6 +168,9 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
         ("POST", "/api/rescan", admin.rescan),
         ("GET", "/metrics", admin.metrics),
         ("GET", "/api/events", admin.events),
+        ("GET", "/api/models/{name:path}", admin.details),
+        # ollama: under /ollama here, at its own paths on the ollama port
+        *((method, ollama_routes.PREFIX + path, handler) for method, path, handler in ollama_routes.routes),
     ]
     for method, path, handler in routes:
         api.add_api_route(path, handler, methods=[method])
@@ -179,23 +191,8 @@ async def health(request: Request) -> Response:
 
 
 async def embeddings(request: Request) -> Response:
-    state = state_of(request)
     body = await read_json(request, openai.EmbeddingRequest)
-    request.scope["corral.model"] = body.model
-    request_id, session_id = ids(request)
-    state.check_accepting()
-    flight = state.flight()
-    try:
-        # Not raced against a disconnect: an embedding is one short batch in a worker thread
-        # that cancelling could not stop, and it holds no generation slot.
-        result = await state.backend.embed(body.model, body.input, request_id=request_id, session_id=session_id,
-                                           keep_alive=body.keep_alive, api="openai")
-    except CorralError as exc:
-        state.metrics.rejected(UNKNOWN_MODEL if isinstance(exc, ModelNotFound) else body.model, exc.http_status,
-                               "openai")
-        raise
-    finally:
-        await flight.close()
+    result = await embedding(request, body.model, body.input, keep_alive=body.keep_alive, api="openai")
     return JSONResponse(openai.embedding_response(body, result))
 
 
@@ -213,6 +210,21 @@ async def count_tokens(request: Request) -> dict[str, Any]:
         return {"input_tokens": await state.backend.count_tokens(generation)}
     finally:
         await flight.close()
+
+
+async def stored_response(request: Request, response_id: str) -> dict[str, Any]:
+    store = state_of(request).stored
+    stored = store.get(response_id)
+    if stored is None:
+        raise store.missing(response_id)
+    return stored.response
+
+
+async def delete_response(request: Request, response_id: str) -> dict[str, Any]:
+    store = state_of(request).stored
+    if not store.delete(response_id):
+        raise store.missing(response_id)
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
 async def _usable(request: Request) -> list[str]:

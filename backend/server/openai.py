@@ -60,6 +60,9 @@ def _duration(value: Any) -> Any:
     return seconds
 
 
+KeepAlive = Annotated[float | None, BeforeValidator(_duration)]  # a request's keep_alive, in seconds
+
+
 def _input_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
@@ -143,7 +146,7 @@ class _Generation(_Body, SamplingFields):
     stream_options: StreamOptions | None = None
     max_completion_tokens: int | None = Field(None, **bounds("max_tokens"))
     ignore_eos: bool | None = None
-    keep_alive: Annotated[float | None, BeforeValidator(_duration)] = None
+    keep_alive: KeepAlive = None
     n: int | None = Field(None, ge=1, le=1, description="only one choice per request")
     cache: bool = Field(True, description="false: neither read nor fill the response cache")
     grammar: str | None = Field(None, description="GBNF text (llama.cpp's extension)")
@@ -213,7 +216,7 @@ class EmbeddingRequest(_Body):
     input: Annotated[list[str], BeforeValidator(_input_list), Field(min_length=1, max_length=2048)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
-    keep_alive: Annotated[float | None, BeforeValidator(_duration)] = None
+    keep_alive: KeepAlive = None
 
 
 # -- answers -------------------------------------------------------------------------------------
@@ -277,7 +280,7 @@ class _Shape(ABC):
         return {"request_id": self.request_id, "session_id": self.session_id,
                 "queue_wait_s": s.queue_wait_s if s else None, "ttft_s": s.ttft_s if s else None,
                 "duration_s": s.duration_s if s else None, "tokens_per_s": s.tokens_per_s if s else None,
-                "cache": self.cache}
+                "cache": self.cache, "stop_sequence": s.stop_sequence if s else None}
 
     @abstractmethod
     def _delta_choice(self, chunk: Chunk) -> dict[str, Any]:
@@ -477,7 +480,7 @@ def chunk_from_wire(data: dict[str, Any], chat: bool) -> Chunk:
                              ttft_s=extra.get("ttft_s"),
                              duration_s=float(extra.get("duration_s") or 0.0),
                              cached_tokens=int((usage_.get("prompt_tokens_details") or {}).get("cached_tokens", 0)),
-                             cached=extra.get("cache") in (HIT, STALE))
+                             cached=extra.get("cache") in (HIT, STALE), stop_sequence=extra.get("stop_sequence"))
     error = data.get("error")
     message_ = (error.get("message") if isinstance(error, dict) else str(error)) if error else None
     return Chunk(text, reason, stats, message_, reasoning=reasoning, tool_calls=calls, logprobs=logprobs)

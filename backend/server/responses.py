@@ -23,14 +23,14 @@ from dataclasses import replace
 from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Discriminator, Field, Tag
+from pydantic import BeforeValidator, Discriminator, Field, PrivateAttr, Tag
 
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest
 from ..generation import Chunk, ToolCallDelta, bounds
 from ..request import (GenerationRequest, Message, ResponseFormat, ToolCall, content_text, response_format, tool,
                        tool_choice)
 from .openai import _TOOL_CHOICE, MAX_TOOLS, _Body, _duration, sse
-from .stored import MAX_STORED, RESPONSES, TTL_S, Stored
+from .stored import Store, Stored
 
 # -- request bodies ----------------------------------------------------------------------------
 
@@ -129,6 +129,11 @@ class ResponsesRequest(_Body):
     metadata: dict[str, str] | None = Field(None, max_length=16)
     keep_alive: Annotated[float | None, BeforeValidator(_duration)] = None  # corral's, as in chat
     cache: bool = Field(True, description="false: neither read nor fill the response cache")
+    _store: Store = PrivateAttr()  # the server's, given by `use` before anything reads it
+
+    def use(self, store: Store) -> None:
+        """Continue from, and store into, the server's `store`."""
+        self._store = store
 
     @cached_property
     def history(self) -> tuple[Message, ...]:
@@ -136,9 +141,9 @@ class ResponsesRequest(_Body):
         what a stored response keeps, the answer added."""
         earlier: tuple[Message, ...] = ()
         if self.previous_response_id is not None:
-            stored = RESPONSES.get(self.previous_response_id)
+            stored = self._store.get(self.previous_response_id)
             if stored is None:
-                raise _missing(self.previous_response_id, "previous_response_id: ")
+                raise self._store.missing(self.previous_response_id, "previous_response_id: ")
             earlier = stored.conversation
         return earlier + _messages(self.input, earlier)
 
@@ -363,7 +368,7 @@ class ResponsesShape:
         """The final response object, stored when the request asks and it ran to an end."""
         response = self._response(status, last)
         if self.body.store and status in ("completed", "incomplete"):
-            RESPONSES.put(self.id, Stored(response, self.body.history + (self._output.message(),)))
+            self.body._store.put(self.id, Stored(response, self.body.history + (self._output.message(),)))
         return response
 
     def _response(self, status: str, last: Chunk | None = None) -> dict[str, Any]:
@@ -391,26 +396,3 @@ class ResponsesShape:
                                  "message": last.error or ("the request was cancelled" if status == "cancelled"
                                                            else "generation failed")}
         return response
-
-
-# -- stored responses ----------------------------------------------------------------------------
-
-
-def _missing(response_id: str, where: str = "") -> NotFound:
-    return NotFound(f"{where}no stored response has id {response_id!r} (responses are kept {TTL_S / 3600:g} h, "
-                    f"at most {MAX_STORED}, and only with store: true)")
-
-
-async def retrieve(response_id: str) -> dict[str, Any]:
-    """`GET /v1/responses/{response_id}`."""
-    stored = RESPONSES.get(response_id)
-    if stored is None:
-        raise _missing(response_id)
-    return stored.response
-
-
-async def delete(response_id: str) -> dict[str, Any]:
-    """`DELETE /v1/responses/{response_id}`."""
-    if not RESPONSES.delete(response_id):
-        raise _missing(response_id)
-    return {"id": response_id, "object": "response.deleted", "deleted": True}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CorralError
 from .app import ServerState, create_app
+from .stored import Store
 
 if TYPE_CHECKING:
     from ..protocol import Backend
@@ -46,7 +47,7 @@ def _quiet_server(config: Any) -> Any:
     return QuietServer(config)
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, flag: str = "--port") -> socket.socket:
     """Bind the listening socket ourselves: a clear error when the port is taken, and the real
     port when 0 was asked for."""
     try:
@@ -62,27 +63,35 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise CorralError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port "
+        raise CorralError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another {flag} "
                           "or stop the program using it") from None
     return sock
 
 
 async def serve(backend: Backend, *, host: str = "127.0.0.1", port: int = 8377, api_key: str | None = None,
-                grace_s: float = DEFAULT_GRACE_S,
-                on_listening: Callable[[str, int, int], None] | None = None) -> None:
+                grace_s: float = DEFAULT_GRACE_S, ollama_port: int | None = None, stored: Store | None = None,
+                on_listening: Callable[[str, int, int, int | None], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain and return (the caller exits 0).
 
     On the first signal: health → 503 draining, uvicorn stops accepting, /api/events streams
     end, and running generations get `grace_s` to finish; after that the backend is closed,
     which ends each with a final "cancelled" chunk (streams then send `[DONE]`). A second
-    signal skips the grace. `on_listening(host, port, n_models)` runs once the socket is open
-    and the catalog is scanned.
+    signal skips the grace. `ollama_port` (0: a free one) also listens, with ollama's API at
+    ollama's own paths; `stored` keeps the Responses API's stored responses. `on_listening(host, port, n_models, ollama_port)` runs once the sockets
+    are open and the catalog is scanned.
     """
     import uvicorn
 
-    sock = bind(host, port)
-    port = sock.getsockname()[1]
-    app = create_app(backend, api_key=api_key)
+    sockets = [bind(host, port)]
+    if ollama_port is not None:
+        try:
+            sockets.append(bind(host, ollama_port, "--ollama-port"))
+        except CorralError:
+            sockets[0].close()
+            raise
+    port = sockets[0].getsockname()[1]
+    ollama_port = sockets[1].getsockname()[1] if ollama_port is not None else None
+    app = create_app(backend, api_key=api_key, ollama_port=ollama_port, stored=stored)
     state: ServerState = app.state.corral
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on", ws="none",
                             timeout_keep_alive=5, server_header=False)
@@ -106,8 +115,8 @@ async def serve(backend: Backend, *, host: str = "127.0.0.1", port: int = 8377, 
     for signum in handled:
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    serving = asyncio.create_task(server.serve(sockets=[sock]), name="corral-uvicorn")
-    announce = asyncio.create_task(_announce(server, backend, host, port, on_listening))
+    serving = asyncio.create_task(server.serve(sockets=sockets), name="corral-uvicorn")
+    announce = asyncio.create_task(_announce(server, backend, host, (port, ollama_port), on_listening))
     try:
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({serving, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -138,8 +147,9 @@ async def serve(backend: Backend, *, host: str = "127.0.0.1", port: int = 8377, 
     finally:
         for signum in (*handled, signal.SIGHUP):
             loop.remove_signal_handler(signum)
-        with contextlib.suppress(Exception):
-            sock.close()
+        for sock in sockets:
+            with contextlib.suppress(Exception):
+                sock.close()
 
 
 def _log_reload(task: asyncio.Future[Any]) -> None:
@@ -168,8 +178,8 @@ async def _until(work: Awaitable[Any], hurry: asyncio.Event, timeout: float | No
     return True
 
 
-async def _announce(server: Any, backend: Backend, host: str, port: int,
-                    on_listening: Callable[[str, int, int], None] | None) -> None:
+async def _announce(server: Any, backend: Backend, host: str, ports: tuple[int, int | None],
+                    on_listening: Callable[[str, int, int, int | None], None] | None) -> None:
     """Tell the caller once requests can be served; a backend that fails to start is reported by
     /health and the log instead (the server stays up so an operator can see why)."""
     while not server.started:
@@ -180,4 +190,4 @@ async def _announce(server: Any, backend: Backend, host: str, port: int,
     except Exception:
         return  # ServerState.wait_ready has logged it
     if on_listening is not None:
-        on_listening(host, port, count)
+        on_listening(host, ports[0], count, ports[1])

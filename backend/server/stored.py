@@ -1,6 +1,7 @@
 """Responses kept for OpenAI's Responses API (`store`): what `GET /v1/responses/{id}` returns
-and what `previous_response_id` continues. In memory only, so a restart forgets them; at most
-`MAX_STORED` are kept (the oldest goes first), each for `TTL_S` seconds after it was stored.
+and what `previous_response_id` continues. In memory only, one store per server, so a restart
+forgets them; at most `limit` are kept (the oldest goes first), each for `ttl_s` seconds after
+it was stored (config: `[server] responses_max` and `responses_ttl`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import ServerSettings
+from ..errors import NotFound
 from ..request import Message
 
-MAX_STORED = 1000
-TTL_S = 3600.0
+_DEFAULTS = ServerSettings()  # the config keys' defaults
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,9 @@ class Stored:
 
 
 class Store:
-    def __init__(self, limit: int = MAX_STORED, ttl_s: float = TTL_S,
+    """Stored responses by id, bounded in number and age."""
+
+    def __init__(self, limit: int = _DEFAULTS.responses_max, ttl_s: float = _DEFAULTS.responses_ttl,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.limit, self.ttl_s, self._clock = limit, ttl_s, clock
         self._items: OrderedDict[str, tuple[float, Stored]] = OrderedDict()  # id → (stored at, what)
@@ -54,5 +58,7 @@ class Store:
                 return
             del self._items[response_id]
 
-
-RESPONSES = Store()  # the server's one store
+    def missing(self, response_id: str, where: str = "") -> NotFound:
+        """The error for an id this store does not hold (any more)."""
+        return NotFound(f"{where}no stored response has id {response_id!r} (responses are kept {self.ttl_s:g} s, "
+                        f"at most {self.limit}, and only with store: true)")

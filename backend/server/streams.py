@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -27,14 +27,18 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..errors import CorralError, GenerationFailed, ModelNotFound
-from ..generation import Chunk
+from ..generation import Chunk, Embeddings
 from ..metrics import UNKNOWN_MODEL
 from ..request import GenerationRequest
 from .middleware import ids, read_json, state_of
 
+if TYPE_CHECKING:
+    from .app import ServerState
+
 log = logging.getLogger("corral.server")
 
 T = TypeVar("T")
+B = TypeVar("B", bound=BaseModel)
 
 
 class Shape(Protocol):
@@ -65,11 +69,16 @@ class WireRequest(Protocol):
     def shape(self, request_id: str, session_id: str | None) -> Shape: ...
 
 
-def generation_route(body_type: type[BaseModel]) -> Callable[[Request], Awaitable[Response]]:
-    """The handler of a generation route whose body is `body_type` (a `WireRequest`)."""
+def generation_route(body_type: type[B], bind: Callable[[B, ServerState], None] | None = None,
+                     ) -> Callable[[Request], Awaitable[Response]]:
+    """The handler of a generation route whose body is `body_type` (a `WireRequest`); `bind`
+    gives a body what it takes from the server before converting (the Responses store)."""
 
     async def generate(request: Request) -> Response:
-        body = cast(WireRequest, await read_json(request, body_type))
+        parsed = await read_json(request, body_type)
+        if bind is not None:
+            bind(parsed, state_of(request))
+        body = cast(WireRequest, parsed)
         request.scope["corral.model"] = body.model
         request_id, session_id = ids(request)
         generation = body.generation(request_id, session_id)
@@ -148,6 +157,26 @@ async def answer(request: Request, generation: GenerationRequest, shape: Shape, 
 
     return ClosingStream(body(), on_close=lambda: flight.close(chunks), media_type=shape.media_type,
                          headers=headers)
+
+
+async def embedding(request: Request, model: str, inputs: list[str], *, keep_alive: float | None,
+                    api: str) -> Embeddings:
+    """Embed `inputs` with `model` for a route of any dialect, counted as in flight for the drain."""
+    state = state_of(request)
+    request.scope["corral.model"] = model
+    request_id, session_id = ids(request)
+    state.check_accepting()
+    flight = state.flight()
+    try:
+        # Not raced against a disconnect: an embedding is one short batch in a worker thread
+        # that cancelling could not stop, and it holds no generation slot.
+        return await state.backend.embed(model, inputs, request_id=request_id, session_id=session_id,
+                                         keep_alive=keep_alive, api=api)
+    except CorralError as exc:
+        state.metrics.rejected(UNKNOWN_MODEL if isinstance(exc, ModelNotFound) else model, exc.http_status, api)
+        raise
+    finally:
+        await flight.close()
 
 
 async def _collect(chunks: AsyncIterator[Chunk]) -> list[Chunk]:
