@@ -85,7 +85,8 @@ class ModelDefaults(_Strict):
     n_threads: int = Field(0, ge=0, le=1024, description="0 = physical cores")
     n_gpu_layers: GPULayers = Field("auto", description='"auto" = as many as fit in free VRAM; an int forces')
     keep_alive: Seconds = 300.0
-    flash_attn: bool = False
+    flash_attn: bool = Field(True, description="attention that skips masked cells: other sequences' and, on "
+                                               "sliding-window layers, those outside the window (long prompts)")
     chat_format: str | None = None
     max_queue: int = Field(64, ge=0, le=100_000)
 
@@ -142,6 +143,10 @@ class Budgets(_Strict):
     vram_fraction: float = Field(0.9, gt=0, le=1.0, description="of each GPU's total memory")
     gpu_oom_retry: bool = Field(True, description="a planned load that runs out of GPU memory is retried "
                                                   "once with fewer layers")
+    saved_kv_ram: Bytes = Field(512 * 2**20, ge=0, description="KV of recent conversations kept in memory when "
+                                                              "their model is evicted, restored when it loads")
+    saved_kv_disk: Bytes = Field(2 * 2**30, ge=0, description="and on disk beside the state file, for the next "
+                                                             "start; 0 keeps none")
 
     def vram_budget(self, total: int) -> int:
         """corral's budget on a GPU of `total` bytes."""

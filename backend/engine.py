@@ -35,6 +35,8 @@ from .events import EventBus, RequestFinished, RequestStarted
 from .generation import Chunk, Decoding, RequestStats, TokenLogprob
 from .request import MAX_TOP_LOGPROBS
 from .samplers import GrammarDeadEnd, GrammarStats, Scratch, TokenSampler
+from .kvstore import PrefixStore, prefix_key
+from .prefixes import Prefixes
 from .slots import SlotCache
 from .weights import ModelWeights, batch_add, new_context
 
@@ -53,7 +55,7 @@ class ContextSettings:
     n_parallel: int = 4
     n_batch: int = 512
     n_threads: int = 1
-    flash_attn: bool = False
+    flash_attn: bool = True  # as config's default
     max_queue: int = 64
 
 
@@ -186,12 +188,14 @@ class Engine:
     _ids = itertools.count()
 
     def __init__(self, weights: ModelWeights, settings: ContextSettings, *, model_name: str,
-                 bus: EventBus | None = None, template: ChatTemplate | None = None) -> None:
+                 bus: EventBus | None = None, template: ChatTemplate | None = None,
+                 prefixes: PrefixStore | None = None) -> None:
         self.weights = weights.retain()
         self.settings = settings
         self.model_name = model_name
         self.bus = bus
         self.template = template
+        self.restored = 0  # prompt tokens of saved KV the start made ready
         try:
             self._ctx = new_context(weights, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
                                     n_seq_max=settings.n_parallel, n_threads=settings.n_threads,
@@ -206,7 +210,9 @@ class Engine:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._pending: deque[_Request] = deque()
         self._running: dict[int, _Sequence] = {}
-        self._slots = SlotCache(settings.n_parallel)
+        self._slots = SlotCache(settings.n_parallel, share=not weights.recurrent)
+        self._prefixes = Prefixes(self._ctx, self._slots, prefixes, model_name=model_name,
+                                  key=prefix_key(weights.path, n_ctx=self.n_ctx, flash_attn=settings.flash_attn))
         self._cv = threading.Condition()
         self._closing = False
         self._recent_tokens: deque[tuple[float, int]] = deque(maxlen=256)
@@ -274,6 +280,8 @@ class Engine:
         with self._embedder_lock:
             if self._embedder is not None:
                 self._embedder.close()
+        if self.failure is None:
+            self._prefixes.save()
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
         self._ctx = None
@@ -392,6 +400,7 @@ class Engine:
         try:
             if warmup:
                 self._warmup()
+            self.restored = self._prefixes.restore()
         except BaseException as exc:  # start() raises it in the loading thread
             self._start_error = exc
             with self._cv:
@@ -430,24 +439,13 @@ class Engine:
                 self._drop(request, "cancelled", None, out)
                 self._deliver(out)
                 continue
-            seq_id, cached = self._slots.take(request.tokens)
-            cached = self._trim(seq_id, cached)
+            seq_id, cached = self._prefixes.place(request.tokens)
             seq = _Sequence(request, seq_id, self.weights, self.n_ctx, cached)
             self._running[seq.seq_id] = seq
             self._publish(RequestStarted(model=self.model_name, request_id=request.id,
                                          session_id=request.session_id, prompt_tokens=len(request.tokens),
                                          queue_wait_s=seq.started - request.submitted, cached_tokens=cached,
                                          api=request.api))
-
-    def _trim(self, seq_id: int, keep: int) -> int:
-        """Drop the KV of `seq_id` after its first `keep` tokens; returns how many were kept."""
-        tokens = self._slots.tokens[seq_id]
-        if keep < len(tokens) and not llama_cpp.llama_memory_seq_rm(self._memory, seq_id, keep, -1):
-            # Some memory types cannot cut a sequence in the middle: start it afresh.
-            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-            keep = 0
-        del tokens[keep:]
-        return keep
 
     def _step(self) -> None:
         out: list[tuple[_Delivery, Chunk]] = []
@@ -460,7 +458,7 @@ class Engine:
             if rc == 1:  # the unified KV cache is full and nothing was decoded: undo the batch
                 for seq, (n_past, prompt_pos) in saved.items():
                     seq.n_past, seq.prompt_pos = n_past, prompt_pos
-                    self._trim(seq.seq_id, n_past)
+                    self._prefixes.trim(seq.seq_id, n_past)
                 self._make_kv_room(saved, out)
                 self._deliver(out)
                 return
@@ -470,7 +468,9 @@ class Engine:
         self._deliver(out)
 
     def _fill_batch(self) -> list[tuple[_Sequence, int]]:
-        """One token per generating sequence, then prompt chunks up to n_batch tokens."""
+        """One token per generating sequence, then prompt chunks up to n_batch tokens; half as
+        many while others generate, since a step's time is what each of their next tokens waits
+        (a long prompt stalls them half as long, and its own first token comes a little later)."""
         self._batch.n_tokens = 0
         logits_at: list[tuple[_Sequence, int]] = []
         budget = self.n_batch
@@ -483,6 +483,8 @@ class Engine:
                 self._slots.tokens[seq.seq_id].append(seq.last_token)
                 seq.n_past += 1
                 budget -= 1
+        if logits_at:
+            budget = min(budget, self.n_batch // 2)
         for seq in self._running.values():
             if budget <= 0:
                 break
@@ -505,11 +507,11 @@ class Engine:
         idle = self._slots.idle_cached()
         if idle:
             for seq_id in idle:
-                self._trim(seq_id, 0)
+                self._prefixes.trim(seq_id, 0)
             return
         longest = max(running, key=lambda s: s.n_past)
         self._end(longest, "length", out)
-        self._trim(longest.seq_id, 0)
+        self._prefixes.trim(longest.seq_id, 0)
 
     def _add(self, token: int, pos: int, seq_id: int, logits: bool) -> None:
         batch_add(self._batch, token, pos, seq_id, logits)

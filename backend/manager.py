@@ -27,6 +27,7 @@ from .errors import (BadRequest, BudgetExceeded, CorralError, IllegalTransition,
 from .events import (EventBus, LoadProgress, ModelLoaded, Notice, PinChanged, RequestFinished, StateChanged,
                      Subscription, wait_event)
 from .ggufmeta import GGUFInfo
+from .kvstore import PrefixStore
 from .memory import MemoryEstimate, default_ram_budget, estimate, format_bytes, process_rss, return_free_memory
 from .reconfig import Reconfiguration
 from .warmstate import WarmState
@@ -62,6 +63,9 @@ class Manager(Reconfiguration):
         self._aliases: dict[str, AliasConfig] = {}
         self._admission = PriorityGate()
         self.warm = WarmState(state_file, bus)  # the loaded and pinned set, for a warm restart
+        budgets = settings.budgets  # the KV of recent conversations, across evictions and restarts
+        self.prefixes = PrefixStore(budgets.saved_kv_ram, budgets.saved_kv_disk,
+                                    state_file.with_name("kv") if state_file else None)
         self.restored: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
@@ -382,7 +386,7 @@ class Manager(Reconfiguration):
             engine = Engine(weights, ContextSettings(
                 n_ctx=s.n_ctx, n_parallel=s.n_parallel, n_batch=s.n_batch,
                 n_threads=s.n_threads or physical_cores(), flash_attn=s.flash_attn, max_queue=s.max_queue,
-            ), model_name=r.name, bus=self.bus, template=template)
+            ), model_name=r.name, bus=self.bus, template=template, prefixes=self.prefixes)
         finally:
             weights.release()  # the engine holds its own reference
         try:

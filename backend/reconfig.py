@@ -45,6 +45,7 @@ class Reconfiguration:
         actions: list[str] = []
         if new.budgets != old.budgets:
             self.ram_budget = new.budgets.ram_bytes or default_ram_budget(new.budgets.ram_fraction)
+            self.prefixes.budget(new.budgets.saved_kv_ram, new.budgets.saved_kv_disk)
             actions.append(f"budgets applied (RAM budget {format_bytes(self.ram_budget)}, "
                            f"max_loaded {new.budgets.max_loaded})")
         self._adopt(entries)

@@ -82,6 +82,9 @@ class ModelWeights:
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        # A recurrent state is one per sequence, not cells by position: it cannot be cut or shared
+        # at a prefix.
+        self.recurrent = bool(llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
         self._refs = 1
         self._lock = threading.Lock()
 

@@ -25,7 +25,7 @@ def reference_steps(path: str, prompt: str, n_tokens: int, *, n_ctx: int = 256,
     params = llama_cpp.llama_context_default_params()
     params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx, 512, 512, 1
     params.n_threads = params.n_threads_batch = n_threads
-    params.flash_attn_type, params.swa_full, params.kv_unified = 0, True, True
+    params.flash_attn_type, params.swa_full, params.kv_unified = 1, True, True
     ctx = llama_cpp.llama_init_from_model(weights.handle, params)
     tokens = weights.tokenize(prompt, add_special=True)
     pending = (llama_cpp.llama_token * len(tokens))(*tokens)  # the batch points into this array

@@ -2,7 +2,7 @@
 
 A server built on llama.cpp cannot stream faster than llama.cpp decodes. This script measures,
 on the default model with the settings the serving benchmark uses (2 threads, unified KV,
-full SWA cache, flash attention off), three things at 1 and 8 streams of 64 greedy tokens:
+full SWA cache, flash attention on), three things at 1 and 8 streams of 64 greedy tokens:
 
 - `decode only`: a bare loop of llama_decode calls, one token per sequence per call, feeding
   back a numpy argmax: no scheduler, no events, no HTTP. Nothing built on these kernels can
@@ -41,7 +41,7 @@ TOKENS = 64
 
 def decode_only(weights: ModelWeights, streams: int, threads: int) -> float:
     """Tokens/s of a bare batched greedy loop (prompt prefill excluded from the timing)."""
-    ctx = new_context(weights, n_ctx=4096, n_batch=512, n_seq_max=8, n_threads=threads, flash_attn=False)
+    ctx = new_context(weights, n_ctx=4096, n_batch=512, n_seq_max=8, n_threads=threads, flash_attn=True)
     batch = llama_cpp.llama_batch_init(512, 0, 1)
     try:
         prompts = [weights.tokenize(f"{i}: {PROMPT}", add_special=True) for i in range(streams)]

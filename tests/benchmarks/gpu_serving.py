@@ -13,7 +13,7 @@ Issue 9, point 5. What it does:
    in llama-cpp-python (`--llama-server`, default `$LLAMA_CPP_LIB_PATH/llama-server`), or
    builds it with `-DGGML_CUDA=on` from `--source` (that vendored llama.cpp folder).
 4. Runs both servers with the same settings (all layers on the GPU, `--slots` slots, unified
-   KV, full-size SWA cache, flash attention off, n_batch = n_ubatch) and measures each with
+   KV, full-size SWA cache, flash attention on, n_batch = n_ubatch) and measures each with
    serving.py's closed-loop streaming clients at concurrency 1, 8, 32, 64: temperature 0,
    ignore-eos, fixed 128-token outputs. Prints aggregate tok/s and TTFT with corral/llama-server
    ratios, and the issue's targets (>= 1.0x at c1, >= 1.5x at c32 and c64).
@@ -147,7 +147,7 @@ def make_servers(model: Path, llama_server: Path, workdir: Path, args: argparse.
         str(llama_server), "-m", str(model), "--host", "127.0.0.1", "--port", str(peer_port), "-ngl", "999",
         "--parallel", str(args.slots), "--cont-batching", "-c", str(args.n_ctx), "-t", str(args.threads),
         "-tb", str(args.threads), "-b", str(args.n_batch), "-ub", str(args.n_batch), "--kv-unified",
-        "--swa-full", "--flash-attn", "off", "--no-webui"], peer_port, "/health", workdir / "llama-server.log", env)
+        "--swa-full", "--flash-attn", "on", "--no-webui"], peer_port, "/health", workdir / "llama-server.log", env)
     return [corral, peer]
 
 

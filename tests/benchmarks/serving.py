@@ -287,7 +287,10 @@ class Server:
 
 
 def make_servers(which: list[str], model: Path, llama_server: Path | None, workdir: Path,
-                 slots: int, n_ctx: int, threads: int, n_batch: int) -> list[Server]:
+                 slots: int, n_ctx: int, threads: int, n_batch: int,
+                 llama_server_extra: tuple[str, ...] = ()) -> list[Server]:
+    """`llama_server_extra`: more llama-server arguments, for what corral has without a flag
+    (a chat template file that matches corral's, say)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     servers = []
     for name in which:
@@ -302,12 +305,13 @@ def make_servers(which: list[str], model: Path, llama_server: Path | None, workd
             servers.append(Server(name, argv, port, "/health", workdir / "corral.log", env))
         elif name == "llama-server":
             assert llama_server is not None
-            # Same settings as corral's context (backend/engine.py new_context): unified KV,
-            # full-size SWA cache, flash attention off, n_batch = n_ubatch, same threads/slots.
+            # Same settings as corral's context (backend/engine.py new_context) and defaults:
+            # unified KV, full-size SWA cache, flash attention on, n_batch = n_ubatch, same
+            # threads/slots.
             argv = [str(llama_server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
                     "--parallel", str(slots), "--cont-batching", "-c", str(n_ctx),
                     "-t", str(threads), "-tb", str(threads), "-b", str(n_batch), "-ub", str(n_batch),
-                    "--kv-unified", "--swa-full", "--flash-attn", "off", "--no-webui"]
+                    "--kv-unified", "--swa-full", "--flash-attn", "on", "--no-webui", *llama_server_extra]
             servers.append(Server(name, argv, port, "/health", workdir / "llama-server.log", env))
         elif name == "llama_cpp.server":
             argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
@@ -332,6 +336,10 @@ class Record:
     finish_reason: str | None = None
     max_gap: float = 0.0  # longest pause between two text chunks
     text: str = ""
+    started: float | None = None  # perf_counter() when the request was sent
+    times: list[float] = field(default_factory=list)  # perf_counter() of each chunk carrying text
+    usage: dict[str, Any] | None = None  # the stream's last usage object, as sent
+    timings: dict[str, Any] | None = None  # llama-server's `timings` (cache_n, prompt_n, ...), when sent
 
     @property
     def tokens(self) -> int:
@@ -353,10 +361,12 @@ def payload(k: int, max_tokens: int, model: str) -> dict[str, Any]:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
-                      timeout: float) -> Record:
-    rec = Record()
+                      timeout: float, rec: Record | None = None) -> Record:
+    """One streaming /v1/completions or /v1/chat/completions request. Pass `rec` to watch its
+    progress (`times`) while it runs."""
+    rec = rec if rec is not None else Record()
     texts: list[str] = []
-    started = time.perf_counter()
+    started = rec.started = time.perf_counter()
     last_piece: float | None = None
     try:
         async with asyncio.timeout(timeout):
@@ -376,9 +386,10 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                     if obj.get("error"):
                         rec.error = f"stream error: {json.dumps(obj['error'])[:300]}"
                     for choice in obj.get("choices") or []:
-                        text = choice.get("text") or ""
+                        text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                         if text:
                             rec.pieces += 1
+                            rec.times.append(now)
                             texts.append(text)
                             if rec.ttft is None:
                                 rec.ttft = now - started
@@ -388,8 +399,12 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                         if choice.get("finish_reason"):
                             rec.finish_reason = choice["finish_reason"]
                     usage = obj.get("usage")
+                    if usage:
+                        rec.usage = usage
                     if usage and usage.get("completion_tokens") is not None:
                         rec.usage_tokens = int(usage["completion_tokens"])
+                    if obj.get("timings"):
+                        rec.timings = obj["timings"]
         rec.latency = time.perf_counter() - started
         rec.ok = rec.error is None
     except TimeoutError:

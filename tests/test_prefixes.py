@@ -1,0 +1,174 @@
+"""Prompt prefixes evaluated once: shared between sequences of a context (a common system prompt),
+and kept across an eviction or a restart (`PrefixStore`). Each reuse must give the same greedy
+tokens as a cold evaluation, on tiny f32 models, and saved state must never be restored into
+another model file or context size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from corral.backend.engine import ContextSettings, Engine
+from corral.backend.generation import Decoding, SamplingParams
+from corral.backend.kvstore import Prefix, PrefixStore
+from corral.backend.slots import SlotCache
+from corral.backend.weights import ModelWeights
+
+SYSTEM = "the time upon a " * 8
+
+
+def engine_on(path: Path, store: PrefixStore | None = None, n_ctx: int = 512, n_parallel: int = 3) -> Engine:
+    weights = ModelWeights(str(path))
+    engine = Engine(weights, ContextSettings(n_ctx=n_ctx, n_parallel=n_parallel, n_batch=512, n_threads=1),
+                    model_name="engine", prefixes=store)
+    weights.release()
+    engine.start()
+    return engine
+
+
+async def greedy(engine: Engine, tokens: list[int], max_tokens: int = 8) -> tuple[str, Any]:
+    text, last = "", None
+    async for chunk in engine.stream(tokens, Decoding(SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                                     ignore_eos=True))):
+        text += chunk.text
+        last = chunk
+    assert last is not None and last.stats is not None
+    return text, last.stats
+
+
+def tokens(engine: Engine, text: str, first: bool = False) -> list[int]:
+    return engine.weights.tokenize(text, add_special=first)
+
+
+async def cold(path: Path, prompt: list[int], max_tokens: int = 8) -> str:
+    engine = engine_on(path)
+    try:
+        return (await greedy(engine, prompt, max_tokens))[0]
+    finally:
+        engine.close()
+
+
+# -- between sequences ----------------------------------------------------------------------------
+
+
+def parking(on: bool) -> PrefixStore | None:
+    """A store lets an engine park idle sequences' KV beside the cache; without one it keeps them."""
+    return PrefixStore(ram=64 << 20, disk=0, directory=None) if on else None
+
+
+@pytest.mark.parametrize("parked", [False, True], ids=["in-cache", "parked"])
+async def test_a_running_sequences_prefix_is_shared_with_a_new_request(tiny_gguf: Any, parked: bool) -> None:
+    path = tiny_gguf("engine")
+    engine = engine_on(path, parking(parked))
+    try:
+        system = tokens(engine, SYSTEM, first=True)
+        first, second = system + tokens(engine, " once upon"), system + tokens(engine, " a time time")
+        stream = engine.stream(first, Decoding(SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)))
+        await anext(stream)  # the first request is past its prompt and still decoding
+        text, stats = await greedy(engine, second)
+        assert stats.cached_tokens >= len(system)  # evaluated once, for the first request
+        rest = "".join([chunk.text async for chunk in stream])
+    finally:
+        engine.close()
+    assert text == await cold(path, second)
+    assert len(rest) > 0
+
+
+@pytest.mark.parametrize("parked", [False, True], ids=["in-cache", "parked"])
+async def test_a_free_conversation_is_kept_when_its_prefix_is_shared(tiny_gguf: Any, parked: bool) -> None:
+    path = tiny_gguf("engine")
+    engine = engine_on(path, parking(parked))
+    try:
+        system = tokens(engine, SYSTEM, first=True)
+        chat = system + tokens(engine, " once upon")
+        answer, _ = await greedy(engine, chat)
+        other_prompt = system + tokens(engine, " a time time")
+        other_text, other = await greedy(engine, other_prompt)
+        assert other.cached_tokens >= len(system)  # shared into another sequence ...
+        held = [cells for cells, _ in engine.kv_cells().values() if cells]  # the last token has no KV yet
+        assert held == [len(other_prompt) + 7] if parked else len(chat) + 7 in held  # ... and the conversation
+        # it came from parked beside the cache, or left in it
+        follow_up = chat + tokens(engine, answer) + tokens(engine, " upon once")
+        text, stats = await greedy(engine, follow_up)
+        assert stats.cached_tokens >= len(chat)  # ... so the conversation it came from is still whole
+    finally:
+        engine.close()
+    assert text == await cold(path, follow_up) and other_text == await cold(path, other_prompt)
+
+
+def test_slot_choice_prefers_the_best_match_and_never_shares_recurrent_state() -> None:
+    slots = SlotCache(3)
+    prompt = list(range(100))
+    slots.tokens[0], slots.tokens[1] = list(range(40)) + [999] * 30, list(range(90))
+    slots.free.remove(1)  # running
+    taken = slots.take(prompt)
+    assert (taken.cached, taken.copy_from) == (90, 1) and taken.seq_id == 2  # the empty one, not 0
+    plain = SlotCache(3, share=False)
+    plain.tokens[0], plain.tokens[1] = list(range(40)), list(range(90))
+    plain.free.remove(1)
+    assert plain.take(prompt).copy_from is None
+
+
+# -- across evictions and restarts ----------------------------------------------------------------
+
+
+async def test_restored_state_gives_the_same_tokens_as_evaluating_again(tiny_gguf: Any, tmp_path: Path) -> None:
+    path = tiny_gguf("engine")
+    store = PrefixStore(ram=64 << 20, disk=64 << 20, directory=tmp_path / "kv")
+    engine = engine_on(path, store)
+    chat = tokens(engine, SYSTEM + " once upon a time", first=True)
+    answer, _ = await greedy(engine, chat)
+    follow_up = chat + tokens(engine, answer) + tokens(engine, " upon once")
+    engine.close()  # an eviction: the conversation's KV goes to the store
+    again = engine_on(path, store)
+    try:
+        assert again.restored >= len(chat)
+        text, stats = await greedy(again, follow_up)
+    finally:
+        again.close()
+    assert stats.cached_tokens >= len(chat)
+    assert text == await cold(path, follow_up)
+    # a restart: a new store reads what the last one wrote
+    restarted = engine_on(path, PrefixStore(ram=64 << 20, disk=64 << 20, directory=tmp_path / "kv"))
+    try:
+        assert restarted.restored >= len(chat)
+        assert (await greedy(restarted, follow_up))[0] == text
+    finally:
+        restarted.close()
+
+
+async def test_state_is_refused_after_the_file_or_the_context_changes(tiny_gguf: Any, tmp_path: Path) -> None:
+    path = tmp_path / "model.gguf"
+    shutil.copy(tiny_gguf("engine"), path)
+    store = PrefixStore(ram=64 << 20, disk=0, directory=None)
+    engine = engine_on(path, store)
+    await greedy(engine, tokens(engine, SYSTEM, first=True))
+    engine.close()
+    other_context = engine_on(path, store, n_ctx=1024)
+    assert other_context.restored == 0
+    other_context.close()
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file was replaced
+    changed = engine_on(path, store)
+    assert changed.restored == 0
+    changed.close()
+
+
+def test_the_store_keeps_to_its_budgets(tmp_path: Path) -> None:
+    recent, older = Prefix((1, 2, 3), b"r" * 600), Prefix((4, 5, 6), b"o" * 600)
+    store = PrefixStore(ram=1000, disk=1000, directory=tmp_path)
+    store.save("a", [recent, older])
+    assert store.load("a") == [recent]  # the most recent that fit
+    store.save("b", [older])
+    assert store.load("a") == [] and store.load("b") == [older]  # memory and disk: the older key went
+    assert [p.name for p in tmp_path.glob("*.kv")] == ["b.kv"] and (tmp_path / "b.kv").stat().st_size <= 1000
+    assert PrefixStore(ram=0, disk=1000, directory=tmp_path).load("b") == [older]
+    nothing = PrefixStore(ram=0, disk=0, directory=tmp_path / "none")
+    nothing.save("a", [recent])
+    assert nothing.load("a") == [] and not (tmp_path / "none").exists()
+    (tmp_path / "b.kv").write_bytes(b"garbage")
+    assert PrefixStore(ram=0, disk=1000, directory=tmp_path).load("b") == []  # a broken file is ignored
