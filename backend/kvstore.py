@@ -39,7 +39,7 @@ class Prefix:
     """One sequence's KV state and the tokens it holds."""
 
     tokens: tuple[int, ...]
-    state: bytes
+    state: bytes | bytearray  # bytearray as it left llama.cpp, bytes as read from a file
 
     @property
     def size(self) -> int:
@@ -161,17 +161,22 @@ def _within(prefixes: list[Prefix], budget: int) -> list[Prefix]:
 
 
 
-def sequence_state(ctx: llama_cpp.llama_context_p, seq_id: int, limit: int) -> bytes | None:
-    """llama.cpp's state of one sequence, None when it is larger than `limit` bytes."""
+def sequence_state(ctx: llama_cpp.llama_context_p, seq_id: int, limit: int) -> bytearray | None:
+    """llama.cpp's state of one sequence (written straight into the returned buffer: a state
+    is tens of MB), None when it is larger than `limit` bytes."""
     size = llama_cpp.llama_state_seq_get_size(ctx, seq_id)
     if size > limit:
         return None
-    buffer = (ctypes.c_uint8 * size)()
-    written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq_id)
-    return bytes(buffer)[:written] if written else None
+    state = bytearray(size)
+    written = llama_cpp.llama_state_seq_get_data(ctx, (ctypes.c_uint8 * size).from_buffer(state), size, seq_id)
+    if not written:
+        return None
+    del state[written:]
+    return state
 
 
-def set_sequence_state(ctx: llama_cpp.llama_context_p, seq_id: int, state: bytes) -> bool:
+def set_sequence_state(ctx: llama_cpp.llama_context_p, seq_id: int, state: bytes | bytearray) -> bool:
     """Load a saved state into sequence `seq_id` (empty); False when llama.cpp refuses it."""
-    buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-    return bool(llama_cpp.llama_state_seq_set_data(ctx, buffer, len(state), seq_id))
+    view = (ctypes.c_uint8 * len(state)).from_buffer(state) if isinstance(state, bytearray) else (
+        ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+    return bool(llama_cpp.llama_state_seq_set_data(ctx, view, len(state), seq_id))

@@ -8,6 +8,9 @@ and 1.3x with it. So, as llama-server does with its idle slots, a request's admi
 other idle sequences' KV out of the cache (`llama_state_seq_get_data`) into a list of parked
 prefixes, bounded by `[budgets] saved_kv_ram`, and a later request whose prompt one of them
 begins gets it back (`llama_state_seq_set_data`), which costs a copy rather than a prefill.
+Only a long prefill (half a batch or more) parks them: that is where idle cells cost most, and
+a short one (the next turn over a shared system prompt) would pay copies of tens of MB for
+little, and lose the live prefixes that `llama_memory_seq_cp` shares for free.
 When the model is evicted or the server stops, the idle and parked prefixes go to the
 PrefixStore; at the next load they come back as parked prefixes. Owned by the scheduler thread.
 """
@@ -29,11 +32,12 @@ class Prefixes:
     """The KV of one context's sequences, in its cache and parked beside it."""
 
     def __init__(self, ctx: llama_cpp.llama_context_p, slots: SlotCache, store: PrefixStore | None, key: str,
-                 model_name: str) -> None:
+                 model_name: str, park_for: int) -> None:
         self._ctx, self._memory = ctx, llama_cpp.llama_get_memory(ctx)
         self.slots, self.store, self.key, self.model_name = slots, store, key, model_name
         self.limit = store.ram if store is not None and slots.share else 0  # bytes of parked state
         self.parked: list[Prefix] = []  # most recently parked first
+        self.park_for = park_for  # a prefill of this many tokens moves the idle sequences out first
 
     def place(self, prompt: list[int]) -> tuple[int, int]:
         """A sequence for `prompt` holding the longest cached prefix of it (in the cache or
@@ -48,7 +52,8 @@ class Prefixes:
                 self._share(taken)
             keep = taken.cached
         cached = self.trim(taken.seq_id, keep)
-        self._park_idle(taken.seq_id)
+        if len(prompt) - cached >= self.park_for:
+            self._park_idle(taken.seq_id)
         return taken.seq_id, cached
 
     def trim(self, seq_id: int, keep: int) -> int:

@@ -186,8 +186,9 @@ def start_server(root: Path, config: Path, *, api_key: str | None = None, grace:
                           r"(?:; ollama API on (http://127\.0\.0\.1:\d+))?", stdout.read_text())
         if match:
             server = Server(proc, match.group(1), stdout, stderr, api_key, match.group(3))
-            with httpx.Client(trust_env=False) as client:
-                assert client.get(f"{server.url}/health").json() == {"status": "ok"}
+            with httpx.Client(trust_env=False) as client:  # a warm restart is still loading its models
+                wait_for(lambda: client.get(f"{server.url}/health").json() == {"status": "ok"},
+                         timeout=max(deadline - time.monotonic(), 1.0), what="/health to say ok")
             return server
         if proc.poll() is not None:
             raise AssertionError(f"corral serve exited with {proc.returncode}:\n{stderr.read_text()}")

@@ -21,9 +21,10 @@ from corral.backend.weights import ModelWeights
 SYSTEM = "the time upon a " * 8
 
 
-def engine_on(path: Path, store: PrefixStore | None = None, n_ctx: int = 512, n_parallel: int = 3) -> Engine:
+def engine_on(path: Path, store: PrefixStore | None = None, n_ctx: int = 512, n_parallel: int = 3,
+              n_batch: int = 512) -> Engine:
     weights = ModelWeights(str(path))
-    engine = Engine(weights, ContextSettings(n_ctx=n_ctx, n_parallel=n_parallel, n_batch=512, n_threads=1),
+    engine = Engine(weights, ContextSettings(n_ctx=n_ctx, n_parallel=n_parallel, n_batch=n_batch, n_threads=1),
                     model_name="engine", prefixes=store)
     weights.release()
     engine.start()
@@ -81,12 +82,12 @@ async def test_a_running_sequences_prefix_is_shared_with_a_new_request(tiny_gguf
 @pytest.mark.parametrize("parked", [False, True], ids=["in-cache", "parked"])
 async def test_a_free_conversation_is_kept_when_its_prefix_is_shared(tiny_gguf: Any, parked: bool) -> None:
     path = tiny_gguf("engine")
-    engine = engine_on(path, parking(parked))
+    engine = engine_on(path, parking(parked), n_batch=32)  # a prefill of 16 tokens or more parks idle ones
     try:
         system = tokens(engine, SYSTEM, first=True)
         chat = system + tokens(engine, " once upon")
         answer, _ = await greedy(engine, chat)
-        other_prompt = system + tokens(engine, " a time time")
+        other_prompt = system + tokens(engine, " a time time upon once a the" * 3)
         other_text, other = await greedy(engine, other_prompt)
         assert other.cached_tokens >= len(system)  # shared into another sequence ...
         held = [cells for cells, _ in engine.kv_cells().values() if cells]  # the last token has no KV yet

@@ -62,7 +62,7 @@ def turn(http: httpx.Client, prompt: str) -> dict[str, Any]:
     text = ""
     with http.stream("POST", "/v1/completions", json={
             "model": DEFAULT_MODEL_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True,
-            "cache": False, "ignore_eos": True}) as response:
+            "cache": False, "ignore_eos": True}, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -81,7 +81,7 @@ def run(case: str, saved: bool, tokens: int, workdir: Path) -> dict[str, Any]:
     root = workdir / f"{case}-{'saved' if saved else 'none'}"
     server, _ = start(root, saved)
     try:
-        with server.http(timeout=600) as http:
+        with server.http() as http:
             opening = conversation(tokens, seed=len(case) + saved)
             first = turn(http, opening)
             follow = opening + first["text"] + "\nAnd in one word:"
@@ -93,7 +93,7 @@ def run(case: str, saved: bool, tokens: int, workdir: Path) -> dict[str, Any]:
             else:
                 assert server.stop() == 0, server.log()
                 server, ready = start(root, saved)
-        with server.http(timeout=600) as http:
+        with server.http() as http:
             second = turn(http, follow)
     finally:
         server.stop()

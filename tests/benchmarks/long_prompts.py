@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import random
@@ -57,7 +56,7 @@ import httpx
 from .serving import (CORRAL_MODEL, OPENERS, PROMPTS, Record, Server, _terminate, _version_line,
                       corral_model_state, default_model_path, ensure_llama_server, fmt, llama_cpp_version,
                       log, machine_busy_seconds, machine_info, make_servers, one_request, percentile, ratio,
-                      warm_up)
+                      warm_up, write_json)
 
 SERVERS = ("corral", "llama-server")
 SCENARIOS = ("long1", "long4", "prefill_beside_decode", "shared_prefix")
@@ -756,9 +755,7 @@ def main(argv: list[str] | None = None) -> int:
                   "llama_server_build": build, "startup": startup, "results": results, "ceiling": ceiling,
                   "prompts": prompts, "max_shared_prefix_tokens": plan["max_shared_prefix_tokens"],
                   "table": table, "measured_seconds": round(measured_s, 1)}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        log(f"wrote {args.json}")
+        write_json(args.json, report)
     return 0
 
 

@@ -291,7 +291,10 @@ def make_servers(which: list[str], model: Path, llama_server: Path | None, workd
                  llama_server_extra: tuple[str, ...] = ()) -> list[Server]:
     """`llama_server_extra`: more llama-server arguments, for what corral has without a flag
     (a chat template file that matches corral's, say)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    # corral's warm-restart state and saved KV go to the run's own folder: a run must neither
+    # restore what an earlier one saved nor leave anything in the user's state folder
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")},
+           "XDG_STATE_HOME": str(workdir / "state")}
     servers = []
     for name in which:
         port = free_port()
@@ -846,10 +849,14 @@ def main(argv: list[str] | None = None) -> int:
             "table": render_table(rows, ratios, targets), "texts_c1": texts, "text_agreement_c1": agreement,
             "measured_seconds": round(measured_s, 1),
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        log(f"wrote {args.json}")
+        write_json(args.json, report)
     return 0
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    log(f"wrote {path}")
 
 
 if __name__ == "__main__":
