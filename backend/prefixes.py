@@ -45,8 +45,8 @@ class Prefixes:
         parked."""
         taken = self.slots.take(prompt)
         index, shared = self._best_parked(prompt)
-        if index is not None and shared > max(taken.cached, MIN_REUSE - 1) and self._unpark(taken.seq_id, index):
-            keep = shared
+        if index is not None and shared > max(taken.cached, MIN_REUSE - 1):
+            keep = shared if self._unpark(taken.seq_id, index) else 0  # refused: the sequence is empty
         else:
             if taken.copy_from is not None:
                 self._share(taken)
