@@ -89,6 +89,7 @@ class ToolCallParser:
         self._back: list[str] = []  # characters read ahead and put back
         self._owned = False  # the raw text is a call's (already sent as deltas), not content
         self._produced = False  # the current block (after a marker) gave a call or streamed text
+        self._listing = False  # inside a block or list of calls: text the end cuts off there is a call's
         self._marker: str | None = None  # the marker answer text runs up to (None: the rest is text)
         self._held = ""  # answer text that could be the marker's beginning
         self._finished = False
@@ -339,17 +340,22 @@ class ToolCallParser:
         try:
             yield from body()
         except _End:
-            if self._owned:
-                self._raw.clear()  # a call cut short: what arrived is in its deltas
+            if self._owned or (self._listing and self.calls):
+                # a call cut short (by max_tokens) after others: never answer text. With no call
+                # made yet, what was read is given back: it may not have been a call at all.
+                self._raw.clear()
             self._give_back()
 
     def _block(self, body: Reader) -> Reader:
         """A marker's block; afterwards whitespace is dropped up to whatever comes next."""
+        self._listing = True  # left set when the end cuts the block: `_main` reads it
         try:
             yield from body
         except _NotACall:
+            self._listing = False
             self._give_back()
             return
+        self._listing = False
         self._raw.clear()
         self._unread((yield from self._skip_ws()))
         self._raw.clear()
@@ -415,6 +421,7 @@ class ToolCallParser:
                 yield from self._generic_object()
                 answered = True
             except _NotACall:
+                self._listing = False
                 self._give_back()
         else:
             self._unread(ch)
@@ -435,6 +442,7 @@ class ToolCallParser:
             elif key == "tool_calls":
                 if (yield from self._skip_ws()) != "[":
                     raise _Deviation
+                self._listing = True  # left set when the end cuts the list: `_main` reads it
                 ch = yield from self._skip_ws()
                 while ch != "]":
                     yield from self._call(ch)
@@ -443,6 +451,7 @@ class ToolCallParser:
                         ch = yield from self._skip_ws()
                     elif ch != "]":
                         raise _NotACall
+                self._listing = False
             else:
                 raise _Deviation
         except _Deviation:

@@ -166,6 +166,16 @@ def test_a_call_streams_as_deltas_with_an_id_and_name_first() -> None:
     assert parser.finish() == ("", [])
 
 
+@pytest.mark.parametrize("fmt, pieces", [
+    (GENERIC, ['{"tool_calls": [', CALL_A, ',\n  {"name": "get_weather",']),  # cut in the next call's header
+    (GENERIC, ['{"tool_calls": [', CALL_A, ', {"name": "add", "arguments": {"a": 1']),  # in its arguments
+    (HERMES, [f"<tool_call>{CALL_A}</tool_call>\n<tool_call>\n{{\"name\": \"ad"]),
+])
+def test_a_call_cut_off_by_the_end_never_leaks_into_the_answer(fmt: ToolFormat, pieces: list[str]) -> None:
+    content, calls, _ = _parse(fmt, pieces)
+    assert content.strip() == "" and calls[0] == ("add", '{"a": 1, "b": 2}')
+
+
 def test_mistral_ids_are_the_nine_characters_its_template_demands() -> None:
     _, _, deltas = _parse(MISTRAL, [f"[TOOL_CALLS][{CALL_A}]"])
     assert re.fullmatch(r"[A-Za-z0-9]{9}", deltas[0].id or "")
