@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from abc import ABC, abstractmethod
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -350,7 +351,7 @@ def _calls(chunks: list[Chunk]) -> list[dict[str, Any]]:
     return out
 
 
-class _Shape:
+class _Shape(ABC):
     """An answer as ollama's objects, whole or as NDJSON (`streams.Shape`). One per request:
     it keeps when the request began and, streaming, the tool-call pieces until calls are whole."""
 
@@ -362,21 +363,21 @@ class _Shape:
         self.cache: str | None = None
         self._calls: list[Chunk] = []
 
-    def _object(self, chunk: Chunk, done: bool) -> dict[str, Any]:
-        data: dict[str, Any] = {"model": self.model, "created_at": timestamp(), **self._content(chunk)}
-        if chunk.logprobs:
-            data["logprobs"] = _logprobs(chunk.logprobs)
-        data["done"] = done
+    def _object(self, content: Chunk, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """One object of the answer, without its `done` fields."""
+        data: dict[str, Any] = {"model": self.model, "created_at": timestamp(), **self._content(content, calls)}
+        if content.logprobs:
+            data["logprobs"] = _logprobs(content.logprobs)
         return data
 
+    @abstractmethod
     def _content(self, chunk: Chunk, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The answer's own fields: a chat's message, a generation's response."""
-        raise NotImplementedError
 
     def piece(self, chunk: Chunk) -> str:
         if chunk.tool_calls:
             self._calls.append(chunk)
-        return line(self._object(chunk, False)) if chunk.text or chunk.reasoning or chunk.logprobs else ""
+        return line({**self._object(chunk), "done": False}) if chunk.text or chunk.reasoning or chunk.logprobs else ""
 
     def end(self, last: Chunk) -> str:
         if last.finish_reason in ("error", "cancelled"):
@@ -384,8 +385,7 @@ class _Shape:
         out = self.piece(last)
         calls = _calls(self._calls)
         if calls:
-            out += line({"model": self.model, "created_at": timestamp(), **self._content(Chunk(""), calls),
-                         "done": False})
+            out += line({**self._object(Chunk(""), calls), "done": False})
         return out + line(self._final(Chunk(""), last))
 
     def whole(self, chunks: list[Chunk]) -> dict[str, Any]:
@@ -394,10 +394,7 @@ class _Shape:
         return self._final(joined, chunks[-1], _calls(chunks))
 
     def _final(self, content: Chunk, last: Chunk, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        data = {"model": self.model, "created_at": timestamp(), **self._content(content, calls)}
-        if content.logprobs:
-            data["logprobs"] = _logprobs(content.logprobs)
-        return {**data, "done": True, "done_reason": _DONE_REASONS.get(last.finish_reason or "stop", "stop"),
+        return {**self._object(content, calls), "done": True, "done_reason": _DONE_REASONS.get(last.finish_reason or "stop", "stop"),
                 **timings(last.stats, time.perf_counter() - self.began)}
 
 
@@ -421,8 +418,7 @@ class GenerateShape(_Shape):
 
 def load_answer(request: ChatRequest | GenerateRequest, reason: Literal["load", "unload"]) -> dict[str, Any]:
     """The answer to a request with nothing to generate, which only loaded or unloaded the model."""
-    return {"model": request.model, "created_at": timestamp(), **request.shape("")._content(Chunk("")),
-            "done": True, "done_reason": reason}
+    return {**request.shape("")._object(Chunk("")), "done": True, "done_reason": reason}
 
 
 def embed_answer(model: str, result: Embeddings, total_s: float) -> dict[str, Any]:
