@@ -37,6 +37,25 @@ def init_backend() -> None:
             _backend_ready = True
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU advertises AMX (Sapphire Rapids and later Xeons).
+
+    There llama.cpp moves quantized weights into AMX buffers, and its AMX matrix multiply
+    crashes the process (SIGSEGV in ggml_backend_amx_mul_mat, llama.cpp #20824): seen here with
+    the default model (Q4_K_M) at the first decode, in corral and in llama-server alike. So on
+    such a CPU weights load without llama.cpp's extra buffer types (no AMX, no repacking), as
+    llama-server's `--no-repack` does."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:  # not Linux: no AMX build of llama.cpp to worry about
+        pass
+    return False
+
+
 ProgressFn = Callable[[float], None]
 
 # Turn delimiters of the chat formats in use (gemma, chatml, llama 3, phi 3); a vocabulary that
@@ -58,6 +77,7 @@ class ModelWeights:
             params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
             params.main_gpu = main_gpu
         params.use_mmap = True
+        params.use_extra_bufts = not cpu_has_amx()
 
         def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
             if progress is not None:
