@@ -2,7 +2,8 @@
 
 The weights (weights.py) are apart and reference-counted; embeddings run on a context of their
 own (embedder.py); how each sequence's token is chosen (sampler chains, grammars,
-log-probabilities) is in samplers.py.
+log-probabilities) is in samplers.py, and how its tokens become text and figures in
+sequence.py; which sequence holds which cached prompt prefix is in slots.py and prefixes.py.
 
 The scheduler thread drives llama-cpp-python's low-level API: every step it puts the next
 token of every running sequence, plus prompt chunks of newly admitted ones, into one batch,
@@ -15,7 +16,6 @@ touches an asyncio loop except through `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import itertools
 import logging
 import sys
@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import llama_cpp
 
@@ -37,7 +37,9 @@ from .request import MAX_TOP_LOGPROBS
 from .samplers import GrammarDeadEnd, GrammarStats, Scratch, TokenSampler
 from .kvstore import PrefixStore, prefix_key
 from .prefixes import Prefixes
-from .slots import SlotCache
+from .sequence import Delivery, Queued, Sequence
+from .slots import SlotCache, awaited_prefix
+from .stepcost import StepCosts
 from .weights import ModelWeights, batch_add, new_context
 
 log = logging.getLogger("corral.engine")
@@ -57,118 +59,6 @@ class ContextSettings:
     n_threads: int = 1
     flash_attn: bool = True  # as config's default
     max_queue: int = 64
-
-
-class _Delivery:
-    """Where a request's chunks go: an asyncio queue on the consumer's loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[Chunk] = asyncio.Queue()
-
-
-@dataclass
-class _Request:
-    id: str
-    session_id: str | None
-    tokens: list[int]
-    decoding: Decoding
-    delivery: _Delivery
-    sampler: TokenSampler
-    api: str | None = None  # which API it came in by, for the events
-    submitted: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
-
-
-class _Sequence:
-    """A request occupying one llama.cpp sequence id while it runs."""
-
-    def __init__(self, request: _Request, seq_id: int, weights: ModelWeights, n_ctx: int, cached: int) -> None:
-        self.request = request
-        self.seq_id = seq_id
-        self.cached = cached  # prompt tokens whose KV an earlier request left in this sequence
-        self.n_past = cached  # tokens already in the KV cache
-        self.prompt_pos = cached  # prompt tokens already in the KV cache or sent to decode
-        self.last_token: int | None = None
-        self.generated = 0
-        self.started = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.text = ""
-        self.emitted = 0  # chars of self.text already sent
-        self.delimited = False  # ended by an end-of-generation or stop token, not part of the answer
-        self.stop_sequence: str | None = None  # the stop string that ended it
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._weights = weights
-        self.max_tokens = min(request.decoding.params.max_tokens, n_ctx - len(request.tokens))
-        self.sampler = request.sampler
-
-    @property
-    def prefilling(self) -> bool:
-        return self.prompt_pos < len(self.request.tokens)
-
-    def add_token(self, token: int) -> tuple[str, str | None]:
-        """Append a sampled token; returns (text to emit now, finish reason or None)."""
-        decoding = self.request.decoding
-        params = decoding.params
-        self.generated += 1
-        self.last_token = token
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        eog = self._weights.is_eog(token)
-        # A grammar allows end-of-generation only where its text is complete: that ends the
-        # answer even with ignore_eos, which would otherwise leave nothing allowed but more EOG.
-        if (eog and self.sampler.held) or (not params.ignore_eos and (eog or token in decoding.stop_tokens)):
-            self.delimited = True
-            return self._flush(), "stop"
-        self.text += self._decoder.decode(self._weights.piece(token, special=token in decoding.shown_tokens))
-        if params.stop:
-            hit, self.stop_sequence = _find_stop(self.text, params.stop,
-                                                 max(0, self.emitted - max(map(len, params.stop))))
-            if hit is not None:  # bytes still in the decoder belong after the stop: drop them
-                self.text = self.text[:hit]
-                out, self.emitted = self.text[self.emitted:], hit
-                return out, "stop"
-        if self.generated >= self.max_tokens:
-            return self._flush(), "length"
-        safe = len(self.text) - _held_back(self.text, params.stop)
-        out = self.text[self.emitted:safe]
-        self.emitted = safe
-        return out, None
-
-    def _flush(self) -> str:
-        self.text += self._decoder.decode(b"", final=True)
-        out = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return out
-
-    def stats(self) -> RequestStats:
-        now = time.perf_counter()
-        return RequestStats(
-            prompt_tokens=len(self.request.tokens),
-            completion_tokens=self.generated,
-            queue_wait_s=self.started - self.request.submitted,
-            ttft_s=None if self.first_token_at is None else self.first_token_at - self.request.submitted,
-            duration_s=now - self.request.submitted,
-            cached_tokens=self.cached,
-            stop_sequence=self.stop_sequence,
-        )
-
-
-def _find_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int | None, str | None]:
-    """Where the first stop string in `text` (from `start`) begins, and which one it is."""
-    hits = [(i, s) for s in stops if (i := text.find(s, start)) >= 0]
-    return min(hits) if hits else (None, None)
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop string."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if stop.startswith(text[-n:]):
-                longest = n
-                break
-    return longest
 
 
 @dataclass(frozen=True)
@@ -208,9 +98,10 @@ class Engine:
         self.n_batch = llama_cpp.llama_n_batch(self._ctx)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self._pending: deque[_Request] = deque()
-        self._running: dict[int, _Sequence] = {}
+        self._pending: deque[Queued] = deque()
+        self._running: dict[int, Sequence] = {}
         self._slots = SlotCache(settings.n_parallel, share=not weights.recurrent)
+        self._costs = StepCosts()
         self._prefixes = Prefixes(self._ctx, self._slots, prefixes, model_name=model_name, park_for=self.n_batch // 2,
                                   key=prefix_key(weights.path, n_ctx=self.n_ctx, flash_attn=settings.flash_attn))
         self._cv = threading.Condition()
@@ -317,7 +208,7 @@ class Engine:
         return embedder.embed(texts)
 
     def submit(self, tokens: list[int], decoding: Decoding, *, request_id: str | None = None,
-               session_id: str | None = None, api: str | None = None) -> _Request:
+               session_id: str | None = None, api: str | None = None) -> Queued:
         """Queue a request; chunks arrive on the calling loop's queue. Raises QueueFull/BadRequest,
         also for a grammar llama.cpp cannot parse: that is known before anything is queued."""
         decoding.params.validate()
@@ -330,8 +221,8 @@ class Engine:
                 f"model {self.model_name!r}: prompt is {len(tokens)} tokens but the context holds "
                 f"{self.n_ctx}; shorten the prompt or raise n_ctx"
             )
-        request = _Request(request_id or uuid.uuid4().hex, session_id, tokens, decoding,
-                           _Delivery(asyncio.get_running_loop()), TokenSampler(self.weights, decoding, self._scratch),
+        request = Queued(request_id or uuid.uuid4().hex, session_id, tokens, decoding,
+                           Delivery(asyncio.get_running_loop()), TokenSampler(self.weights, decoding, self._scratch),
                            api=api)
         with self._cv:
             refusal: Exception | None = None
@@ -349,7 +240,7 @@ class Engine:
             raise refusal
         return request
 
-    def cancel(self, request: _Request) -> None:
+    def cancel(self, request: Queued) -> None:
         """Ask the scheduler to drop `request`; it frees its sequence at the next step."""
         request.cancelled = True
         with self._cv:
@@ -431,29 +322,49 @@ class Engine:
         self._finish_all("cancelled", "model unloaded")
 
     def _admit(self) -> None:
-        """Move queued requests into free sequences (caller holds the lock)."""
-        while self._pending and self._slots.free:
-            request = self._pending.popleft()
-            if request.cancelled:
-                out: list[tuple[_Delivery, Chunk]] = []
-                self._drop(request, "cancelled", None, out)
-                self._deliver(out)
-                continue
-            seq_id, cached = self._prefixes.place(request.tokens)
-            seq = _Sequence(request, seq_id, self.weights, self.n_ctx, cached)
-            self._running[seq.seq_id] = seq
-            self._publish(RequestStarted(model=self.model_name, request_id=request.id,
-                                         session_id=request.session_id, prompt_tokens=len(request.tokens),
-                                         queue_wait_s=seq.started - request.submitted, cached_tokens=cached,
-                                         api=request.api))
+        """Move queued requests into free sequences (caller holds the lock). A request whose
+        prompt begins with what a running sequence is still evaluating waits for those tokens
+        and then shares them (slots.awaited_prefix). Whatever fails, every request not placed
+        stays queued, so that the failure ends it rather than leaving its client waiting."""
+        held: list[Queued] = []
+        try:
+            while self._pending and self._slots.free:
+                request = self._pending[0]
+                if request.cancelled:
+                    out: list[tuple[Delivery, Chunk]] = []
+                    self._drop(self._pending.popleft(), "cancelled", None, out)
+                    self._deliver(out)
+                elif self._awaits_prefix(request):
+                    held.append(self._pending.popleft())
+                else:
+                    seq_id, cached = self._prefixes.place(request.tokens)
+                    seq = Sequence(self._pending.popleft(), seq_id, self.weights, self.n_ctx, cached)
+                    self._running[seq.seq_id] = seq
+                    self._publish(RequestStarted(model=self.model_name, request_id=request.id,
+                                                 session_id=request.session_id, prompt_tokens=len(request.tokens),
+                                                 queue_wait_s=seq.started - request.submitted,
+                                                 cached_tokens=cached, api=request.api))
+        finally:
+            self._pending.extendleft(reversed(held))
+
+    def _awaits_prefix(self, request: Queued) -> bool:
+        if request.awaits is None:
+            prefilling = {s.seq_id: (s.request.tokens, s.prompt_pos) for s in self._running.values() if s.prefilling}
+            found = awaited_prefix(request.tokens, prefilling) if self._slots.share else None
+            if found is None:
+                return False
+            request.awaits = (self._running[found[0]], found[1])
+        seq, until = request.awaits
+        return self._running.get(seq.seq_id) is seq and seq.prompt_pos < until
 
     def _step(self) -> None:
-        out: list[tuple[_Delivery, Chunk]] = []
+        out: list[tuple[Delivery, Chunk]] = []
         for seq in [s for s in self._running.values() if s.request.cancelled]:
             self._end(seq, "cancelled", out)
         saved = {seq: (seq.n_past, seq.prompt_pos) for seq in self._running.values()}
-        logits_at = self._fill_batch()
+        logits_at, prompt_tokens = self._fill_batch()
         if self._batch.n_tokens:
+            began = time.perf_counter()
             rc = llama_cpp.llama_decode(self._ctx, self._batch)
             if rc == 1:  # the unified KV cache is full and nothing was decoded: undo the batch
                 for seq, (n_past, prompt_pos) in saved.items():
@@ -464,11 +375,17 @@ class Engine:
                 return
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}")
+            self._costs.record(time.perf_counter() - began, prompt_tokens)
             self._sample(logits_at, out)
         self._deliver(out)
 
-    def _fill_batch(self) -> list[tuple[_Sequence, int]]:
-        """One token per generating sequence, then prompt chunks up to n_batch tokens.
+    def _fill_batch(self) -> tuple[list[tuple[Sequence, int]], int]:
+        """One token per generating sequence, then prompt chunks up to n_batch tokens; returns
+        where logits are wanted and how many prompt tokens the batch holds.
+
+        Once a prompt finishes in this step, further prompts wait for the next one if the batch
+        already holds prompt tokens worth a step's fixed cost (stepcost.py): their first tokens
+        come in turn rather than all at the end of one long step.
 
         A step with a long prompt chunk makes the generating sequences wait for it. Capping the
         chunk at half a batch while others generate was measured (long_prompts.py): their
@@ -476,7 +393,7 @@ class Engine:
         token came 1.28x later and a shared-prefix load's TTFT p50 went from 0.91x to 1.53x; at
         full batches corral is already no worse than llama-server there, so they stay full."""
         self._batch.n_tokens = 0
-        logits_at: list[tuple[_Sequence, int]] = []
+        logits_at: list[tuple[Sequence, int]] = []
         budget = self.n_batch
         for seq in self._running.values():
             if budget <= 0:  # n_batch >= n_parallel is enforced by config; this is a guard
@@ -487,8 +404,9 @@ class Engine:
                 self._slots.tokens[seq.seq_id].append(seq.last_token)
                 seq.n_past += 1
                 budget -= 1
+        group, prompt_tokens, finished = self._costs.prompt_group(self.n_batch), 0, False
         for seq in self._running.values():
-            if budget <= 0:
+            if budget <= 0 or (finished and prompt_tokens >= group):
                 break
             if seq.prefilling:
                 take = seq.request.tokens[seq.prompt_pos:seq.prompt_pos + budget]
@@ -501,10 +419,12 @@ class Engine:
                 self._slots.tokens[seq.seq_id].extend(take)
                 seq.prompt_pos += len(take)
                 budget -= len(take)
-        return logits_at
+                prompt_tokens += len(take)
+                finished = finished or not seq.prefilling
+        return logits_at, prompt_tokens
 
-    def _make_kv_room(self, running: dict[_Sequence, tuple[int, int]],
-                      out: list[tuple[_Delivery, Chunk]]) -> None:
+    def _make_kv_room(self, running: dict[Sequence, tuple[int, int]],
+                      out: list[tuple[Delivery, Chunk]]) -> None:
         """The KV cache is full: drop idle cached prefixes first, else end the longest request."""
         idle = self._slots.idle_cached()
         if idle:
@@ -518,7 +438,7 @@ class Engine:
     def _add(self, token: int, pos: int, seq_id: int, logits: bool) -> None:
         batch_add(self._batch, token, pos, seq_id, logits)
 
-    def _sample(self, logits_at: list[tuple[_Sequence, int]], out: list[tuple[_Delivery, Chunk]]) -> None:
+    def _sample(self, logits_at: list[tuple[Sequence, int]], out: list[tuple[Delivery, Chunk]]) -> None:
         now = time.perf_counter()
         for seq, index in logits_at:
             sampler = seq.sampler
@@ -535,7 +455,7 @@ class Engine:
                 out.append((seq.request.delivery, Chunk(text, logprobs=logprobs)))
         self._recent_tokens.append((now, len(logits_at)))
 
-    def _end(self, seq: _Sequence, reason: str, out: list[tuple[_Delivery, Chunk]], text: str = "",
+    def _end(self, seq: Sequence, reason: str, out: list[tuple[Delivery, Chunk]], text: str = "",
              error: str | None = None, logprobs: tuple[TokenLogprob, ...] = ()) -> None:
         seq.sampler.free()  # its KV stays: the sequence's next request may extend this prompt
         with self._cv:
@@ -551,8 +471,8 @@ class Engine:
             cached_tokens=stats.cached_tokens,
         ))
 
-    def _drop(self, request: _Request, reason: str, error: str | None,
-              out: list[tuple[_Delivery, Chunk]]) -> None:
+    def _drop(self, request: Queued, reason: str, error: str | None,
+              out: list[tuple[Delivery, Chunk]]) -> None:
         """End a request that never ran (cancelled while queued, or the model went away)."""
         request.sampler.free()
         waited = time.perf_counter() - request.submitted
@@ -565,7 +485,7 @@ class Engine:
         ))
 
     def _finish_all(self, reason: str, error: str) -> None:
-        out: list[tuple[_Delivery, Chunk]] = []
+        out: list[tuple[Delivery, Chunk]] = []
         with self._cv:
             for seq in list(self._running.values()):
                 self._end(seq, reason, out, error=error)
@@ -574,9 +494,9 @@ class Engine:
         self._deliver(out)
 
     @staticmethod
-    def _deliver(out: list[tuple[_Delivery, Chunk]]) -> None:
+    def _deliver(out: list[tuple[Delivery, Chunk]]) -> None:
         """One hop per consumer loop per step, however many streams it reads."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Delivery, Chunk]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Delivery, Chunk]]] = {}
         for delivery, chunk in out:
             by_loop.setdefault(delivery.loop, []).append((delivery, chunk))
         for loop, items in by_loop.items():
@@ -590,6 +510,6 @@ class Engine:
             self.bus.publish(event)
 
 
-def _put_all(items: list[tuple[_Delivery, Chunk]]) -> None:
+def _put_all(items: list[tuple[Delivery, Chunk]]) -> None:
     for delivery, chunk in items:
         delivery.queue.put_nowait(chunk)

@@ -10,6 +10,7 @@ import numpy as np
 
 
 MIN_REUSE = 8  # a cached prefix shorter than this is not worth keeping a slot for
+MIN_AWAIT = 64  # a prefix still being evaluated elsewhere is worth waiting for from this many tokens
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,24 @@ def common_prefix(a: list[int], b: list[int]) -> int:
         return 0
     diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(diff[0]) if diff.size else n
+
+
+def awaited_prefix(prompt: list[int], prefilling: dict[int, tuple[list[int], int]]) -> tuple[int, int] | None:
+    """The sequence still evaluating the longest prefix of `prompt` (MIN_AWAIT tokens or more
+    beyond what it has evaluated), and where that prefix ends; None when there is none.
+
+    `prefilling` maps each prefilling sequence id to its prompt and how far it has got. Waiting
+    for it and then sharing the prefix evaluates a common system prompt once for a whole wave of
+    clients that arrive together, not once per client. The wait costs the request nothing:
+    prompt chunks go to running sequences in turn, so its own prefill would only have begun
+    once theirs was done.
+    """
+    best: tuple[int, int] | None = None
+    for seq_id, (tokens, done) in prefilling.items():
+        n = min(common_prefix(tokens, prompt), len(prompt) - 1)
+        if n - done >= MIN_AWAIT and (best is None or n > best[1]):
+            best = (seq_id, n)
+    return best
 
 
 class SlotCache:

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from corral.backend.embedder import Embedder
-from corral.backend.engine import ContextSettings, Engine, _Request, _Sequence
+from corral.backend.engine import ContextSettings, Engine
+from corral.backend.sequence import Queued, Sequence
 from corral.backend.errors import BadRequest, LoadFailed, QueueFull
 from corral.backend.events import EventBus, RequestFinished, RequestStarted
 from corral.backend.generation import Chunk, Decoding, SamplingParams
@@ -401,8 +402,8 @@ def test_a_shown_control_token_keeps_its_text(tiny_gguf: Any) -> None:
         texts = {}
         for shown in (frozenset(), frozenset({marker})):
             decoding = Decoding(SamplingParams(max_tokens=8), shown_tokens=shown)
-            request = _Request("r", None, [weights.bos], decoding, delivery=None, sampler=SimpleNamespace(held=False))
-            sequence = _Sequence(request, 0, weights, 64, 0)
+            request = Queued("r", None, [weights.bos], decoding, delivery=None, sampler=SimpleNamespace(held=False))
+            sequence = Sequence(request, 0, weights, 64, 0)
             texts[bool(shown)] = sequence.add_token(marker)[0] + sequence.add_token(letter)[0]
         assert texts == {False: "x", True: "[TOOL_CALLS]x"}
     finally:

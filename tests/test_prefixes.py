@@ -6,6 +6,7 @@ another model file or context size.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 from corral.backend.engine import ContextSettings, Engine
 from corral.backend.generation import Decoding, SamplingParams
 from corral.backend.kvstore import Prefix, PrefixStore
-from corral.backend.slots import SlotCache
+from corral.backend.slots import MIN_AWAIT, SlotCache, awaited_prefix
+from corral.backend.stepcost import StepCosts
 from corral.backend.weights import ModelWeights
 
 SYSTEM = "the time upon a " * 8
@@ -101,6 +103,30 @@ async def test_a_free_conversation_is_kept_when_its_prefix_is_shared(tiny_gguf: 
     assert text == await cold(path, follow_up) and other_text == await cold(path, other_prompt)
 
 
+async def test_clients_arriving_together_evaluate_their_common_prefix_once(tiny_gguf: Any) -> None:
+    path = tiny_gguf("engine")
+    engine = engine_on(path, n_batch=8)  # the first prompt takes many steps: the others arrive during them
+    try:
+        system = tokens(engine, SYSTEM * 5, first=True)
+        assert len(system) >= MIN_AWAIT + 8
+        prompts = [system + tokens(engine, tail) for tail in (" once upon", " a time time", " upon the a")]
+        answers = await asyncio.gather(*(greedy(engine, prompt) for prompt in prompts))
+    finally:
+        engine.close()
+    cached = sorted(stats.cached_tokens for _, stats in answers)
+    assert cached[0] == 0 and cached[1] >= len(system) and cached[2] >= len(system)
+    for prompt, (text, _) in zip(prompts, answers):
+        assert text == await cold(path, prompt)
+
+
+def test_only_a_prefix_still_to_be_evaluated_is_awaited() -> None:
+    prompt = list(range(200))
+    prefilling = {0: (list(range(150)) + [7] * 50, 20), 1: (list(range(100)), 0), 2: (list(range(190)), 180)}
+    assert awaited_prefix(prompt, prefilling) == (0, 150)  # the longest that is still ahead
+    assert awaited_prefix(prompt, {2: prefilling[2]}) is None  # nearly done: share what is there
+    assert awaited_prefix(list(range(50)), prefilling) is None  # too short to wait for
+
+
 def test_slot_choice_prefers_the_best_match_and_never_shares_recurrent_state() -> None:
     slots = SlotCache(3)
     prompt = list(range(100))
@@ -173,3 +199,31 @@ def test_the_store_keeps_to_its_budgets(tmp_path: Path) -> None:
     assert nothing.load("a") == [] and not (tmp_path / "none").exists()
     (tmp_path / "b.kv").write_bytes(b"garbage")
     assert PrefixStore(ram=0, disk=1000, directory=tmp_path).load("b") == []  # a broken file is ignored
+
+
+# -- when prompts finish ---------------------------------------------------------------------------
+
+
+def test_step_costs_say_when_prompts_should_finish_one_after_another() -> None:
+    costs = StepCosts()
+    assert costs.prompt_group(512) == 512  # nothing measured: everything fits in one step
+    costs.record(0.020, 0)  # a step with no prompt tokens: the fixed part
+    costs.record(0.020 + 64 * 0.002, 64)  # 2 ms a prompt token
+    assert costs.prompt_group(512) == 10  # 20 ms buys 10 prompt tokens
+    costs.record(0.020 + 4 * 0.5, 4)  # too few tokens to say anything
+    assert costs.prompt_group(512) == 10
+    costs.per_token = 1e-6
+    assert costs.prompt_group(512) == 512  # never more than a batch
+
+
+async def test_prompts_finished_in_turn_give_the_same_tokens(tiny_gguf: Any) -> None:
+    path = tiny_gguf("engine")
+    engine = engine_on(path)
+    engine._costs.fixed, engine._costs.per_token = 0.001, 1.0  # one prompt token per step's worth
+    try:
+        prompts = [tokens(engine, tail, first=True) for tail in (SYSTEM, " once upon" * 9, " a time time" * 7)]
+        answers = await asyncio.gather(*(greedy(engine, prompt) for prompt in prompts))
+    finally:
+        engine.close()
+    for prompt, (text, _) in zip(prompts, answers):
+        assert text == await cold(path, prompt)
