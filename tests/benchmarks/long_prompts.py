@@ -40,7 +40,6 @@ import ctypes
 import logging
 import os
 import random
-import shutil
 import signal
 import statistics
 import sys
@@ -56,7 +55,7 @@ import httpx
 from .serving import (CORRAL_MODEL, OPENERS, PROMPTS, Record, Server, _terminate, _version_line,
                       corral_model_state, default_model_path, ensure_llama_server, fmt, llama_cpp_version,
                       log, machine_busy_seconds, machine_info, make_servers, one_request, percentile, ratio,
-                      warm_up, write_json)
+                      ready_and_warm, start_all, write_json)
 
 SERVERS = ("corral", "llama-server")
 SCENARIOS = ("long1", "long4", "prefill_beside_decode", "shared_prefix")
@@ -686,30 +685,21 @@ def main(argv: list[str] | None = None) -> int:
                 servers = make_servers(list(SERVERS), model, llama_server, folder, slots, args.n_ctx, args.threads,
                                        args.n_batch, llama_server_extra=extra)
                 commands[f"{slots}_slots"] = {s.name: s.argv for s in servers}
+                group = startup.setdefault(f"{slots}_slots", {})
+                start_all(stack, servers, group, args.keep_logs, log_prefix=f"{slots}slots-")
                 for server in servers:
-                    def _stop(server: Server = server, slots: int = slots) -> None:
-                        code = server.stop()
-                        startup.setdefault(f"{slots}_slots", {}).setdefault(server.name, {})["exit_code"] = code
-                        if args.keep_logs:
-                            args.keep_logs.mkdir(parents=True, exist_ok=True)
-                            with contextlib.suppress(OSError):
-                                shutil.copy(server.log_path, args.keep_logs / f"{slots}slots-{server.log_path.name}")
-                    stack.callback(_stop)
-                    log(f"starting {server.name}: {' '.join(server.argv)}")
-                    server.start()
-                for server in servers:
-                    ready = server.wait_ready(timeout=300)
+                    figures = group.setdefault(server.name, {})
+                    figures.update(ready_and_warm(server, slots, args.request_timeout))
                     started = time.perf_counter()
-                    asyncio.run(warm_up(server, slots, args.request_timeout))
                     long_warm = asyncio.run(run_long1(server, {"long1": plan["warmup"][slots]}, args))
                     if not long_warm["records"][0]["ok"]:
                         raise RuntimeError(f"{server.name}: the long warm-up failed: "
                                            f"{long_warm['records'][0]['error']}")
                     wait_idle(server)
-                    startup.setdefault(f"{slots}_slots", {})[server.name] = {
-                        "ready_s": round(ready, 1), "warmup_s": round(time.perf_counter() - started, 1),
-                        "rss_bytes_after_warmup": server.rss_bytes()}
-                    log(f"{server.name} ({slots} slots) ready ({ready:.1f} s) and warmed up on port {server.port}")
+                    figures.update(warmup_s=round(figures["warmup_s"] + time.perf_counter() - started, 1),
+                                   rss_bytes_after_warmup=server.rss_bytes())
+                    log(f"{server.name} ({slots} slots) ready ({figures['ready_s']:.1f} s) and warmed up "
+                        f"on port {server.port}")
                 for p in range(args.passes):
                     for scenario in scenarios:
                         shift = (SCENARIOS.index(scenario) + p) % len(servers)

@@ -33,6 +33,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -52,10 +53,12 @@ from ..support import free_port, write_config
 CORRAL_MODEL = "gemma-3-270m"  # the catalog name of the default model
 SERVERS = ("corral", "llama-server", "llama_cpp.server")
 PEERS = ("llama-server", "llama_cpp.server")
-DEFAULT_LEVELS = (1, 2, 4, 8, 16)
+# A level is a number of streams, and "SxN" is S streams whose prompts are about N tokens long
+# (an agent's system prompt with tool schemas, a document): prefill then weighs as much as decode.
+DEFAULT_LEVELS = ("1", "2", "4", "8", "16", "4x2000")
 # requests per step, closed loop with `concurrency` workers (each step also has a deadline)
-DEFAULT_REQUESTS = {1: 12, 2: 12, 4: 16, 8: 32, 16: 48}
-QUICK_REQUESTS = {1: 2, 2: 2, 4: 4, 8: 8, 16: 16}
+DEFAULT_REQUESTS = {"1": 12, "2": 12, "4": 16, "8": 32, "16": 48, "4x2000": 12}
+QUICK_REQUESTS = {"1": 2, "2": 2, "4": 4, "8": 8, "16": 16, "4x2000": 4}
 
 # Every request gets its own prompt, the same sequence on every server. No two prompts share a
 # prefix beyond BOS and, for 1 in 64 pairs, one opening word: llama-server (and
@@ -308,13 +311,15 @@ def make_servers(which: list[str], model: Path, llama_server: Path | None, workd
             servers.append(Server(name, argv, port, "/health", workdir / "corral.log", env))
         elif name == "llama-server":
             assert llama_server is not None
+            from corral.backend.weights import cpu_has_amx
             # Same settings as corral's context (backend/engine.py new_context) and defaults:
             # unified KV, full-size SWA cache, flash attention on, n_batch = n_ubatch, same
-            # threads/slots.
+            # threads/slots; where the CPU has AMX, weights without repacking (weights.cpu_has_amx).
             argv = [str(llama_server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
                     "--parallel", str(slots), "--cont-batching", "-c", str(n_ctx),
                     "-t", str(threads), "-tb", str(threads), "-b", str(n_batch), "-ub", str(n_batch),
-                    "--kv-unified", "--swa-full", "--flash-attn", "on", "--no-webui", *llama_server_extra]
+                    "--kv-unified", "--swa-full", "--flash-attn", "on", "--no-webui",
+                    *(["--no-repack"] if cpu_has_amx() else []), *llama_server_extra]
             servers.append(Server(name, argv, port, "/health", workdir / "llama-server.log", env))
         elif name == "llama_cpp.server":
             argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
@@ -356,9 +361,32 @@ def prompt_for(k: int) -> str:
     return f"{opener}, {sentence[0].lower()}{sentence[1:]}"
 
 
-def payload(k: int, max_tokens: int, model: str) -> dict[str, Any]:
+def parse_level(level: str) -> tuple[int, int]:
+    """(streams, prompt tokens; 0 for the short prompts) of a level such as "8" or "4x2000"."""
+    streams, _, tokens = level.partition("x")
+    return int(streams), int(tokens or 0)
+
+
+FILLER = """river stone lantern harbour orchard meadow ledger signal copper engine valley market bridge
+archive garden winter compass theatre canal quarry beacon cellar tower harvest journal station""".split()
+
+
+def long_prompt_for(k: int, tokens: int) -> str:
+    """prompt_for(k), then numbered notes of about `tokens` tokens (about four characters each),
+    different for every k: long prompts that still share nothing beyond their opening word."""
+    rng = random.Random(k)
+    parts, size = [prompt_for(k)], 0
+    while size < tokens * 4:
+        words = " ".join(rng.choice(FILLER) for _ in range(rng.randint(6, 12)))
+        parts.append(f"Note {len(parts)}: the {words}.")
+        size += len(parts[-1]) + 1
+    return " ".join(parts)
+
+
+def payload(k: int, max_tokens: int, model: str, prompt_tokens: int = 0) -> dict[str, Any]:
     # repeat_penalty 1.0 explicitly: llama_cpp.server defaults to 1.1, which is not plain greedy
-    return {"model": model, "prompt": prompt_for(k), "max_tokens": max_tokens, "temperature": 0,
+    prompt = long_prompt_for(k, prompt_tokens) if prompt_tokens else prompt_for(k)
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "repeat_penalty": 1.0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
 
@@ -425,6 +453,7 @@ class Step:
     requests: int
     wall_s: float
     records: list[Record] = field(default_factory=list)
+    prompt_tokens: int = 0  # the level's long-prompt size; 0: short prompts
     server_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
     idle_cpu_s: dict[str, float] = field(default_factory=dict)
@@ -433,7 +462,7 @@ class Step:
 
 
 async def run_step(server: Server, concurrency: int, n_requests: int, first_k: int, max_tokens: int,
-                   deadline_s: float, request_timeout: float) -> Step:
+                   deadline_s: float, request_timeout: float, prompt_tokens: int = 0) -> Step:
     url = server.base + "/v1/completions"
     model = CORRAL_MODEL if server.name == "corral" else "default"
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
@@ -447,12 +476,38 @@ async def run_step(server: Server, concurrency: int, n_requests: int, first_k: i
                 i = next(counter)
                 if i >= n_requests or time.perf_counter() - started > deadline_s:
                     return
-                records.append(await one_request(client, url, payload(first_k + i, max_tokens, model),
+                records.append(await one_request(client, url, payload(first_k + i, max_tokens, model, prompt_tokens),
                                                  request_timeout))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return Step(server.name, concurrency, len(records), wall, records)
+    return Step(server.name, concurrency, len(records), wall, records, prompt_tokens)
+
+
+def start_all(stack: contextlib.ExitStack, servers: list[Server], startup: dict[str, Any],
+              keep_logs: Path | None, log_prefix: str = "") -> None:
+    """Start every server; each is stopped when `stack` closes, its exit code noted in
+    `startup[name]` and, with `keep_logs`, its log copied there (named `log_prefix` + its name)."""
+    for server in servers:
+        def _stop(server: Server = server) -> None:
+            code = server.stop()
+            startup.setdefault(server.name, {})["exit_code"] = code
+            if keep_logs:
+                keep_logs.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(OSError):
+                    shutil.copy(server.log_path, keep_logs / f"{log_prefix}{server.log_path.name}")
+        stack.callback(_stop)
+        log(f"starting {server.name}: {' '.join(server.argv)}")
+        server.start()
+
+
+def ready_and_warm(server: Server, slots: int, request_timeout: float) -> dict[str, Any]:
+    """Wait for the server, warm it up; its start-up figures."""
+    ready = server.wait_ready(timeout=300)
+    started = time.perf_counter()
+    asyncio.run(warm_up(server, slots, request_timeout))
+    return {"ready_s": round(ready, 1), "warmup_s": round(time.perf_counter() - started, 1),
+            "rss_bytes_after_warmup": server.rss_bytes()}
 
 
 async def warm_up(server: Server, slots: int, request_timeout: float) -> None:
@@ -509,7 +564,7 @@ def percentile(values: list[float], q: float) -> float | None:
 def merge_steps(parts: list[Step]) -> Step:
     """Several passes of one (server, concurrency) as one step: records pooled, walls added."""
     merged = Step(parts[0].server, parts[0].concurrency, sum(p.requests for p in parts),
-                  sum(p.wall_s for p in parts), [r for p in parts for r in p.records])
+                  sum(p.wall_s for p in parts), [r for p in parts for r in p.records], parts[0].prompt_tokens)
     merged.server_cpu_s = sum(p.server_cpu_s for p in parts)
     merged.client_cpu_s = sum(p.client_cpu_s for p in parts)
     merged.foreign_cpu_s = sum(p.foreign_cpu_s for p in parts)
@@ -529,9 +584,13 @@ def summarize(step: Step, max_tokens: int) -> dict[str, Any]:
     errors = [r.error for r in recs if not r.ok]
     short = [r for r in ok if r.tokens < max_tokens]
     ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
+    prompts = [r.usage["prompt_tokens"] for r in ok if r.usage and r.usage.get("prompt_tokens") is not None]
     return {
         "server": step.server,
+        "level": f"{step.concurrency}x{step.prompt_tokens}" if step.prompt_tokens else str(step.concurrency),
         "concurrency": step.concurrency,
+        "prompt_tokens_level": step.prompt_tokens,
+        "prompt_tokens_mean": round(sum(prompts) / len(prompts)) if prompts else None,
         "requests": step.requests,
         "wall_s": round(step.wall_s, 3),
         "tok_s": round(tokens / step.wall_s, 2) if step.wall_s > 0 else None,
@@ -577,16 +636,19 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3)
 
 
+def level_order(row: dict[str, Any]) -> tuple[int, int]:
+    return row.get("prompt_tokens_level", 0), row["concurrency"]
+
+
 def build_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by = {(r["server"], r["concurrency"]): r for r in rows}
+    by = {(r["server"], r["level"]): r for r in rows}
     out = []
-    for (server, conc), corral in sorted(((k, v) for k, v in by.items() if k[0] == "corral"),
-                                         key=lambda kv: kv[0][1]):
+    for corral in sorted((r for r in rows if r["server"] == "corral"), key=level_order):
         for peer in PEERS:
-            other = by.get((peer, conc))
+            other = by.get((peer, corral["level"]))
             if other is None:
                 continue
-            out.append({"concurrency": conc, "peer": peer,
+            out.append({"level": corral["level"], "concurrency": corral["concurrency"], "peer": peer,
                         "tok_s_ratio": ratio(corral["tok_s"], other["tok_s"]),
                         "ttft_p50_ratio": ratio(corral["ttft_p50_ms"], other["ttft_p50_ms"]),
                         "latency_p50_ratio": ratio(corral["latency_p50_ms"], other["latency_p50_ms"]),
@@ -599,12 +661,12 @@ def build_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def check_targets(ratios: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by = {(r["peer"], r["concurrency"]): r for r in ratios}
+    by = {(r["peer"], r["level"]): r for r in ratios}
     targets = [
-        ("aggregate tok/s at c8 vs llama-server", ("llama-server", 8), "tok_s_ratio", ">=", 1.15),
-        ("aggregate tok/s at c8 vs llama_cpp.server", ("llama_cpp.server", 8), "tok_s_ratio", ">=", 4.0),
-        ("single stream tok/s vs llama-server", ("llama-server", 1), "tok_s_ratio", ">=", 0.95),
-        ("TTFT p50 at c1 vs llama-server", ("llama-server", 1), "ttft_p50_ratio", "<=", 1.2),
+        ("aggregate tok/s at c8 vs llama-server", ("llama-server", "8"), "tok_s_ratio", ">=", 1.15),
+        ("aggregate tok/s at c8 vs llama_cpp.server", ("llama_cpp.server", "8"), "tok_s_ratio", ">=", 4.0),
+        ("single stream tok/s vs llama-server", ("llama-server", "1"), "tok_s_ratio", ">=", 0.95),
+        ("TTFT p50 at c1 vs llama-server", ("llama-server", "1"), "ttft_p50_ratio", "<=", 1.2),
     ]
     out = []
     for label, key, metric, op, bound in targets:
@@ -622,18 +684,18 @@ def fmt(value: Any, spec: str = ".1f") -> str:
 
 
 def render_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
-    rmap = {(r["peer"], r["concurrency"]): r for r in ratios}
-    header = (f"{'conc':>4}  {'server':<16} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} "
+    rmap = {(r["peer"], r["level"]): r for r in ratios}
+    header = (f"{'level':>6}  {'server':<16} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} "
               f"{'lat p99':>8} {'err':>4} {'tokens recv/exp':>16} {'short':>5}  "
               f"{'corral/peer tok/s':>17} {'corral/peer TTFT p50':>20} {'tok/s per pass':>16}")
     lines = [header, "-" * len(header)]
     order = {name: i for i, name in enumerate(SERVERS)}
-    last_conc = None
-    for row in sorted(rows, key=lambda r: (r["concurrency"], order.get(r["server"], 9))):
-        if last_conc is not None and row["concurrency"] != last_conc:
+    last_level = None
+    for row in sorted(rows, key=lambda r: (level_order(r), order.get(r["server"], 9))):
+        if last_level is not None and row["level"] != last_level:
             lines.append("")
-        last_conc = row["concurrency"]
-        r = rmap.get((row["server"], row["concurrency"]), {})
+        last_level = row["level"]
+        r = rmap.get((row["server"], row["level"]), {})
         tok_ratio = f"{r['tok_s_ratio']:.2f}x" if r.get("tok_s_ratio") is not None else ""
         ttft_ratio = f"{r['ttft_p50_ratio']:.2f}x" if r.get("ttft_p50_ratio") is not None else ""
         tokens = f"{row['tokens_received']}/{row['tokens_expected']}"
@@ -642,14 +704,18 @@ def render_table(rows: list[dict[str, Any]], ratios: list[dict[str, Any]], targe
                             for i, p in enumerate(row.get("passes") or []))
         name = row["server"] + ("!" if row.get("disturbed") else "")
         lines.append(
-            f"{row['concurrency']:>4}  {name:<16} {fmt(row['tok_s']):>7} "
+            f"{row['level']:>6}  {name:<16} {fmt(row['tok_s']):>7} "
             f"{fmt(row['ttft_p50_ms'], '.0f'):>9} {fmt(row['ttft_p99_ms'], '.0f'):>9} "
             f"{fmt(row['latency_p50_ms'], '.0f'):>8} {fmt(row['latency_p99_ms'], '.0f'):>8} "
             f"{row['errors']:>4} {tokens:>16} {row['short_streams']:>5}  {tok_ratio:>17} {ttft_ratio:>20} "
             f"{per_pass:>16}")
     lines.append("")
     lines.append("times in ms; tok/s = tokens received / step wall time; short = streams that ended before "
-                 "max_tokens; ratios are corral / peer (tok/s: higher is better for corral, TTFT: lower)")
+                 "max_tokens; ratios are corral / peer (tok/s: higher is better for corral, TTFT: lower); "
+                 "level SxN: S streams of ~N-token prompts")
+    for row in rows:
+        if row.get("prompt_tokens_level") and row["server"] == "corral" and row.get("prompt_tokens_mean"):
+            lines.append(f"level {row['level']}: prompts of {row['prompt_tokens_mean']} tokens on average")
     if any(row.get("passes") for row in rows):
         lines.append("figures pool the passes; a pass marked * in 'tok/s per pass' was left out because other "
                      "processes used the CPU during it; ! = every pass was disturbed")
@@ -706,7 +772,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the table, settings and raw figures here as JSON")
     parser.add_argument("--servers", default=",".join(SERVERS),
                         help=f"comma-separated subset of {','.join(SERVERS)} (default: all)")
-    parser.add_argument("--levels", default=",".join(map(str, DEFAULT_LEVELS)), help="concurrency levels")
+    parser.add_argument("--levels", default=",".join(DEFAULT_LEVELS),
+                        help="levels: a number of streams, or SxN for S streams of ~N-token prompts "
+                             f"(default: {','.join(DEFAULT_LEVELS)})")
     parser.add_argument("--requests", type=int, help="requests per step (default: 12/12/16/32/48 for 1/2/4/8/16, "
                                                      "else 2 x concurrency, at least 8)")
     parser.add_argument("--quick", action="store_true", help="tiny steps, for checking the script itself")
@@ -721,7 +789,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="no new requests start after this long in a step (default: 40)")
     parser.add_argument("--request-timeout", type=float, default=180.0)
     parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--n-ctx", type=int, default=4096)
+    parser.add_argument("--n-ctx", type=int, default=16384,
+                        help="context of each server, shared by its slots (default 16384: the long level fits)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-batch", type=int, default=512)
     parser.add_argument("--cache", type=Path,
@@ -731,7 +800,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     which = [s.strip() for s in args.servers.split(",") if s.strip()]
-    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    levels = [x.strip() for x in args.levels.split(",") if x.strip()]
+    try:
+        for level in levels:
+            parse_level(level)
+    except ValueError:
+        parser.error(f"--levels {args.levels!r}: each level is a number of streams or SxN, such as 8 or 4x2000")
     signal.signal(signal.SIGTERM, _terminate)
 
     version = llama_cpp_version()
@@ -752,38 +826,25 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         servers = make_servers(which, model, llama_server, workdir, args.slots, args.n_ctx, args.threads,
                                args.n_batch)
+        start_all(stack, servers, startup, args.keep_logs)
         for server in servers:
-            def _stop(server: Server = server) -> None:
-                code = server.stop()
-                startup.setdefault(server.name, {})["exit_code"] = code
-                if args.keep_logs:
-                    args.keep_logs.mkdir(parents=True, exist_ok=True)
-                    with contextlib.suppress(OSError):
-                        shutil.copy(server.log_path, args.keep_logs / server.log_path.name)
-            stack.callback(_stop)
-            log(f"starting {server.name}: {' '.join(server.argv)}")
-            server.start()
-        for server in servers:
-            ready = server.wait_ready(timeout=300)
-            started = time.perf_counter()
-            asyncio.run(warm_up(server, args.slots, args.request_timeout))
-            startup[server.name] = {"ready_s": round(ready, 1), "warmup_s": round(time.perf_counter() - started, 1),
-                                    "rss_bytes_after_warmup": server.rss_bytes()}
-            log(f"{server.name} ready ({ready:.1f} s) and warmed up on port {server.port}")
+            startup.setdefault(server.name, {}).update(ready_and_warm(server, args.slots, args.request_timeout))
+            log(f"{server.name} ready ({startup[server.name]['ready_s']:.1f} s) and warmed up on port {server.port}")
 
         k = 0  # global request index: the same prompt sequence on every server
         steps: dict[tuple[str, int], list[Step]] = {}
         for p in range(args.passes):
-            for li, conc in enumerate(levels):
+            for li, level in enumerate(levels):
+                conc, prompt_tokens = parse_level(level)
                 table = QUICK_REQUESTS if args.quick else DEFAULT_REQUESTS
-                n = args.requests or table.get(conc, max(8, 2 * conc))
+                n = args.requests or table.get(level, max(8, 2 * conc))
                 shift = (li + p) % len(servers)
                 for server in servers[shift:] + servers[:shift]:
                     idle_before = {s.name: s.cpu_seconds() for s in servers if s is not server}
                     cpu_before, client_before = server.cpu_seconds(), time.process_time()
                     busy_before = machine_busy_seconds()
                     step = asyncio.run(run_step(server, conc, n, k, args.max_tokens, args.step_seconds,
-                                                args.request_timeout))
+                                                args.request_timeout, prompt_tokens))
                     step.server_cpu_s = server.cpu_seconds() - cpu_before
                     step.client_cpu_s = time.process_time() - client_before
                     step.idle_cpu_s = {s.name: s.cpu_seconds() - idle_before[s.name]
@@ -793,13 +854,13 @@ def main(argv: list[str] | None = None) -> int:
                     if server.name == "corral":
                         step.after = corral_model_state(server)
                     if server.proc and server.proc.poll() is not None:
-                        log(f"{server.name} DIED during the c{conc} step (exit {server.proc.returncode}):\n"
+                        log(f"{server.name} DIED during the {level} step (exit {server.proc.returncode}):\n"
                             f"{server.log_tail()}")
-                    steps.setdefault((server.name, conc), []).append(step)
-                    if conc == 1 and p == 0:
+                    steps.setdefault((server.name, level), []).append(step)
+                    if level == "1" and p == 0:
                         texts[server.name] = [r.text for r in step.records]
                     row = summarize(step, args.max_tokens)
-                    log(f"pass {p + 1}/{args.passes} c{conc:<2} {server.name:<16} {fmt(row['tok_s']):>7} tok/s  "
+                    log(f"pass {p + 1}/{args.passes} {level:<6} {server.name:<16} {fmt(row['tok_s']):>7} tok/s  "
                         f"TTFT p50 {fmt(row['ttft_p50_ms'], '.0f')} ms  err {row['errors']}  tokens "
                         f"{row['tokens_received']}/{row['tokens_expected']}  short {row['short_streams']}  "
                         f"other processes {row['foreign_cpu_cores']} cores"
@@ -807,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
                     if row["errors"]:
                         log(f"  errors: {row['error_samples']}")
                 k += n
-        for (name, conc), parts in steps.items():
+        for (name, _level), parts in steps.items():
             # Other processes on the machine (other users' tests, builds) distort a step badly on
             # a small box: pool only the undisturbed passes when there are any, and say so.
             clean = [p for p in parts if p.foreign_cpu_s / max(p.wall_s, 1e-9) <= args.max_foreign]
