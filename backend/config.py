@@ -314,6 +314,22 @@ def default_state_path(env: Mapping[str, str] | None = None) -> Path:
     return Path(env.get("XDG_STATE_HOME") or Path(home) / ".local" / "state") / "corral" / "state.json"
 
 
+def default_pull_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where `corral pull` puts models when no model directory is configured:
+    $XDG_DATA_HOME/corral/models (~/.local/share/corral/models). The catalog always scans it,
+    so what was pulled there stays listed after model_dirs are configured."""
+    env = os.environ if env is None else env
+    home = env.get("HOME") or str(Path.home())
+    return Path(env.get("XDG_DATA_HOME") or Path(home) / ".local" / "share") / "corral" / "models"
+
+
+def catalog_dirs(settings: Settings) -> list[Path]:
+    """The folders the catalog scans: the configured model directories, then the pull folder."""
+    dirs = [Path(d).expanduser() for d in settings.model_dirs]
+    pulled = default_pull_dir()
+    return dirs if pulled in dirs else [*dirs, pulled]
+
+
 def default_config_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     home = env.get("HOME") or str(Path.home())

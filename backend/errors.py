@@ -171,3 +171,67 @@ class ServerUnreachable(CorralError):
 
     http_status = 503
     code = "server_unreachable"
+
+
+class PullError(CorralError):
+    """A pull that could not finish: the host, the transfer or the file was wrong. The message
+    says what happened and whether running the pull again resumes it."""
+
+    http_status = 502
+    code = "pull_failed"
+
+
+class PullSourceInvalid(PullError):
+    """A pull source corral cannot read (a name in ollama's library, a URL of no .gguf file,
+    a quantization that matches several files)."""
+
+    http_status = 400
+    code = "pull_source_invalid"
+
+
+class PullNotFound(PullError):
+    """The host has no such file, repository or quantization."""
+
+    http_status = 404
+    code = "pull_not_found"
+
+
+class PullForbidden(PullError):
+    """The host refused the download (401/403): a gated or private repository."""
+
+    http_status = 403
+    code = "pull_forbidden"
+
+
+class InsufficientDisk(PullError):
+    """Not enough free space for the download where it is written; the numbers are in the message."""
+
+    http_status = 507
+    code = "insufficient_storage"
+
+    def __init__(self, message: str, needed: int, free: int, path: str) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.free = free
+        self.path = path
+
+
+class PullInProgress(PullError):
+    """A pull that would write where another pull is writing, or join it with other options."""
+
+    http_status = 409
+    code = "pull_in_progress"
+
+
+class ModelNameTaken(CorralError):
+    """A pull whose model name is already used by another model (`--name` picks another)."""
+
+    http_status = 409
+    code = "model_name_taken"
+
+
+class NotPulled(CorralError):
+    """`rm` of a model whose files corral did not download: they belong to someone else."""
+
+    http_status = 409
+    code = "not_pulled"

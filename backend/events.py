@@ -129,6 +129,52 @@ class ConfigRejected(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PullProgress(Event):
+    """A pull's download in whole percent steps (`model` is the name it will have); `total` is
+    None while the size is unknown."""
+
+    type: ClassVar[str] = "pull_progress"
+    pull_id: str
+    source: str
+    percent: int
+    completed: int
+    total: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PullFinished(Event):
+    """A pulled model is in its folder and in the catalog under `model`."""
+
+    type: ClassVar[str] = "pull_finished"
+    pull_id: str
+    source: str
+    files: tuple[str, ...]
+    size: int
+    sha256: tuple[str, ...]  # one per file, in the order of `files`
+    already: bool = False  # the same source had been pulled there before: nothing was downloaded
+
+
+@dataclass(frozen=True, kw_only=True)
+class PullFailed(Event):
+    """A pull that stopped (an error, or cancelled): `partial` is the file a rerun resumes, if any."""
+
+    type: ClassVar[str] = "pull_failed"
+    pull_id: str
+    source: str
+    error: str
+    cancelled: bool = False
+    partial: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelRemoved(Event):
+    """`corral rm` deleted a pulled model's files."""
+
+    type: ClassVar[str] = "removed"
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Dropped(Event):
     """Delivered to a subscriber in place of events it was too slow to read."""
 
@@ -277,6 +323,10 @@ EVENT_TYPES: dict[str, type[Event]] = {
         Notice,
         ConfigApplied,
         ConfigRejected,
+        PullProgress,
+        PullFinished,
+        PullFailed,
+        ModelRemoved,
         Dropped,
     )
 }

@@ -29,6 +29,9 @@ from .files import write_atomic
 from .events import ConfigApplied, ConfigRejected, Event, EventBus, Notice, RequestFinished
 from .generation import Chunk, Embeddings, Grammar, SamplingParams, sampling_params
 from .protocol import LoopThread, SyncBackend
+from .pull.record import PullRecord
+from .pull.registry import Pulls
+from .pull.status import PullStatus
 from .rendering import cache_payload, check_request, prepare
 from .request import GenerationRequest, Message, chat_request, completion_request
 from .respcache import BYPASS, MISS, STALE, CacheKey, Lookup, ResponseCache, model_fingerprint, relay, request_key
@@ -53,10 +56,13 @@ class LocalBackend:
     label = "embedded"
 
     def __init__(self, settings: Settings | None = None, *, config: ConfigSource | str | None = None,
-                 watch_config: bool = False, state_file: Path | None = None) -> None:
+                 watch_config: bool = False, state_file: Path | None = None,
+                 pulled_file: Path | None = None) -> None:
         """`settings` as given, or read from `config` (a ConfigSource or a TOML path; None: the
         default file). Only a backend with a config source can reload it; `watch_config`
-        reloads on every change of the file. `state_file` enables warm restarts."""
+        reloads on every change of the file. `state_file` enables warm restarts. `pulled_file`
+        records what `pull` downloaded, which is what `remove` may delete (default: pulled.json
+        beside the state file; with neither, the record lasts as long as the backend)."""
         if settings is not None and config is None:
             self._source: ConfigSource | None = None
             text = None
@@ -70,6 +76,7 @@ class LocalBackend:
         self._config_lock: asyncio.Lock | None = None  # made on the backend loop
         self._state_file = state_file
         self.digests = Digests(state_file.with_name("digests.json") if state_file else None)
+        self._pull_record = PullRecord(pulled_file or (state_file.with_name("pulled.json") if state_file else None))
         self.bus = EventBus()
         self.response_cache = ResponseCache(self.settings.cache, bus=self.bus)
         self._refreshes: set[Future[None]] = set()  # background recomputes of stale answers
@@ -90,7 +97,9 @@ class LocalBackend:
 
         self._config_lock = asyncio.Lock()
         self._stop_watching = asyncio.Event()
-        return Manager(self.settings, self.bus, telemetry=self.telemetry, state_file=self._state_file)
+        manager = Manager(self.settings, self.bus, telemetry=self.telemetry, state_file=self._state_file)
+        self._pulls = Pulls(manager, self.bus, self._pull_record)
+        return manager
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return self._runner.submit(coro)
@@ -222,6 +231,41 @@ class LocalBackend:
     async def rescan(self) -> list[ModelInfo]:
         await self.ready()
         return await self._call(self.manager.rescan())
+
+    # -- pulling models --------------------------------------------------------------------
+
+    async def pull(self, source: str, *, name: str | None = None, sha256: str | None = None,
+                   directory: str | Path | None = None) -> AsyncGenerator[PullStatus, None]:
+        """Download a model into a model folder and add it to the catalog, reporting progress;
+        the last status is `done` (a failure raises, naming what to do). `source`: an https URL
+        of a .gguf, hf://owner/repo/file.gguf or hf://owner/repo:QUANT. The same pull already
+        running is joined; leaving the stream cancels it unless someone else follows it, and
+        the partial file stays for the next run to resume."""
+        await self.ready()
+        job = await self._call(self._pulls.start(source, name=name, sha256=sha256, directory=directory))
+        statuses = job.follow()
+        try:
+            while (status := await self._call(_next_or_none(statuses))) is not None:
+                yield status
+        finally:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the backend took its pulls down
+                self._loop.call_soon_threadsafe(self._pulls.leave, job)
+
+    async def cancel_pull(self, pull_id: str) -> PullStatus:
+        """Stop a running pull for everyone following it (its partial file stays)."""
+        await self.ready()
+        return await self._call(self._pulls.cancel(pull_id))
+
+    async def pulls(self) -> list[PullStatus]:
+        """The pulls running now."""
+        await self.ready()
+        return await self._call(_sync_value(self._pulls.running))
+
+    async def remove(self, name: str) -> list[str]:
+        """Delete a model that `pull` downloaded (all its files) and drop it from the catalog;
+        NotPulled for anything else. Returns the files deleted."""
+        await self.ready()
+        return await self._call(self._pulls.remove(name))
 
     # -- generation ------------------------------------------------------------------------
 
@@ -445,6 +489,7 @@ class LocalBackend:
                 self._loop.call_soon_threadsafe(self._stop_watching.set)
                 with contextlib.suppress(Exception):
                     self._watcher.result(timeout=10)
+            self._submit(self._pulls.close()).result(timeout=120)
             self._submit(self.manager.close()).result(timeout=120)
         finally:
             self.bus.close()
@@ -499,6 +544,11 @@ def _log_failure(future: Future[Any]) -> None:
 async def _sync_value(fn: Any) -> Any:
     """Read manager state on its own loop (it is not thread-safe)."""
     return fn()
+
+
+async def _next_or_none(iterator: AsyncIterator[T]) -> T | None:
+    """The next item, None at the end (a StopAsyncIteration must not cross loops in a future)."""
+    return await anext(iterator, None)
 
 
 async def _wait_quietly(task: asyncio.Task[None]) -> None:

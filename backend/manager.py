@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from .catalog import Catalog, CatalogEntry, entry_for
-from .config import AliasConfig, ConfigError, ModelDefaults, Settings, parse_duration
+from .config import AliasConfig, ConfigError, ModelDefaults, Settings, catalog_dirs, default_pull_dir, parse_duration
 from .engine import ContextSettings, Engine
 from .errors import (BadRequest, BudgetExceeded, CorralError, IllegalTransition, LoadFailed, ModelBusy,
                      ModelNotFound, ModelPinned, ModelUnusable)
@@ -49,6 +49,14 @@ def _close_and_trim(engine: Engine) -> None:
     return_free_memory()
 
 
+def _make_pull_dir() -> None:
+    """The catalog scans the pull folder always; made here so that scans never warn that it is missing."""
+    try:
+        default_pull_dir().mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.info("cannot make the pull folder %s: %s", default_pull_dir(), exc)
+
+
 class Manager(Reconfiguration):
     def __init__(self, settings: Settings, bus: EventBus, catalog: Catalog | None = None,
                  telemetry: Telemetry | None = None, state_file: Path | None = None) -> None:
@@ -56,7 +64,7 @@ class Manager(Reconfiguration):
         self.bus = bus
         self.telemetry = telemetry or Telemetry()
         self.catalog = catalog or Catalog(
-            settings.model_dirs, {m.name: m.path for m in settings.models}, settings.include_default_model
+            catalog_dirs(settings), {m.name: m.path for m in settings.models}, settings.include_default_model
         )
         self.ram_budget = settings.budgets.ram_bytes or default_ram_budget(settings.budgets.ram_fraction)
         self._records: dict[str, Record] = {}
@@ -76,6 +84,7 @@ class Manager(Reconfiguration):
 
     async def start(self) -> None:
         """Scan the catalog, start the idle reaper and the preload list (failures become events)."""
+        await asyncio.to_thread(_make_pull_dir)
         await self.rescan()
         names = self.catalog.names()
         for alias in self.settings.aliases:
@@ -115,6 +124,18 @@ class Manager(Reconfiguration):
     async def rescan(self) -> list[ModelInfo]:
         self._adopt(await asyncio.to_thread(self.catalog.refresh))
         return self.models()
+
+    def forget(self, name: str) -> None:
+        """Drop a model the catalog no longer lists (`corral rm` deleted its files); a loaded one
+        goes once its requests finish."""
+        record = self._records.get(name)
+        if record is None or name in self.catalog.names():
+            return
+        if record.state in (State.AVAILABLE, State.FAILED):
+            del self._records[name]
+        else:
+            self._retire(record)
+        self._notify()
 
     def _adopt(self, entries: list[CatalogEntry]) -> None:
         """Records for new names; fresh entries and estimates for models not loaded."""

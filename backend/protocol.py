@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .generation import Chunk, Embeddings
+from .pull.status import PullStatus
 from .snapshot import ModelDetails, ModelInfo, Status
 
 if TYPE_CHECKING:
@@ -46,6 +47,11 @@ class Backend(Protocol):
     async def count_tokens(self, request: GenerationRequest) -> int: ...
     async def unload_all(self) -> None: ...
     async def rescan(self) -> list[ModelInfo]: ...
+    def pull(self, source: str, *, name: str | None = None, sha256: str | None = None,
+             directory: str | None = None) -> AsyncIterator[PullStatus]: ...
+    async def cancel_pull(self, pull_id: str) -> PullStatus: ...
+    async def pulls(self) -> list[PullStatus]: ...
+    async def remove(self, name: str) -> list[str]: ...
     def events(self, after_seq: int | None = None) -> AsyncIterator[Event]: ...
     async def ready(self) -> None: ...
     async def warmed(self) -> None: ...
@@ -125,6 +131,19 @@ class SyncBackend:
     def count_tokens(self, request: GenerationRequest) -> int:
         return self._run(self._backend.count_tokens(request))
 
+    def pull(self, source: str, *, name: str | None = None, sha256: str | None = None,
+             directory: str | None = None) -> Iterator[PullStatus]:
+        return self._iterate(self._backend.pull(source, name=name, sha256=sha256, directory=directory))
+
+    def cancel_pull(self, pull_id: str) -> PullStatus:
+        return self._run(self._backend.cancel_pull(pull_id))
+
+    def pulls(self) -> list[PullStatus]:
+        return self._run(self._backend.pulls())
+
+    def remove(self, name: str) -> list[str]:
+        return self._run(self._backend.remove(name))
+
     def reload_config(self, source: str = "api") -> ConfigVersion:
         return self._run(self._backend.reload_config(source))
 
@@ -142,7 +161,7 @@ class SyncBackend:
         """The whole completion as one string."""
         return "".join(chunk.text for chunk in self.complete(model, prompt, **options))
 
-    def _iterate(self, stream: AsyncIterator[Chunk]) -> Iterator[Chunk]:
+    def _iterate(self, stream: AsyncIterator[T]) -> Iterator[T]:
         try:
             while True:
                 try:

@@ -11,7 +11,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from .catalog import Catalog
-from .config import AliasConfig, ConfigError, Settings
+from .config import AliasConfig, ConfigError, Settings, catalog_dirs
 from .errors import CorralError, ModelBusy
 from .events import Notice, PinChanged
 from .memory import default_ram_budget, format_bytes
@@ -35,7 +35,7 @@ class Reconfiguration:
         old = self.settings
         catalog = self.catalog
         if _catalog_sources(new) != _catalog_sources(old):
-            catalog = Catalog(new.model_dirs, {m.name: m.path for m in new.models}, new.include_default_model)
+            catalog = Catalog(catalog_dirs(new), {m.name: m.path for m in new.models}, new.include_default_model)
         entries = await asyncio.to_thread(catalog.refresh)  # one scan: it checks aliases and is adopted
         names = sorted({entry.name for entry in entries})
         for alias in new.aliases:

@@ -27,10 +27,11 @@ from urllib.parse import quote
 import httpx
 
 from . import errors
-from .errors import (BudgetExceeded, CorralError, ModelFileError, ModelNotFound, QueueFull,
+from .errors import (BudgetExceeded, CorralError, InsufficientDisk, ModelFileError, ModelNotFound, QueueFull,
                      ServerUnreachable)
 from .events import Dropped, Event, Notice, event_from_dict
 from .generation import Chunk, Embeddings
+from .pull.status import PullStatus
 from .request import GenerationRequest, chat_request, completion_request
 from .server.anthropic import count_body
 from .server.openai import chunk_from_wire, wire_body
@@ -139,23 +140,28 @@ class RemoteBackend:
 
         The server's message is kept verbatim: it is what a person acts on, and the remote
         console shows it exactly as the embedded one shows the local exception."""
-        code, message = "", ""
-        detail: dict[str, Any] = {}
         try:
-            body = response.json()
-            detail = body["error"] if isinstance(body.get("error"), dict) else {}
-            code, message = str(detail.get("code") or ""), str(detail.get("message") or "")
-        except (ValueError, AttributeError, KeyError):
-            pass
+            detail = _detail(response.json())
+        except ValueError:
+            detail = {}
+        message = str(detail.get("message") or "")
         if not message:
             text = response.text.strip()[:300] or response.reason_phrase
             message = (f"corral server at {self.url} answered {response.request.method} "
                        f"{response.request.url.path} with HTTP {response.status_code}: {text}")
+        return self._typed(detail, message, response, model)
+
+    def _typed(self, detail: dict[str, Any], message: str, response: httpx.Response | None,
+               model: str | None = None) -> CorralError:
+        """The typed error of an error body's `error` object, also of one that came inside a
+        stream (then without a response of its own)."""
+        code = str(detail.get("code") or "")
         cls = self._errors.get(code)
         if cls is None:  # unauthorized, or a code this client does not know yet
             error = CorralError(message)
             error.code = code or error.code
-            error.http_status = response.status_code
+            if response is not None:
+                error.http_status = response.status_code
             return error
         error = cls.__new__(cls)
         CorralError.__init__(error, message)  # the subclasses' own __init__ compose a message
@@ -163,13 +169,13 @@ class RemoteBackend:
         return error
 
     @staticmethod
-    def _fill_fields(error: CorralError, detail: dict[str, Any], response: httpx.Response,
+    def _fill_fields(error: CorralError, detail: dict[str, Any], response: httpx.Response | None,
                      model: str | None) -> None:
         """Give a rebuilt error the attributes its class promises, from the body where the
         server sent them and from the message or the request otherwise."""
         message = error.message
         if isinstance(error, QueueFull):
-            header = response.headers.get("Retry-After", "")
+            header = response.headers.get("Retry-After", "") if response is not None else ""
             depth = re.search(r"\((\d+) waiting\)", message)
             error.model = detail.get("model") or model or ""
             error.depth = int(detail.get("depth") or (depth.group(1) if depth else 0))
@@ -184,9 +190,11 @@ class RemoteBackend:
             error.path = detail.get("path") or ""
             error.reason = detail.get("reason") or message
             error.model = detail.get("model") or model
-        elif isinstance(error, BudgetExceeded):  # the numbers are in the message for people
+        elif isinstance(error, (BudgetExceeded, InsufficientDisk)):  # the numbers are in the message for people
             error.needed = int(detail.get("needed") or 0)
             error.free = int(detail.get("free") or 0)
+            if isinstance(error, InsufficientDisk):
+                error.path = detail.get("path") or ""
 
     @staticmethod
     def _ids(request_id: str | None, session_id: str | None) -> dict[str, str]:
@@ -282,6 +290,46 @@ class RemoteBackend:
     async def rescan(self) -> list[ModelInfo]:
         data = await self._request("POST", "/api/rescan")
         return [ModelInfo.from_dict(m) for m in data["models"]]
+
+    # -- pulling models --------------------------------------------------------------------
+
+    async def pull(self, source: str, *, name: str | None = None, sha256: str | None = None,
+                   directory: str | None = None) -> AsyncIterator[PullStatus]:
+        """Pull a model into the server's model folder (POST /api/models/pull), with its
+        progress; `directory` is a folder on the server. Leaving the stream closes the
+        connection, which cancels the pull unless another client follows it."""
+        body = {k: v for k, v in (("source", source), ("name", name), ("sha256", sha256), ("dir", directory))
+                if v is not None}
+        try:
+            async with self._client().stream("POST", "/api/models/pull", json=body,
+                                             timeout=self._waiting()) as response:
+                if response.is_error:
+                    await response.aread()
+                    raise self._error(response)
+                async for _, event, data in sse_events(response):
+                    payload = json.loads(data)
+                    if event == "error":
+                        detail = _detail(payload)
+                        raise self._typed(detail, str(detail.get("message") or f"the pull failed: {data[:300]}"), None)
+                    status = PullStatus.from_dict(payload)
+                    yield status
+                    if status.finished:
+                        return
+        except httpx.TransportError as exc:
+            raise _unreachable(self.url, exc) from exc
+        raise CorralError(f"corral server at {self.url} ended the pull of {source} without saying how it ended; "
+                          "run the pull again (it resumes)")
+
+    async def cancel_pull(self, pull_id: str) -> PullStatus:
+        return PullStatus.from_dict(await self._request("DELETE", f"/api/pulls/{quote(pull_id, safe='')}",
+                                                        timeout=self._waiting()))
+
+    async def pulls(self) -> list[PullStatus]:
+        return [PullStatus.from_dict(p) for p in (await self._request("GET", "/api/pulls"))["pulls"]]
+
+    async def remove(self, name: str) -> list[str]:
+        data = await self._request("DELETE", self._model_path(name), timeout=self._waiting(), model=name)
+        return [str(path) for path in data["removed"]]
 
     # -- generation ------------------------------------------------------------------------
 
@@ -520,6 +568,11 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str | None
             event_id = value
     if data:  # a stream cut right after its last data line
         yield event_id, name, "\n".join(data)
+
+
+def _detail(body: Any) -> dict[str, Any]:
+    """The `error` object of an error body (OpenAI's shape, which the admin API answers in)."""
+    return body["error"] if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
 
 
 def _notice(level: str, message: str) -> Notice:

@@ -36,6 +36,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     run.add_argument("--stats", action="store_true", help="print TTFT and tokens/s to stderr at the end")
 
+    pull = sub.add_parser("pull", help="download a GGUF model into a model folder (resumable, sha256-checked)")
+    pull.add_argument("source", help="an https:// URL of a .gguf file, hf://owner/repo/file.gguf, or "
+                                     "hf://owner/repo:QUANT (e.g. :Q4_K_M)")
+    pull.add_argument("--name", help="the model's name (default: from its file name)")
+    pull.add_argument("--sha256", help="the file's expected sha256 (default: the hash its host publishes, if any)")
+    pull.add_argument("--dir", help="the folder to put it in: a model folder or a subfolder of one (default: the "
+                                    "first of model_dirs, else ~/.local/share/corral/models)")
+    _remote_arguments(pull, "pull on this running `corral serve` (its folders, its HF_TOKEN) instead of here")
+    rm = sub.add_parser("rm", help="delete a model that `corral pull` downloaded (never anyone else's file)")
+    rm.add_argument("name")
+    _remote_arguments(rm, "remove it on this running `corral serve` instead of here")
+
     serve = sub.add_parser("serve", help="run headless: OpenAI-compatible HTTP API, admin API, /metrics")
     serve.add_argument("--host", help="address to listen on (default: [server] host, else 127.0.0.1)")
     serve.add_argument("--port", type=_port, help="port to listen on; 0 picks a free one (default: [server] port, "
@@ -88,6 +100,11 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", help="the server's key (default: $CORRAL_API_KEY)")
 
 
+def _remote_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--url", help=f"{what}, e.g. http://127.0.0.1:8377 (default: in this process)")
+    parser.add_argument("--api-key", help="the server's key (default: $CORRAL_API_KEY)")
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -108,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             return _models(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "pull":
+            return _pull(args)
+        if args.command == "rm":
+            return _rm(args)
         if args.command == "serve":
             return _serve(args)
         if args.command == "attach":
@@ -156,7 +177,113 @@ def _backend(args: argparse.Namespace, *, lasting: bool = False, path: str | Non
 
     watch = lasting and not getattr(args, "no_watch", False)
     return LocalBackend(config=config_source(path or args.config), watch_config=watch,
-                        state_file=default_state_path() if lasting else None)
+                        state_file=default_state_path() if lasting else None,
+                        pulled_file=default_state_path().with_name("pulled.json"))
+
+
+def _pull_backend(args: argparse.Namespace) -> Any:
+    """`pull` and `rm` work in this process, or on the server `--url` names."""
+    import os
+
+    if args.url is None:
+        return _backend(args)
+    from corral.backend.remote import RemoteBackend
+
+    return RemoteBackend(args.url, api_key=args.api_key or os.environ.get("CORRAL_API_KEY") or None)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    """Follow a pull with a progress bar on a terminal (plain lines otherwise). Ctrl+C cancels
+    it; its partial file stays, and the same command resumes it."""
+    import asyncio
+
+    from corral.backend.memory import format_bytes
+
+    shown = _PullProgress(sys.stderr)
+
+    async def follow() -> Any:
+        last = None
+        async for status in backend.pull(args.source, name=args.name, sha256=args.sha256, directory=args.dir):
+            shown.update(status)
+            last = status
+        return last
+
+    with _pull_backend(args) as backend:
+        try:
+            last = asyncio.run(follow())
+        except KeyboardInterrupt:
+            shown.end()
+            print("corral pull: cancelled; the partial file is kept: run the same command again to resume",
+                  file=sys.stderr)
+            return 130
+        finally:
+            shown.end()
+    files = ", ".join(last.paths)
+    if last.already:
+        print(f"{last.model} is already pulled: {files} (nothing downloaded)")
+    else:
+        print(f"pulled {last.model}: {files} ({format_bytes(last.total)})")
+    return 0
+
+
+class _PullProgress:
+    """A pull's progress on `out`: one redrawn bar on a terminal; a line per stage and per 10 %
+    otherwise (logs, pipes)."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self._stage: str | None = None
+        self._tenth = -1
+        self._drawn = False
+
+    def update(self, status: Any) -> None:
+        from corral.backend.memory import format_bytes
+
+        if status.status != self._stage:
+            self._stage = status.status
+            if status.status == "downloading":
+                resumed = f", resuming at {format_bytes(status.resumed)}" if status.resumed else ""
+                size = format_bytes(status.total) if status.total is not None else "size not told"
+                self._line(f"pulling {status.source} as {status.model} into {status.directory} ({status.files} "
+                           f"file{'s' if status.files != 1 else ''}, {size}{resumed})")
+            elif status.status != "done":
+                self._line(f"{status.status} {status.source}")
+        if status.status != "downloading":
+            return
+        speed = f"{format_bytes(status.rate)}/s" if status.rate else "-"
+        eta = f"ETA {int(status.eta_s) // 60}:{int(status.eta_s) % 60:02d}" if status.eta_s is not None else ""
+        sizes = f"{format_bytes(status.completed)} / {format_bytes(status.total)}"
+        percent = status.percent
+        if self.tty:
+            width = 30
+            filled = width * (percent or 0) // 100
+            bar = "#" * filled + "-" * (width - filled)
+            shown = f"{percent:3d}%" if percent is not None else "  ?%"
+            self.out.write(f"\r{shown} [{bar}] {sizes}  {speed}  {eta}\x1b[K")
+            self.out.flush()
+            self._drawn = True
+        elif percent is not None and percent // 10 > self._tenth:
+            self._tenth = percent // 10
+            self._line(f"{percent:3d}% {sizes}, {speed} {eta}".rstrip())
+
+    def _line(self, text: str) -> None:
+        self.end()
+        print(text, file=self.out, flush=True)
+
+    def end(self) -> None:
+        """Leave the bar's line, so what follows starts on a line of its own."""
+        if self._drawn:
+            self.out.write("\n")
+            self.out.flush()
+            self._drawn = False
+
+
+def _rm(args: argparse.Namespace) -> int:
+    with _pull_backend(args) as backend:
+        removed = backend.sync.remove(args.name)
+    print(f"removed {args.name}: {', '.join(removed) or 'its files were already gone'}")
+    return 0
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from fileserver import FileServer
 from ggufs import write_tiny_llama
 from support import (SLOW, SLOW_SHAPE, TINY, Server, default_model_config, slow_config, start_server, tiny_settings,
                      write_config)
@@ -16,11 +17,21 @@ from support import (SLOW, SLOW_SHAPE, TINY, Server, default_model_config, slow_
 
 @pytest.fixture(scope="session", autouse=True)
 def private_state_file(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The console and `corral serve` keep their warm-restart state in the user's state dir;
-    the suite's runs (in-process and the commands it starts) keep theirs apart."""
+    """The console and `corral serve` keep their warm-restart state in the user's state dir,
+    and the catalog scans the pull folder in the user's data dir; the suite's runs (in-process
+    and the commands it starts) keep theirs apart."""
     import os
 
     os.environ["CORRAL_STATE_FILE"] = str(tmp_path_factory.mktemp("state") / "state.json")
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def file_server() -> Iterator[FileServer]:
+    """A host of model files on 127.0.0.1 and a fake Hugging Face hub (tests/fileserver.py)."""
+    server = FileServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

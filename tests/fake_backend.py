@@ -12,7 +12,11 @@
   events;
 - `events()` is an async iterator fed by an asyncio.Queue per subscriber, with a replay
   ring for `after_seq`;
-- `status()` returns fixed HostStats (no GPU, gpu_note "no GPU (test)").
+- `status()` returns fixed HostStats (no GPU, gpu_note "no GPU (test)");
+- `pull()` walks a source through resolving → downloading (10 % steps, `step_delay` apart, with
+  pull_progress events) → done and adds the model (named after the source's last part); a source
+  containing "missing" fails as a 404 does; `cancel_pull()` stops one, `remove()` deletes only a
+  model it pulled.
 
 Every timestamp it makes is `now` (a fixed instant by default), so nothing depends on the
 wall clock. `calls` records what was asked of it.
@@ -29,19 +33,24 @@ from typing import Any
 from corral.backend.generation import Chunk, Embeddings, RequestStats
 from corral.backend.request import GenerationRequest, chat_request, completion_request
 from corral.backend.respcache import BYPASS
-from corral.backend.errors import BadRequest, ConfigError, LoadFailed, ModelNotFound, ModelPinned, NotFound
+from corral.backend.errors import (BadRequest, Cancelled, ConfigError, LoadFailed, ModelNotFound, ModelPinned, NotFound,
+                                   NotPulled, PullNotFound)
 from corral.backend.events import (
     ConfigApplied,
     ConfigRejected,
     Event,
     LoadProgress,
     ModelLoaded,
+    ModelRemoved,
     PinChanged,
+    PullFinished,
+    PullProgress,
     RequestFinished,
     RequestStarted,
     StateChanged,
 )
 from corral.backend.config import parse_duration
+from corral.backend.pull.status import PullStatus
 from corral.backend.snapshot import ModelDetails, ModelInfo, Status
 from corral.backend.versions import ConfigVersion
 from corral.backend.telemetry import GPUStats, HostStats
@@ -120,6 +129,8 @@ class FakeBackend:
         self._versions: list[ConfigVersion] = []
         self.reload_error: str | None = None
         self.reload_diff: tuple[str, ...] = ("defaults.keep_alive: 300.0 → 60.0",)
+        self._pulls: dict[str, PullStatus] = {}  # running pulls by id
+        self.pulled: set[str] = set()  # models its pull() added: the only ones remove() deletes
 
     # -- test helpers -----------------------------------------------------------------------
 
@@ -306,6 +317,54 @@ class FakeBackend:
 
     async def rescan(self) -> list[ModelInfo]:
         return await self.models()
+
+    async def pull(self, source: str, *, name: str | None = None, sha256: str | None = None,
+                   directory: str | None = None) -> AsyncIterator[PullStatus]:
+        self.calls.append(("pull", source))
+        model = name or source.rstrip("/").rsplit("/", 1)[-1].split(":")[0].removesuffix(".gguf").lower()
+        status = PullStatus(f"pull-{len(self.calls)}", source, "resolving", directory=directory or "/models")
+        self._pulls[status.id] = status
+        try:
+            yield status
+            if "missing" in source:
+                raise PullNotFound(f"{source}: no such file on the host (HTTP 404)")
+            total = 100 * MiB
+            for percent in range(0, 101, 10):
+                if status.id not in self._pulls:
+                    raise Cancelled(f"the pull of {source} was cancelled")
+                status = replace(status, status="downloading", model=model, total=total, files=1,
+                                 completed=total * percent // 100, rate=10.0 * MiB, eta_s=(100 - percent) / 10)
+                self._pulls[status.id] = status
+                self.publish(PullProgress(model=model, pull_id=status.id, source=source, percent=percent,
+                                          completed=status.completed, total=total))
+                yield status
+                await asyncio.sleep(self.step_delay)
+            self._models[model] = model_info(model, path=f"/models/{model}.gguf", file_size=total)
+            self.pulled.add(model)
+            status = replace(status, status="done", paths=(f"/models/{model}.gguf",), rate=None, eta_s=None)
+            self.publish(PullFinished(model=model, pull_id=status.id, source=source, files=status.paths,
+                                      size=total, sha256=(hashlib.sha256(model.encode()).hexdigest(),)))
+            yield status
+        finally:
+            self._pulls.pop(status.id, None)
+
+    async def cancel_pull(self, pull_id: str) -> PullStatus:
+        status = self._pulls.pop(pull_id, None)
+        if status is None:
+            raise NotFound(f"no running pull {pull_id!r}")
+        return status
+
+    async def pulls(self) -> list[PullStatus]:
+        return list(self._pulls.values())
+
+    async def remove(self, name: str) -> list[str]:
+        m = self._get(name)
+        if name not in self.pulled:
+            raise NotPulled(f"model {name!r} is a file in a model folder, {m.path}, which corral did not download")
+        del self._models[name]
+        self.pulled.discard(name)
+        self.publish(ModelRemoved(model=name, files=(m.path or "",)))
+        return [m.path or ""]
 
     async def ready(self) -> None:
         return None

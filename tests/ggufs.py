@@ -75,9 +75,11 @@ def write_tiny_llama(
     arch: str = "llama",
     causal: bool = True,
     control_tokens: tuple[str, ...] = (),
+    split_max_tensors: int = 0,
 ) -> Path:
     """Write a random-weight llama model that llama.cpp loads; the same args give the same bytes.
-    `causal=False` declares bidirectional attention, as encoders (BERT, EmbeddingGemma) do."""
+    `causal=False` declares bidirectional attention, as encoders (BERT, EmbeddingGemma) do.
+    `split_max_tensors` writes a split model, `name-00001-of-0000N.gguf` beside `path`."""
     if dtype not in ("f32", "f16"):
         raise ValueError(f"dtype must be 'f32' or 'f16', not {dtype!r}")
     if n_embd % n_head or n_head % n_kv_head:
@@ -96,7 +98,7 @@ def write_tiny_llama(
     def norm() -> np.ndarray:
         return np.ones(n_embd, dtype=np.float32)  # 1-D tensors stay F32, as converters do
 
-    writer = GGUFWriter(path, arch)
+    writer = GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     writer.add_name(name)
     writer.add_file_type(LlamaFileType.ALL_F32 if dtype == "f32" else LlamaFileType.MOSTLY_F16)
     writer.add_context_length(context_length)

@@ -154,7 +154,7 @@ def test_errors_come_in_ollamas_shape(default_server: Server, client: ollama.Cli
         ("/api/generate", {"model": MODEL, "prompt": "x", "template": "{{ range .Messages }}{{ end }}"}, 400,
          "range"),
         ("/api/generate", {"model": MODEL, "prompt": "x", "keep_alive": "soon"}, 400, "keep_alive"),
-        ("/api/pull", {"model": "llama3"}, 501, "model_dirs"),
+        ("/api/pull", {"model": "llama3"}, 400, "hf.co/owner/repo:QUANT"),
         ("/api/copy", {"source": MODEL, "destination": "x"}, 501, "[[alias]]"),
     ]
     assert default_server.ollama_url

@@ -15,12 +15,15 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Header, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, CorralError, NotFound
 from ..events import Event
 from ..metrics import CONTENT_TYPE
-from .middleware import state_of
+from ..pull.status import PullStatus
+from . import openai
+from .middleware import ids, read_json, state_of
 from .streams import ClosingStream
 
 log = logging.getLogger("corral.server")
@@ -114,6 +117,66 @@ async def unload_all(request: Request) -> dict[str, Any]:
 
 async def rescan(request: Request) -> dict[str, Any]:
     return {"models": [m.to_dict() for m in await state_of(request).backend.rescan()]}
+
+
+class PullBody(BaseModel):
+    """POST /api/models/pull: what `corral pull` takes (`dir` is a folder on the server)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(min_length=1, max_length=4096)
+    name: str | None = Field(None, max_length=255)
+    sha256: str | None = Field(None, max_length=71)
+    dir: str | None = Field(None, max_length=4096)
+
+
+async def pull(request: Request) -> Response:
+    """Pull a model, its progress as SSE: `progress` events, then `done`, or `error` with the
+    error body. Bad input is an ordinary JSON error before the stream starts; a client that
+    disconnects stops following, which cancels the pull unless another client follows it."""
+    body = await read_json(request, PullBody)
+    state = state_of(request)
+    state.check_accepting()
+    flight = state.flight()  # the drain on shutdown waits for it, then the backend cancels it
+    statuses = state.backend.pull(body.source, name=body.name, sha256=body.sha256, directory=body.dir)
+    try:
+        first = await anext(statuses)
+    except BaseException:
+        await flight.close(statuses)
+        raise
+    return ClosingStream(_pull_stream(first, statuses, ids(request)[0]), on_close=lambda: flight.close(statuses))
+
+
+async def _pull_stream(first: PullStatus, statuses: AsyncIterator[PullStatus],
+                       request_id: str) -> AsyncGenerator[str, None]:
+    status: PullStatus | None = first
+    try:
+        while status is not None:
+            yield _sse("done" if status.finished else "progress", status.to_dict())
+            status = await anext(statuses, None)
+    except CorralError as exc:
+        yield _sse("error", openai.error_body(exc.code, exc.message, request_id))
+    except Exception:
+        log.exception("pull %s failed", request_id)
+        yield _sse("error", openai.error_body("internal_error", f"internal error (request {request_id}); see the "
+                                              "server log", request_id))
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def pulls(request: Request) -> dict[str, Any]:
+    return {"pulls": [p.to_dict() for p in await state_of(request).backend.pulls()]}
+
+
+async def cancel_pull(request: Request, pull_id: str) -> dict[str, Any]:
+    """DELETE /api/pulls/{id}: stop a running pull for every client; its partial file stays."""
+    return (await state_of(request).backend.cancel_pull(pull_id)).to_dict()
+
+
+async def remove(request: Request, name: str) -> dict[str, Any]:
+    """DELETE /api/models/{name}: delete a model corral pulled (409 for anyone else's file)."""
+    return {"name": name, "removed": await state_of(request).backend.remove(name)}
 
 
 async def metrics(request: Request) -> Response:

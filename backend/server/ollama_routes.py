@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import BadRequest, NotSupported
-from . import ollama
+from . import ollama, ollama_models
 from .middleware import ids, read_json, state_of
 from .streams import answer, embedding
 
@@ -131,7 +131,6 @@ async def refuse_blob(request: Request, digest: str) -> None:
     raise NotSupported("corral does not take model blobs; see /api/create")
 
 
-_RESCAN = "then rescan (POST /api/rescan on corral's port, or the console's rescan key)"
 routes: list[tuple[str, str, Callable[..., Any]]] = [
     ("GET", "", root),
     ("HEAD", "", root),
@@ -143,15 +142,13 @@ routes: list[tuple[str, str, Callable[..., Any]]] = [
     ("POST", "/api/generate", generate),
     ("POST", "/api/embed", embed),
     ("POST", "/api/embeddings", embeddings),
-    ("POST", "/api/pull", _refuse(f"pulling models is not supported yet; download the GGUF file into a folder of "
-                                  f"model_dirs in corral's config, {_RESCAN}")),
+    ("POST", "/api/pull", ollama_models.pull),
     ("POST", "/api/push", _refuse("corral does not push models to a registry")),
     ("POST", "/api/create", _refuse("corral does not build models from Modelfiles; add a [[models]] entry (path, "
                                     "chat_template, params) or an [[alias]] with a system prompt to the config")),
     ("POST", "/api/copy", _refuse("to give a model a second name, add an [[alias]] (name, model) to corral's "
                                   "config and reload it (POST /api/config/reload)")),
-    ("DELETE", "/api/delete", _refuse(f"corral does not delete model files; remove the file (or its [[models]] "
-                                      f"entry), {_RESCAN}")),
+    ("DELETE", "/api/delete", ollama_models.delete),
     ("HEAD", "/api/blobs/{digest}", refuse_blob),
     ("POST", "/api/blobs/{digest}", refuse_blob),
 ]
