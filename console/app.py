@@ -36,7 +36,7 @@ from corral.themes import DEFAULT_THEME, THEMES
 from .commands import APP, bindings_for, checked_keymap
 from .errors import describe_error
 from .palette import CommandTableProvider
-from .screens import ConfirmScreen, Conversation, DashboardScreen, HelpScreen
+from .screens import ConfirmScreen, Conversation, DashboardScreen, HelpScreen, PullScreen
 from .widgets.models_table import backing_models
 
 if TYPE_CHECKING:
@@ -45,12 +45,14 @@ if TYPE_CHECKING:
     from textual.binding import Keymap
 
     from corral.backend.protocol import Backend
+    from corral.backend.pull.status import PullStatus
     from corral.backend.events import Event
     from corral.backend.snapshot import ModelInfo, Status
 
 # Events after which the table should show the backend's word at once, not at the next tick.
 # Request events are left to the 1 Hz poll: a busy server sends hundreds a second.
-REFRESH_ON = frozenset({"state", "loaded", "pin", "notice", "dropped", "config_applied"})
+REFRESH_ON = frozenset({"state", "loaded", "pin", "notice", "dropped", "config_applied", "pull_finished",
+                        "removed"})
 MIN_POLL_GAP_S = 0.1
 REJECTED_REPEAT_S = 2.0  # the same rejection within this is one notification, not two
 QUIT_STATUS_TIMEOUT_S = 1.0
@@ -100,6 +102,7 @@ class CorralApp(App[None]):
         self._events_error: str | None = None
         self._last_rejection: tuple[str, float] = ("", 0.0)  # message, monotonic time
         self.conversations: dict[str, Conversation] = {}
+        self.pull_status: PullStatus | None = None  # the console's running pull (PullScreen shows it)
         for item in THEMES:
             self.register_theme(item)
         name = theme or DEFAULT_THEME
@@ -251,6 +254,27 @@ class CorralApp(App[None]):
         """Apply version `number` again; the backend writes it back to the file."""
         return self.run_backend(f"rollback to version {number}",
                                 lambda: self.backend.rollback_config(number, "console"))
+
+    def pull_model(self, source: str, name: str | None = None) -> Worker[Any]:
+        """Pull `source` in a worker that outlives the pull dialog; `pull_status` follows it."""
+
+        async def pull() -> None:
+            try:
+                async for status in self.backend.pull(source, name=name):
+                    self.pull_status = status
+                if self.pull_status is not None and self.pull_status.model:
+                    self.notify(f"{self.pull_status.model} is in the catalog", title="pulled", timeout=5)
+            finally:
+                self.pull_status = None
+
+        return self.run_backend(f"pull {source}", pull)
+
+    def cancel_pull(self, pull_id: str) -> Worker[Any]:
+        return self.run_backend("cancel pull", lambda: self.backend.cancel_pull(pull_id))
+
+    def action_pull(self) -> None:
+        if not isinstance(self.screen, PullScreen):
+            self.push_screen(PullScreen())
 
     async def _unload_all(self) -> None:
         unload_all = getattr(self.backend, "unload_all", None)

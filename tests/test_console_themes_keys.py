@@ -78,7 +78,7 @@ def test_one_command_table_feeds_the_bindings() -> None:
         "corral.refresh": "r", "corral.help": "question_mark", "corral.quit": "q",
         "corral.theme": "t", "corral.prompt.stop": "ctrl+c", "corral.prompt.back": "escape",
         "corral.prompt.clear": "ctrl+l", "corral.prompt.mode": "ctrl+t", "corral.session": "s",
-        "corral.config": "c",
+        "corral.config": "c", "corral.pull": "g",
         "corral.config.reload": "r", "corral.config.rollback": "b", "corral.config.back": "escape",
     }
     [stop] = [b for b in bindings_for("prompt") if b.id == "corral.prompt.stop"]
@@ -95,9 +95,9 @@ async def test_help_lists_the_command_table() -> None:
         help_table = app.screen.query_one("#help-table")
         rows = [help_table.get_row(command.id) for command in COMMANDS]
         assert [str(row[2]).rstrip("…") for row in rows] == [c.description for c in COMMANDS]
-        assert [str(row[0]) for row in rows] == ["l", "e", "p", "⏎", "d", "/", "s", "u", "r", "t", "?", "q",
+        assert [str(row[0]) for row in rows] == ["l", "e", "p", "⏎", "d", "/", "s", "g", "u", "r", "t", "?", "q",
                                                  "c", "^c", "esc", "^l", "^t", "r", "b", "esc"]
-        assert [str(row[1]) for row in rows] == ["dashboard"] * 13 + ["prompt"] * 4 + ["config"] * 3
+        assert [str(row[1]) for row in rows] == ["dashboard"] * 14 + ["prompt"] * 4 + ["config"] * 3
         assert str(help_table.get_row("corral.evict")[2]) == "Evict…"  # it asks first
         assert str(help_table.get_row("corral.load")[2]) == "Load"
         await pilot.press("escape")

@@ -1,5 +1,5 @@
 """Screens of the console: the dashboard, the prompt and config screens, and the modal
-confirm, details and help screens."""
+confirm, details, help and pull screens."""
 
 from .config import ConfigScreen
 from .confirm import ConfirmScreen
@@ -7,6 +7,7 @@ from .dashboard import DashboardScreen
 from .details import DetailsScreen
 from .help import HelpScreen
 from .prompt import Conversation, PromptScreen
+from .pull import PullScreen
 
 __all__ = ["ConfigScreen", "ConfirmScreen", "Conversation", "DashboardScreen", "DetailsScreen",
-           "HelpScreen", "PromptScreen"]
+           "HelpScreen", "PromptScreen", "PullScreen"]

@@ -63,11 +63,12 @@ class EventLog(RichLog):
         """Keep `event` if it is worth a line, and write it when the session filter lets it
         through; returns whether it was kept."""
         e: Any = event
-        if e.type == "load_progress":
+        if e.type in ("load_progress", "pull_progress"):
+            key = e.model if e.type == "load_progress" else e.pull_id
             mark = e.percent // PROGRESS_STEP * PROGRESS_STEP
-            if e.percent != 0 and mark <= self._progress.get(e.model, -1):
+            if e.percent != 0 and mark <= self._progress.get(key, -1):
                 return False
-            self._progress[e.model] = mark
+            self._progress[key] = mark
         self._keep(event)
         return True
 
@@ -175,6 +176,20 @@ class EventLog(RichLog):
         elif kind == "notice":
             level = e.level if e.level in ("info", "warning", "error") else "info"
             line.append(e.message, self._style(level))
+        elif kind == "pull_progress":
+            size = f" of {format_bytes(e.total)}" if e.total else ""
+            line.append(f"pulling {e.percent}%", self._style("loading"))
+            line.append(f"  {format_bytes(e.completed)}{size} from {e.source}", self._style("muted"))
+        elif kind == "pull_finished":
+            line.append("pulled" if not e.already else "already pulled", self._style("ready"))
+            line.append(f"  {format_bytes(e.size)} in {', '.join(e.files)}")
+        elif kind == "pull_failed":
+            line.append("pull cancelled" if e.cancelled else f"pull failed: {e.error}",
+                        self._style("warning" if e.cancelled else "error"))
+            if e.partial:
+                line.append(f"  (kept {e.partial}: pulling {e.source} again resumes)", self._style("muted"))
+        elif kind == "removed":
+            line.append(f"removed {', '.join(e.files)}")
         elif kind == "dropped":
             line.append(f"{e.count} event(s) dropped (the console fell behind)",
                         self._style("warning"))
