@@ -47,6 +47,8 @@ log = logging.getLogger("corral.local")
 
 T = TypeVar("T")
 MAX_EMBED_INPUTS = 2048
+CONFIG_SETTLE_S = 0.5  # a watched config file is read once it stayed the same this long
+CONFIG_SETTLE_TRIES = 8
 
 
 class LocalBackend:
@@ -138,8 +140,14 @@ class LocalBackend:
     async def config_versions(self) -> list[ConfigVersion]:
         return self.history.all()
 
-    async def _apply_text(self, text: str | None, source: str, rollback_of: ConfigVersion | None = None) -> ConfigVersion:
-        """On the backend loop, one change at a time: parse, validate, diff, apply, record."""
+    async def _apply_text(self, text: str | None, source: str, rollback_of: ConfigVersion | None = None,
+                          *, watched: bool = False) -> ConfigVersion:
+        """On the backend loop, one change at a time: parse, validate, diff, apply, record.
+
+        `watched`: the file watcher saw it change. Editors and scripts often truncate a file
+        and then write it, or write it in pieces, so the watcher reads it once it has stayed
+        the same for CONFIG_SETTLE_S, and an empty file in place of a non-empty one is not
+        applied from the watcher (a notice says so; `corral reload` applies it on purpose)."""
         assert self._config_lock is not None
         async with self._config_lock:
             try:
@@ -147,7 +155,13 @@ class LocalBackend:
                     raise ConfigError("this backend was started with settings, not a config file: "
                                       "there is nothing to reload")
                 if rollback_of is None:
-                    text = await asyncio.to_thread(self._source.read_text)
+                    text = await (self._settled_text() if watched else asyncio.to_thread(self._source.read_text))
+                if watched and not (text or "").strip() and (self.history.current.text or "").strip():
+                    self.bus.publish(Notice(level="warning", message=(
+                        f"{self._source.file} is empty now: not applied from the file watcher, since a "
+                        "file being rewritten is briefly empty; to apply an empty config on purpose, "
+                        "run `corral reload`")))
+                    return self.history.current
                 new = self._source.parse(text)
                 current = self.history.current
                 diff = diff_settings(current.settings, new)
@@ -166,6 +180,19 @@ class LocalBackend:
                                            actions=tuple(actions)))
             return version
 
+    async def _settled_text(self) -> str | None:
+        """The config file's text once two reads CONFIG_SETTLE_S apart agree (bounded: a file
+        rewritten without pause is taken as last read)."""
+        assert self._source is not None
+        text = await asyncio.to_thread(self._source.read_text)
+        for _ in range(CONFIG_SETTLE_TRIES):
+            await asyncio.sleep(CONFIG_SETTLE_S)
+            again = await asyncio.to_thread(self._source.read_text)
+            if again == text:
+                break
+            text = again
+        return text
+
     async def _watch_config(self, file: Path) -> None:
         """Reload whenever the file changes (editors write, rename or replace it)."""
         import watchfiles
@@ -180,7 +207,7 @@ class LocalBackend:
                                                stop_event=self._stop_watching):
             if changes:
                 with contextlib.suppress(ConfigError):  # already published as config_rejected
-                    await self._apply_text(None, "file change")
+                    await self._apply_text(None, "file change", watched=True)
 
     # -- queries and actions ---------------------------------------------------------------
 

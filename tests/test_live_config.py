@@ -14,7 +14,7 @@ import pytest
 from corral.backend.local import LocalBackend
 from corral.backend.config import config_source
 from corral.backend.errors import ConfigError, NotFound
-from corral.backend.events import ConfigApplied, ConfigRejected
+from corral.backend.events import ConfigApplied, ConfigRejected, Notice
 from corral.backend.records import PriorityGate
 from support import wait_for
 
@@ -136,6 +136,40 @@ def test_a_watched_file_reloads_by_itself(config_file: Callable[..., Path]) -> N
         config_file(keep_alive="7m")
         wait_for(lambda: backend.settings.defaults.keep_alive == 420, what="the watcher's reload")
         assert backend.sync.config_versions()[-1].source == "file change"
+
+
+def test_a_watched_file_emptied_on_its_way_to_new_text_is_never_applied_empty(
+        config_file: Callable[..., Path]) -> None:
+    path = config_file()
+    with LocalBackend(config=config_source(path, env={}), watch_config=True) as backend:
+        backend.sync.models()
+        time.sleep(0.3)  # the watcher is up
+        path.write_text("")  # a writer truncates first
+        wait_for(lambda: any(isinstance(e, Notice) and "is empty now" in e.message for e in backend.bus.recent()),
+                 what="the watcher's notice about the empty file")
+        config_file(keep_alive="7m")  # ... and writes the new text later
+        wait_for(lambda: backend.settings.defaults.keep_alive == 420, what="the watcher's reload")
+        versions = backend.sync.config_versions()
+    assert [v.diff for v in versions[1:]] == [("defaults.keep_alive: -1.0 → 420.0",)]  # no all-defaults version
+
+
+def test_a_watched_file_written_slowly_in_pieces_is_applied_once_whole(config_file: Callable[..., Path]) -> None:
+    path = config_file()
+    whole = path.read_text().replace("keep_alive = '-1'", "keep_alive = '7m'") + "\n[budgets]\nmax_loaded = 7\n"
+    lines = whole.splitlines(keepends=True)
+    pieces = [lines[:3], lines[3:6], lines[6:9], lines[9:]]  # each prefix alone is valid TOML, and wrong
+    with LocalBackend(config=config_source(path, env={}), watch_config=True) as backend:
+        backend.sync.models()
+        time.sleep(0.3)  # the watcher is up
+        with path.open("w") as f:
+            for piece in pieces:
+                f.write("".join(piece))
+                f.flush()
+                time.sleep(0.08)  # longer than the watcher's own grouping of changes, shorter than the settle time
+        wait_for(lambda: backend.settings.budgets.max_loaded == 7, what="the watcher's reload")
+        versions = backend.sync.config_versions()
+    assert len(versions) == 2 and versions[-1].text == whole
+    assert sorted(versions[-1].diff) == ["budgets.max_loaded: 3 → 7", "defaults.keep_alive: -1.0 → 420.0"]
 
 
 def test_two_aliases_share_one_load(backend: LocalBackend, config_file: Callable[..., Path]) -> None:
