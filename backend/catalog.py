@@ -1,4 +1,5 @@
-"""Which models exist: the bundled default, GGUF files in model directories, config entries.
+"""Which models exist: the bundled default, GGUF files in model directories, config entries,
+and other tools' stores (stores.py supplies those).
 
 The catalog only looks at headers (see ggufmeta); it never loads weights. A broken file,
 a missing directory or a name clash never stops a scan: the entry is listed with the reason
@@ -7,11 +8,12 @@ it cannot be used, so the console can show it and a person can fix it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -19,6 +21,7 @@ from typing import Literal
 
 from .errors import ModelFileError, ModelNotFound
 from .ggufmeta import GGUFInfo, read_gguf
+from .snapshot import StoreInfo
 
 log = logging.getLogger("corral.catalog")
 
@@ -52,9 +55,12 @@ KNOWN_ARCHITECTURES: frozenset[str] = frozenset(
 # rest itself, so only the first is a model and it is named without the suffix.
 _SHARD = re.compile(r"^(?P<base>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})$")
 
-Source = Literal["default", "dir", "config"]
-# Winner order for clashing names: a config entry, then the default, then directories.
-_PRECEDENCE: dict[str, int] = {"config": 0, "default": 1, "dir": 2}
+Source = Literal["default", "dir", "config", "ollama", "huggingface", "lmstudio"]
+# Winner order for clashing names: a config entry, then the default, then directories, then
+# the stores in a fixed order: ollama, the Hugging Face cache, LM Studio.
+_PRECEDENCE: dict[str, int] = {"config": 0, "default": 1, "dir": 2, "ollama": 3, "huggingface": 4, "lmstudio": 5}
+# Stores whose names are `owner/repo/file`: the file part alone reaches a model where it is unique.
+_SHORT_NAMED = frozenset({"huggingface", "lmstudio"})
 
 
 @dataclass(frozen=True)
@@ -66,10 +72,19 @@ class CatalogEntry:
     source: Source
     info: GGUFInfo | None
     error: str | None = None
+    digest: str | None = None  # the file's sha256 where its store names blobs by it (no hashing needed)
+    store: StoreInfo | None = None  # what its store keeps beside the file (an ollama manifest)
 
     @property
     def usable(self) -> bool:
         return self.info is not None and self.error is None
+
+    def reread(self) -> CatalogEntry:
+        """This entry with its file's header read again by the scan's rules (the file may have
+        been fixed or replaced since); an entry without a file stays as it is."""
+        if self.path is None:
+            return self
+        return entry_for(self.name, self.path, self.source, digest=self.digest, store=self.store)
 
 
 @functools.cache
@@ -100,11 +115,12 @@ def default_model_path() -> Path:
     return outcome
 
 
-def entry_for(name: str, path: Path, source: Source) -> CatalogEntry:
+def entry_for(name: str, path: Path, source: Source, *, digest: str | None = None,
+              store: StoreInfo | None = None) -> CatalogEntry:
     """Read one file's header and turn any problem into an unusable entry.
 
-    Public so that the manager can re-check a file before loading it (it may have been
-    fixed or replaced since the scan) with the same rules as the scan.
+    Public so that stores list their files by the same rules, and the manager can re-check a
+    file before loading it (`CatalogEntry.reread`).
     """
     try:
         info = read_gguf(path)
@@ -112,11 +128,17 @@ def entry_for(name: str, path: Path, source: Source) -> CatalogEntry:
         reason = exc.reason
         if source == "config" and reason == "file not found":
             reason = f"file not found: {path} — fix the path in the config"
-        return CatalogEntry(name, path, source, None, reason)
+        return CatalogEntry(name, path, source, None, reason, digest, store)
     if info.architecture not in KNOWN_ARCHITECTURES:
         reason = f"architecture {info.architecture!r} is not supported by this llama.cpp"
-        return CatalogEntry(name, path, source, info, reason)
-    return CatalogEntry(name, path, source, info)
+        return CatalogEntry(name, path, source, info, reason, digest, store)
+    return CatalogEntry(name, path, source, info, None, digest, store)
+
+
+def is_projector(path: Path, info: GGUFInfo | None) -> bool:
+    """A multimodal projector (`mmproj-*.gguf`, architecture clip) is part of a vision model, not
+    a model: folder and store scans leave it out."""
+    return path.name.lower().startswith("mmproj") or (info is not None and info.architecture == "clip")
 
 
 def _gguf_files(model_dir: Path) -> Iterator[Path]:
@@ -149,7 +171,7 @@ def _gguf_files(model_dir: Path) -> Iterator[Path]:
             log.warning("cannot list %s: %s; skipping it", sub, exc)
 
 
-def _model_name(path: Path) -> str | None:
+def file_model_name(path: Path) -> str | None:
     """The catalog name of a file: its lowercased stem; None for a non-first shard."""
     stem = path.stem.lower()
     shard = _SHARD.match(stem)
@@ -173,12 +195,19 @@ class Catalog:
         model_dirs: Sequence[Path] = (),
         explicit: Mapping[str, Path] = MappingProxyType({}),
         include_default: bool = True,
+        stores: Callable[[], Iterable[CatalogEntry]] | None = None,
     ) -> None:
+        """`stores` lists the models of other tools' stores, in the clash rule's order, at
+        every scan (stores.scan_stores)."""
         self._model_dirs = [Path(d).expanduser() for d in model_dirs]
         self._explicit = {name: Path(p).expanduser() for name, p in explicit.items()}
         self._include_default = include_default
+        self._stores = stores
         self._lock = threading.Lock()
         self._entries: list[CatalogEntry] | None = None
+        self._short: dict[str, str] = {}  # short name → the name it reaches
+        self._short_of: dict[str, str] = {}  # and back
+        self._losers: dict[str, list[CatalogEntry]] = {}  # name → the entries that lost its clash
 
     def refresh(self) -> list[CatalogEntry]:
         """Rescan every source; never raises for a bad file or directory."""
@@ -187,19 +216,28 @@ class Catalog:
         ]
         if self._include_default:
             candidates.append(self._default_entry())
-        listed = {_resolved(c.path) for c in candidates if c.path is not None}
+        listed = {_resolved(c.path): c.source for c in candidates if c.path is not None}
         for model_dir in self._model_dirs:
             for path in _gguf_files(model_dir):
-                name = _model_name(path)
+                name = file_model_name(path)
                 # The same file reached twice (an explicit entry, overlapping dirs) is
                 # one model, not a clash.
                 if name is None or _resolved(path) in listed:
                     continue
-                listed.add(_resolved(path))
-                candidates.append(entry_for(name, path, "dir"))
+                entry = entry_for(name, path, "dir")
+                if not is_projector(path, entry.info):
+                    listed[_resolved(path)] = "dir"
+                    candidates.append(entry)
+        for entry in self._stores() if self._stores is not None else ():
+            # A store file another source lists already is that model; files one store lists
+            # twice (ollama tags sharing a blob, each with its own manifest) are models each.
+            where = listed.setdefault(_resolved(entry.path), entry.source) if entry.path else entry.source
+            if where == entry.source:
+                candidates.append(entry)
 
         winners: dict[str, CatalogEntry] = {}
         entries: list[CatalogEntry] = []
+        losers: dict[str, list[CatalogEntry]] = {}
         for cand in sorted(candidates, key=lambda c: _PRECEDENCE[c.source]):
             winner = winners.get(cand.name)
             if winner is None:
@@ -207,20 +245,17 @@ class Catalog:
                 entries.append(cand)
                 continue
             where = f" ({winner.path})" if winner.path else ""
-            entries.append(
-                CatalogEntry(
-                    cand.name,
-                    cand.path,
-                    cand.source,
-                    cand.info,
-                    f"name {cand.name!r} is already used by the {winner.source} model{where}; "
-                    "give this file a distinct name with a [[models]] entry in the config",
-                )
-            )
+            loser = dataclasses.replace(
+                cand, error=f"name {cand.name!r} is already used by the {winner.source} model{where}; "
+                            "give this file a distinct name with a [[models]] entry in the config")
+            entries.append(loser)
+            losers.setdefault(cand.name, []).append(loser)
         # Stable sort: within a name the winner stays first.
         entries.sort(key=lambda e: e.name)
+        short = _short_names(winners)
         with self._lock:
-            self._entries = entries
+            self._entries, self._short, self._losers = entries, short, losers
+            self._short_of = {full: name for name, full in short.items()}
         return list(entries)
 
     def _default_entry(self) -> CatalogEntry:
@@ -237,12 +272,40 @@ class Catalog:
         return list(entries) if entries is not None else self.refresh()
 
     def get(self, name: str) -> CatalogEntry:
-        """The entry that owns `name` (usable or not); ModelNotFound lists the known names."""
-        for entry in self.entries():
+        """The entry that owns `name` or the short name `name` (usable or not); ModelNotFound
+        lists the known names."""
+        entries = self.entries()
+        name = self.canonical(name)
+        for entry in entries:
             if entry.name == name:
                 return entry
         raise ModelNotFound(name, self.names())
 
+    def canonical(self, name: str) -> str:
+        """The name `name` stands for after the last scan: a short name's full name, else itself."""
+        with self._lock:
+            return self._short.get(name, name)
+
+    def losers(self, name: str) -> list[CatalogEntry]:
+        """The entries that lost the clash for `name` at the last scan, listed unusable."""
+        with self._lock:
+            return list(self._losers.get(name, ()))
+
+    def short_name(self, name: str) -> str | None:
+        """The short name that reaches model `name`, if it has one."""
+        with self._lock:
+            return self._short_of.get(name)
+
     def names(self) -> list[str]:
         """Every distinct model name, sorted."""
         return sorted({entry.name for entry in self.entries()})
+
+
+def _short_names(winners: Mapping[str, CatalogEntry]) -> dict[str, str]:
+    """Short names of `owner/repo/file` store models: the file part, where no model is named
+    it and no other such model ends with it (a name must never reach two models)."""
+    parts: dict[str, list[str]] = {}
+    for name, entry in winners.items():
+        if entry.source in _SHORT_NAMED and "/" in name:
+            parts.setdefault(name.rsplit("/", 1)[1], []).append(name)
+    return {short: names[0] for short, names in parts.items() if len(names) == 1 and short not in winners}

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       ValidationInfo, field_validator, model_validator)
@@ -67,9 +67,32 @@ def parse_gpu_layers(value: Any) -> int | str:
                      "(0 = CPU, -1 = every layer)")
 
 
+_SWITCHES: dict[str, bool | str] = {"auto": "auto", "on": True, "true": True, "yes": True, "1": True,
+                                    "off": False, "false": False, "no": False, "0": False}
+
+
+def parse_store_switch(value: Any) -> bool | str | Path:
+    """A `[stores]` value: true/"on", false/"off", "auto", or the absolute path of the store's
+    folder (`~` allowed). A relative path is refused: it would depend on where corral starts,
+    and it is more often a misspelt switch ("of") than a folder."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (str, Path)):
+        text = str(value).strip()
+        switch = _SWITCHES.get(text.lower())
+        if switch is not None:
+            return switch
+        path = Path(text).expanduser()
+        if text and path.is_absolute():
+            return path
+    raise ValueError('must be true (on), false (off), "auto" (on where its folder exists) or the absolute '
+                     'path of its folder, e.g. "~/.ollama/models"')
+
+
 Bytes = Annotated[int, BeforeValidator(parse_bytes)]
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 GPULayers = Annotated[int | str, BeforeValidator(parse_gpu_layers)]
+StoreSwitch = Annotated[bool | Literal["auto"] | Path, BeforeValidator(parse_store_switch)]
 
 
 class _Strict(BaseModel):
@@ -212,6 +235,19 @@ class CacheSettings(_Strict):
         return self.soft_ttl if self.soft_ttl > 0 else None
 
 
+class StoresSettings(_Strict):
+    """Other tools' model stores, read where they are (stores.py); each is on, off, "auto" (on
+    where its folder exists) or the path of its folder."""
+
+    ollama: StoreSwitch = Field("auto", description="$OLLAMA_MODELS, else ~/.ollama/models, else "
+                                                    "/usr/share/ollama/.ollama/models")
+    huggingface: StoreSwitch = Field("auto", description="$HF_HUB_CACHE, else $HF_HOME/hub, else "
+                                                         "$XDG_CACHE_HOME/huggingface/hub, else "
+                                                         "~/.cache/huggingface/hub")
+    lmstudio: StoreSwitch = Field("auto", description="models/ in the folder ~/.lmstudio-home-pointer names, "
+                                                      "else ~/.lmstudio/models, else ~/.cache/lm-studio/models")
+
+
 KEY_SPEC = re.compile(r"[^\s,]+(\s*,\s*[^\s,]+)*")
 
 
@@ -247,6 +283,7 @@ class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     cache: CacheSettings = CacheSettings()
     console: ConsoleSettings = ConsoleSettings()
+    stores: StoresSettings = StoresSettings()
     models: list[ModelConfig] = Field(default_factory=list)
     aliases: list[AliasConfig] = Field(default_factory=list, alias="alias")
 
@@ -279,14 +316,15 @@ class Settings(_Strict):
     def model_config_for(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 
-    def effective(self, name: str) -> ModelDefaults:
-        """Defaults with the model's own overrides applied."""
+    def effective(self, name: str, store: Mapping[str, Any] | None = None) -> ModelDefaults:
+        """Defaults, then what the model's store gives (`store`: an ollama manifest's num_ctx as
+        n_ctx), then the model's own [[models]] overrides."""
         entry = self.model_config_for(name)
-        if entry is None:
-            return self.defaults
-        overrides = {k: v for k, v in entry.model_dump().items()
-                     if k in ModelDefaults.model_fields and v is not None}
-        return self.defaults.model_copy(update=overrides)
+        overrides = {k: v for k, v in (store or {}).items() if k in ModelDefaults.model_fields}
+        if entry is not None:
+            overrides.update({k: v for k, v in entry.model_dump().items()
+                              if k in ModelDefaults.model_fields and v is not None})
+        return self.defaults.model_copy(update=overrides) if overrides else self.defaults
 
 
 ENV_PREFIX = "CORRAL_"
@@ -301,6 +339,9 @@ _ENV_KEYS = {
     "KEEP_ALIVE": ("defaults.keep_alive", str),
     "PRELOAD": ("preload", lambda v: [p for p in v.split(",") if p]),
     "API_KEY": ("server.api_key", str),
+    "STORES_OLLAMA": ("stores.ollama", str),
+    "STORES_HUGGINGFACE": ("stores.huggingface", str),
+    "STORES_LMSTUDIO": ("stores.lmstudio", str),
 }
 
 

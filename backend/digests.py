@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import ModelFileError
 from .files import write_atomic
 from .ggufmeta import Scalar, read_gguf
-from .snapshot import ModelDetails
+from .snapshot import ModelDetails, StoreInfo
 
 log = logging.getLogger("corral.digests")
 
@@ -102,9 +102,11 @@ def _hash(path: str) -> str:
 
 
 def describe(name: str, path: Path | None, digests: Digests, *, n_ctx: int, chat_template: str | None,
-             alias_of: str | None = None) -> ModelDetails:
+             alias_of: str | None = None, source: str | None = None, known_digest: str | None = None,
+             store: StoreInfo | None = None) -> ModelDetails:
     """The details of the model file at `path` under `name`; what cannot be read (a missing or
-    broken file) is None, so a broken model can still be described."""
+    broken file) is None, so a broken model can still be described. A `known_digest` its store
+    already names the file by (ollama's and Hugging Face's blobs) spares hashing it."""
     info, size, modified, digest = None, None, None, None
     if path is not None:
         try:
@@ -113,7 +115,7 @@ def describe(name: str, path: Path | None, digests: Digests, *, n_ctx: int, chat
             log.info("details of %s: %s", name, exc)
         try:
             st = path.stat()
-            size, modified, digest = st.st_size, st.st_mtime, digests.sha256(path)
+            size, modified, digest = st.st_size, st.st_mtime, known_digest or digests.sha256(path)
         except OSError as exc:
             log.info("details of %s: cannot read %s: %s", name, path, exc)
     return ModelDetails(
@@ -122,7 +124,7 @@ def describe(name: str, path: Path | None, digests: Digests, *, n_ctx: int, chat
         quantization=info.file_type if info else None, context_length=info.context_length if info else None,
         n_ctx=n_ctx, chat_template=chat_template,
         metadata={k: _json_safe(v) for k, v in info.metadata.items() if k not in _HIDDEN_KEYS} if info else {},
-        alias_of=alias_of,
+        alias_of=alias_of, source=source, store=store,
     )
 
 

@@ -99,12 +99,12 @@ def tables(obj: Any) -> list[Table]:
 
 def model_table(models: Iterable[ModelInfo]) -> Table:
     """One row a model: what `corral models` and the console's models table show."""
-    rows = tuple((m.name, m.state if m.usable else f"unusable: {m.error}", m.architecture or "-",
+    rows = tuple((m.name, m.source, m.state if m.usable else f"unusable: {m.error}", m.architecture or "-",
                   m.quantization or "-", _millions(m.parameters), format_bytes(m.file_size), str(m.n_ctx),
                   _memory(m), str(m.in_flight), _number(m.tokens_per_s or None, "{:.1f}"),
                   "yes" if m.pinned else "")
                  for m in models)
-    return Table(("model", "state", "arch", "quant", "params", "size", "n_ctx", "memory", "in flight",
+    return Table(("model", "source", "state", "arch", "quant", "params", "size", "n_ctx", "memory", "in flight",
                   "tok/s", "pinned"), rows, "models")
 
 
@@ -120,6 +120,8 @@ def model_details(model: ModelInfo) -> Table:
             ("chat template", model.chat_template or "-")]
     if model.alias_of:
         rows.append(("alias of", model.alias_of))
+    if model.short_name:
+        rows.append(("short name", model.short_name))
     if model.error:
         rows.append(("error", model.error))
     return Table(("field", "value"), tuple(rows), model.name)

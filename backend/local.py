@@ -27,7 +27,7 @@ from .digests import Digests, describe
 from .errors import BadRequest, ConfigError
 from .files import write_atomic
 from .events import ConfigApplied, ConfigRejected, Event, EventBus, Notice, RequestFinished
-from .generation import Chunk, Embeddings, Grammar, SamplingParams, sampling_params
+from .generation import Chunk, Embeddings, Grammar, SamplingFields, SamplingParams, sampling_params
 from .protocol import LoopThread, SyncBackend
 from .pull.record import PullRecord
 from .pull.registry import Pulls
@@ -35,11 +35,12 @@ from .pull.status import PullStatus
 from .rendering import cache_payload, check_request, prepare
 from .request import GenerationRequest, Message, chat_request, completion_request
 from .respcache import BYPASS, MISS, STALE, CacheKey, Lookup, ResponseCache, model_fingerprint, relay, request_key
-from .snapshot import ModelDetails, ModelInfo, Status
+from .snapshot import ModelDetails, ModelInfo, Status, StoreInfo
 from .telemetry import Telemetry
 from .versions import ConfigHistory, ConfigVersion, diff_settings
 
 if TYPE_CHECKING:
+    from .catalog import CatalogEntry
     from .manager import Manager
     from .records import Lease
 
@@ -231,17 +232,18 @@ class LocalBackend:
         """The facts of `name`'s file (header, size, sha256), read and hashed off the loops; an
         alias describes its base model's file. ModelNotFound for a name the catalog lacks."""
         await self.ready()
-        path, n_ctx, template, alias_of = await self._call(_sync_value(lambda: self._file_of(name)))
-        return await asyncio.to_thread(describe, name, path, self.digests, n_ctx=n_ctx,
-                                       chat_template=template, alias_of=alias_of)
+        entry, n_ctx, template, alias_of = await self._call(_sync_value(lambda: self._file_of(name)))
+        return await asyncio.to_thread(describe, name, entry.path, self.digests, n_ctx=n_ctx,
+                                       chat_template=template, alias_of=alias_of, source=entry.source,
+                                       known_digest=entry.digest, store=entry.store)
 
-    def _file_of(self, name: str) -> tuple[Path | None, int, str | None, str | None]:
-        """On the backend loop: the model's file, its n_ctx, the template its chats take from
-        config or GGUF, and the base model of an alias."""
+    def _file_of(self, name: str) -> tuple[CatalogEntry, int, str | None, str | None]:
+        """On the backend loop: the model's catalog entry, its n_ctx, the template its chats take
+        from config or GGUF, and the base model of an alias."""
         record, alias = self.manager.record(name), self.manager.alias(name)
         info = record.entry.info
         template = record.own_template(info.chat_template if info else None)
-        return record.entry.path, record.settings.n_ctx, template, alias.model if alias else None
+        return record.entry, record.settings.n_ctx, template, alias.model if alias else None
 
     async def evict(self, name: str, *, force: bool = False) -> ModelInfo:
         await self.ready()
@@ -324,10 +326,22 @@ class LocalBackend:
         the loop), and resolve it against the config of the moment."""
         request.validate()
         grammar = await asyncio.to_thread(check_request, request)
+        await self.ready()  # the catalog is scanned: names resolve and stores' defaults are known
+        request = replace(request, model=self._canonical(request.model))
         params = sampling_params(self._with_defaults(request.model, request.options))
         if request.messages is not None:
             request = replace(request, messages=self._with_system(request.model, request.messages))
         return _Plan(request, params, grammar)
+
+    def _canonical(self, model: str) -> str:
+        """The catalog's name for `model`: a store model's short name becomes its full name, so
+        config, defaults and the response cache see one name. An alias keeps its own."""
+        return model if self.settings.alias_for(model) else self.manager.catalog.canonical(model)
+
+    def _store_of(self, model: str) -> StoreInfo | None:
+        """What `model`'s store keeps beside its file (an ollama manifest's defaults and system)."""
+        entry = next((e for e in self.manager.catalog.entries() if e.name == model), None)
+        return entry.store if entry is not None else None
 
     # -- the response cache ----------------------------------------------------------------
 
@@ -367,7 +381,7 @@ class LocalBackend:
         entry = next((e for e in self.manager.catalog.entries() if e.name == base), None)
         if entry is None or not entry.usable or entry.path is None:
             return None  # the lease reports an unknown or broken model with its proper error
-        fingerprint = model_fingerprint(settings, base, entry.path)
+        fingerprint = model_fingerprint(settings, base, entry.path, entry.store.defaults if entry.store else None)
         return request_key(request.model, fingerprint, request.kind, cache_payload(request), plan.params)
 
     async def _decode(self, plan: _Plan, request_id: str | None = None) -> AsyncGenerator[Chunk, None]:
@@ -453,20 +467,26 @@ class LocalBackend:
         return Embeddings(vectors, tokens)
 
     def _with_defaults(self, model: str, options: dict[str, Any]) -> dict[str, Any]:
-        """The request's options over the alias's defaults over the model's (config `params`),
-        read from the settings current as the request starts."""
+        """The request's options over the alias's defaults over the model's (config `params`)
+        over its store's (an ollama manifest's params), read from the settings current as the
+        request starts."""
         settings = self.settings
         alias = settings.alias_for(model)
-        entry = settings.model_config_for(alias.model if alias else model)
-        defaults = {**(entry.params.options() if entry else {}), **(alias.params.options() if alias else {})}
+        base = alias.model if alias else model
+        entry, store = settings.model_config_for(base), self._store_of(base)
+        defaults = {**{k: v for k, v in (store.defaults if store else {}).items() if k in SamplingFields.model_fields},
+                    **(entry.params.options() if entry else {}), **(alias.params.options() if alias else {})}
         return {**defaults, **{k: v for k, v in options.items() if v is not None}}
 
     def _with_system(self, model: str, messages: tuple[Message, ...]) -> tuple[Message, ...]:
-        """An alias's system prompt leads a chat that brings none of its own."""
+        """An alias's system prompt, else the model's store's (an ollama manifest's system
+        layer), leads a chat that brings none of its own."""
         alias = self.settings.alias_for(model)
-        if alias is None or alias.system is None or any(m.role == "system" for m in messages):
+        store = self._store_of(alias.model if alias else model)
+        system = alias.system if alias is not None and alias.system is not None else store.system if store else None
+        if system is None or any(m.role == "system" for m in messages):
             return messages
-        return (Message("system", alias.system), *messages)
+        return (Message("system", system), *messages)
 
     def _lease(self, model: str, keep_alive: float | str | None) -> _LeaseScope:
         return _LeaseScope(self, model, keep_alive)

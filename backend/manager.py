@@ -19,8 +19,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from .catalog import Catalog, CatalogEntry, entry_for
-from .config import AliasConfig, ConfigError, ModelDefaults, Settings, catalog_dirs, default_pull_dir, parse_duration
+from .catalog import Catalog, CatalogEntry
+from .config import AliasConfig, ConfigError, ModelDefaults, Settings, default_pull_dir, parse_duration
 from .engine import ContextSettings, Engine
 from .errors import (BadRequest, BudgetExceeded, CorralError, IllegalTransition, LoadFailed, ModelBusy,
                      ModelNotFound, ModelPinned, ModelUnusable)
@@ -29,11 +29,11 @@ from .events import (EventBus, LoadProgress, ModelLoaded, Notice, PinChanged, Re
 from .ggufmeta import GGUFInfo
 from .kvstore import PrefixStore
 from .memory import MemoryEstimate, default_ram_budget, estimate, format_bytes, process_rss, return_free_memory
-from .reconfig import Reconfiguration
+from .reconfig import Reconfiguration, catalog_for
 from .warmstate import WarmState
 from .records import ALLOWED, COMPLETED, RESIDENT, Lease, PriorityGate, Record, RequestSample, State
 from .placement import GPURoom, Placement, eviction_target, fewer_layers, gpu_oom_line, plan
-from .snapshot import ModelInfo
+from .snapshot import ModelInfo, NameClash
 from .telemetry import Telemetry, physical_cores
 from .weights import ModelWeights
 
@@ -63,9 +63,7 @@ class Manager(Reconfiguration):
         self.settings = settings
         self.bus = bus
         self.telemetry = telemetry or Telemetry()
-        self.catalog = catalog or Catalog(
-            catalog_dirs(settings), {m.name: m.path for m in settings.models}, settings.include_default_model
-        )
+        self.catalog = catalog or catalog_for(settings)
         self.ram_budget = settings.budgets.ram_bytes or default_ram_budget(settings.budgets.ram_fraction)
         self._records: dict[str, Record] = {}
         self._aliases: dict[str, AliasConfig] = {}
@@ -148,10 +146,14 @@ class Manager(Reconfiguration):
                 self._records[entry.name] = self._new_record(entry)
             elif record.state in (State.AVAILABLE, State.FAILED):
                 record.entry = entry
+                record.settings = self._settings_for(entry)  # a store's defaults may have changed
                 record.estimate = self._estimate(entry, record.settings)
 
+    def _settings_for(self, entry: CatalogEntry) -> ModelDefaults:
+        return self.settings.effective(entry.name, entry.store.defaults if entry.store else None)
+
     def _new_record(self, entry: CatalogEntry) -> Record:
-        settings = self.settings.effective(entry.name)
+        settings = self._settings_for(entry)
         explicit = self.settings.model_config_for(entry.name)
         record = Record(entry=entry, settings=settings, pinned=bool(explicit and explicit.pinned),
                         estimate=self._estimate(entry, settings), priority=explicit.priority if explicit else 0)
@@ -206,9 +208,10 @@ class Manager(Reconfiguration):
     # -- queries ---------------------------------------------------------------------------
 
     def record(self, name: str) -> Record:
-        """The model called `name`; for an alias, its base model (they share one load)."""
+        """The model called `name` (or its short name); for an alias, its base model (they
+        share one load)."""
         alias = self._aliases.get(name)
-        record = self._records.get(alias.model if alias else name)
+        record = self._records.get(alias.model if alias else self.catalog.canonical(name))
         if record is None:
             raise ModelNotFound(name, [*self._records, *self._aliases])
         return record
@@ -218,7 +221,8 @@ class Manager(Reconfiguration):
 
     def models(self) -> list[ModelInfo]:
         infos = [self.info(r) for r in self._records.values()]
-        infos += [dataclasses.replace(self.info(self._records[a.model]), name=a.name, source="alias", alias_of=a.model)
+        infos += [dataclasses.replace(self.info(self._records[a.model]), name=a.name, source="alias", alias_of=a.model,
+                                      short_name=None, clashes=())
                   for a in self._aliases.values() if a.model in self._records]
         return sorted(infos, key=lambda info: info.name)
 
@@ -251,6 +255,9 @@ class Manager(Reconfiguration):
                 None if meta is None else False),  # None: no header read yet, so unknown
             oldest_wait_s=load.oldest_wait_s if load and load.queued else 0.0,
             requests=r.percentiles(), priority=r.priority, load_position=self._load_position(r.name),
+            short_name=self.catalog.short_name(r.name), store=r.entry.store,
+            clashes=tuple(NameClash(e.source, str(e.path) if e.path else None, e.error or "")
+                          for e in self.catalog.losers(r.name)),
             **_placement_fields(r),
         )
 
@@ -319,7 +326,8 @@ class Manager(Reconfiguration):
             started, rss_before = time.perf_counter(), process_rss()
             try:
                 if info is None:
-                    raise ModelUnusable(f"model {r.name!r} ({r.entry.path}): {r.entry.error}; fix or "
+                    where = f" ({r.entry.path})" if r.entry.path else ""
+                    raise ModelUnusable(f"model {r.name!r}{where}: {r.entry.error}; fix or "
                                         "replace the file (or its [[models]] entry), then load it again")
                 engine = await self._open_placed(r)
             except CorralError as exc:
@@ -345,8 +353,8 @@ class Manager(Reconfiguration):
     def _check_file(self, r: Record) -> GGUFInfo | None:
         """Re-read the header (cached by mtime): the file may have been fixed, replaced or
         removed since the scan. Returns the header when the model is usable."""
-        if r.entry.path is not None and (r.entry.info is None or r.entry.error is None):
-            r.entry = entry_for(r.name, r.entry.path, r.entry.source)
+        if r.entry.info is None or r.entry.error is None:
+            r.entry = r.entry.reread()
         return r.entry.info if r.entry.usable else None
 
     def _fail(self, r: Record, message: str) -> None:

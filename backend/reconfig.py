@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import TYPE_CHECKING
 
 from .catalog import Catalog
@@ -16,6 +17,7 @@ from .errors import CorralError, ModelBusy
 from .events import Notice, PinChanged
 from .memory import default_ram_budget, format_bytes
 from .records import Record, State
+from .stores import scan_stores
 
 if TYPE_CHECKING:
     from .manager import Manager
@@ -35,7 +37,7 @@ class Reconfiguration:
         old = self.settings
         catalog = self.catalog
         if _catalog_sources(new) != _catalog_sources(old):
-            catalog = Catalog(catalog_dirs(new), {m.name: m.path for m in new.models}, new.include_default_model)
+            catalog = catalog_for(new)
         entries = await asyncio.to_thread(catalog.refresh)  # one scan: it checks aliases and is adopted
         names = sorted({entry.name for entry in entries})
         for alias in new.aliases:
@@ -69,7 +71,8 @@ class Reconfiguration:
                               f"(known: {', '.join(names) or 'none'}); fix `model` or add the model")
 
     def _reconfigure(self: Manager, r: Record, old: Settings, new: Settings) -> list[str]:
-        settings = new.effective(r.name)
+        store = self.catalog.get(r.name).store
+        settings = new.effective(r.name, store.defaults if store else None)
         entry, old_entry = new.model_config_for(r.name), old.model_config_for(r.name)
         template = ((entry.chat_format if entry else None) or settings.chat_format,
                     entry.chat_template if entry else None)
@@ -133,6 +136,13 @@ class Reconfiguration:
         return [f"{r.name}: no longer configured; unloading once its requests finish"]
 
 
+def catalog_for(settings: Settings) -> Catalog:
+    """The catalog `settings` describe: config entries, the default, model folders (the pull
+    folder among them), stores."""
+    return Catalog(catalog_dirs(settings), {m.name: m.path for m in settings.models}, settings.include_default_model,
+                   stores=functools.partial(scan_stores, settings.stores.model_dump()))
+
+
 def _catalog_sources(settings: Settings) -> tuple[object, ...]:
     return (tuple(settings.model_dirs), tuple((m.name, m.path) for m in settings.models),
-            settings.include_default_model)
+            settings.include_default_model, settings.stores)

@@ -25,7 +25,7 @@ import json
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -52,10 +52,11 @@ class CacheKey:
     digest: str
 
 
-def model_fingerprint(settings: Settings, name: str, path: Path) -> str:
+def model_fingerprint(settings: Settings, name: str, path: Path, store: Mapping[str, Any] | None = None) -> str:
     """What makes `name`'s answers what they are: its `[[models]]` entry, its effective settings
-    and its file. Computed per request from the settings of the moment, so a reloaded config
-    takes effect at once. Blocking: it stats the file."""
+    (`store`: its store's defaults among them) and its file. Computed per request from the
+    settings of the moment, so a reloaded config takes effect at once. Blocking: it stats the
+    file."""
     entry = settings.model_config_for(name)
     try:
         st = path.stat()
@@ -63,7 +64,7 @@ def model_fingerprint(settings: Settings, name: str, path: Path) -> str:
     except OSError:  # the load will report it; the key just must not match an older file
         file = [str(path), None, None]
     return _digest({"entry": entry.model_dump(mode="json") if entry is not None else None,
-                    "effective": settings.effective(name).model_dump(mode="json"), "file": file})
+                    "effective": settings.effective(name, store).model_dump(mode="json"), "file": file})
 
 
 def request_key(model: str, fingerprint: str, kind: str, payload: str | list[dict[str, Any]],

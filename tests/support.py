@@ -168,12 +168,12 @@ class Server:
 
 
 def start_server(root: Path, config: Path, *, api_key: str | None = None, grace: float = 1.0, port: int = 0,
-                 timeout: float = 60.0, extra: tuple[str, ...] = ()) -> Server:
+                 timeout: float = 60.0, extra: tuple[str, ...] = (), env: Mapping[str, str] | None = None) -> Server:
     """Start `corral serve` on 127.0.0.1 (`port` 0: a free one) with `root` as its home and
-    working folder (so its state file is its own), and wait for its listening line and a 200
-    from /health."""
+    working folder (so its state file is its own) and `env` added to its environment, and wait
+    for its listening line and a 200 from /health."""
     root.mkdir(parents=True, exist_ok=True)
-    env = clean_env(HOME=str(root), XDG_STATE_HOME=str(root / ".local" / "state"))
+    env = clean_env(HOME=str(root), XDG_STATE_HOME=str(root / ".local" / "state"), **(env or {}))
     if api_key:
         env["CORRAL_API_KEY"] = api_key  # the environment, not argv: keys must not show in `ps`
     stdout, stderr = root / "stdout.txt", root / "stderr.txt"

@@ -240,6 +240,8 @@ async def models(request: Request) -> dict[str, Any]:
 
 
 async def model(request: Request, name: str) -> dict[str, Any]:
-    if name not in await _usable(request):
+    """One model's card, by its name or its short name (a store model's file part)."""
+    usable = [m for m in await state_of(request).backend.models() if m.usable]
+    if not any(name in (m.name, m.short_name) for m in usable):
         raise NotFound(f"model {name!r} does not exist or cannot be used; GET /v1/models lists the models")
     return openai.model_card(name)

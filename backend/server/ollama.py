@@ -52,7 +52,9 @@ def model_name(wire: str) -> str:
 
 
 def tagged(name: str) -> str:
-    return name if ":" in name else f"{name}:latest"
+    """The name with ollama's tag: `:latest` where its last part has none (a registry's port,
+    as in `localhost:5000/model`, is not a tag)."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
 def timestamp(unix: float | None = None) -> str:
@@ -446,9 +448,11 @@ def details(d: ModelDetails) -> dict[str, Any]:
 
 
 def tag(d: ModelDetails) -> dict[str, Any]:
-    """One model of `/api/tags`."""
+    """One model of `/api/tags`; `corral` says where the model's file is and which source
+    (a folder, the config, ollama's or another tool's store) listed it."""
     return {"name": tagged(d.name), "model": tagged(d.name), "modified_at": timestamp(d.modified_at or 0),
-            "size": d.file_size or 0, "digest": d.digest or "", "details": details(d)}
+            "size": d.file_size or 0, "digest": d.digest or "", "details": details(d),
+            "corral": {"source": d.source, "path": d.path}}
 
 
 def running(info: ModelInfo, d: ModelDetails) -> dict[str, Any]:
@@ -473,7 +477,20 @@ def capabilities(d: ModelDetails) -> list[str]:
 
 
 def show(d: ModelDetails) -> dict[str, Any]:
-    return {"license": str(d.metadata.get("general.license", "")),
-            "modelfile": f"# corral serves this model from its GGUF file\nFROM {d.path or ''}\n",
-            "parameters": "", "template": d.chat_template or "", "details": details(d), "model_info": d.metadata,
-            "capabilities": capabilities(d), "modified_at": timestamp(d.modified_at or 0)}
+    """`/api/show`. The template is the one corral renders chats with (the GGUF's, or config's);
+    a model from ollama's store also shows its manifest's parameters and system prompt."""
+    answer = {"license": str(d.metadata.get("general.license", "")),
+              "modelfile": f"# corral serves this model from its GGUF file\nFROM {d.path or ''}\n",
+              "parameters": _parameters(d.store.params) if d.store else "", "template": d.chat_template or "",
+              "details": details(d), "model_info": d.metadata, "capabilities": capabilities(d),
+              "modified_at": timestamp(d.modified_at or 0)}
+    if d.store is not None and d.store.system:
+        answer["system"] = d.store.system
+    return answer
+
+
+def _parameters(params: dict[str, Any]) -> str:
+    """A params layer as ollama's show prints it: one `name value` line per value, strings quoted."""
+    values = [(name, item) for name, value in params.items()
+              for item in (value if isinstance(value, list) else [value])]
+    return "\n".join(f"{name:<30} {json.dumps(item) if isinstance(item, str) else item}" for name, item in values)

@@ -1,5 +1,6 @@
-"""A model's details: its metadata, memory estimate next to the measured figure, load time,
-and the TTFT / latency percentiles of its recent requests.
+"""A model's details: its metadata, where it came from (a folder, the config, another tool's
+store, with what that store gives beside the file), memory estimate next to the measured
+figure, load time, and the TTFT / latency percentiles of its recent requests.
 
 A modal over the dashboard that redraws from the app's `status_signal`, so the figures move
 while it is open (a load finishing, requests coming in) without a call of its own.
@@ -46,6 +47,7 @@ def metadata_rows(m: ModelInfo) -> list[tuple[str, str]]:
         ("state", state_label(m) + ("  (pinned)" if m.pinned else "")),
         ("file", m.path or NA),
         ("source", f"alias of {m.alias_of}" if m.alias_of else m.source),
+        *([("short name", m.short_name)] if m.short_name else []),
         ("architecture", m.architecture or NA),
         ("parameters", format_count(m.parameters)),
         ("quantization", m.quantization or NA),
@@ -57,7 +59,23 @@ def metadata_rows(m: ModelInfo) -> list[tuple[str, str]]:
     ]
     if m.error:
         rows.append(("error", m.error))
+    rows += [("not used", f"{clash.source} {clash.path or NA}: {clash.reason}") for clash in m.clashes]
     return rows
+
+
+def store_rows(m: ModelInfo) -> list[tuple[str, str]]:
+    """What the model's store keeps beside its file (an ollama manifest): its params, the
+    defaults corral takes from them, its system prompt and its prompt template (shown; chats
+    use the GGUF's)."""
+    store = m.store
+    if store is None:
+        return []
+
+    def listed(values: dict[str, object]) -> str:
+        return ", ".join(f"{key} {value}" for key, value in values.items()) or "none"
+
+    return [("manifest", store.manifest), ("params", listed(store.params)), ("defaults", listed(store.defaults)),
+            ("system prompt", store.system or "none"), ("template", store.template or "none")]
 
 
 def memory_rows(m: ModelInfo) -> list[tuple[str, str]]:
@@ -95,8 +113,10 @@ def details_table(m: ModelInfo) -> Table:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
-    for title, rows in (("model", metadata_rows(m)), ("memory", memory_rows(m)),
+    for title, rows in (("model", metadata_rows(m)), ("store", store_rows(m)), ("memory", memory_rows(m)),
                         ("recent requests", request_rows(m.requests))):
+        if not rows:
+            continue
         table.add_row(Text(title, style="underline"), "")
         for label, value in rows:
             table.add_row(label, Text(value))

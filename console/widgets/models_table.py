@@ -6,8 +6,9 @@ are keyed by model name, so the cursor stays on the same model when rows come an
 States are coloured through component classes that app.tcss styles with theme variables.
 
 An alias (a virtual model over a base model's weights) is a row of its own, named
-`alias → base`, that mirrors its base's state; a load waiting behind another load shows as
-`waiting #N`, N being its place in the line.
+`alias → base`, that mirrors its base's state; a model read from another tool's store names
+that store after its name (`llama3.2:3b · ollama`); a load waiting behind another load shows
+as `waiting #N`, N being its place in the line.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.text import Text
 from textual.widgets import DataTable
 from textual.widgets.data_table import CellDoesNotExist, RowDoesNotExist
 
-from .gauges import NA, component_style, format_ago, format_bytes, format_duration
+from corral.backend.snapshot import STORE_SOURCES, ModelInfo
 
-if TYPE_CHECKING:
-    from corral.backend.snapshot import ModelInfo
+from .gauges import NA, component_style, format_ago, format_bytes, format_duration
 
 STATES = ("available", "loading", "ready", "busy", "unloading", "failed", "waiting")
 
@@ -106,6 +106,7 @@ class ModelsTable(DataTable[Text]):
         "models-table--pinned",
         "models-table--name",
         "models-table--alias",
+        "models-table--store",
     }
 
     def __init__(self, *, clock: Callable[[], float] = time.time, id: str | None = None,
@@ -134,9 +135,10 @@ class ModelsTable(DataTable[Text]):
         return list(self._all.values())
 
     def matches(self, model: ModelInfo) -> bool:
-        """Whether the filter lets `model` through (case-insensitive, in name, state or quant)."""
+        """Whether the filter lets `model` through (case-insensitive, in name, state, quant or source)."""
         needle = self.filter_text.strip().lower()
-        haystack = f"{model.name} {model.alias_of or ''} {state_label(model)} {model.quantization or ''}".lower()
+        haystack = (f"{model.name} {model.alias_of or ''} {state_label(model)} {model.quantization or ''} "
+                    f"{model.source}").lower()
         return not needle or needle in haystack
 
     @property
@@ -259,8 +261,11 @@ class ModelsTable(DataTable[Text]):
         }
 
     def _name_cell(self, m: ModelInfo) -> Text:
-        """The name; an alias names its base model too (`alias → base`)."""
+        """The name; an alias names its base model too (`alias → base`), a model from another
+        tool's store that store (`name · ollama`)."""
         name = Text(m.name, self._style("name"))
         if m.alias_of:
             name.append(f" → {m.alias_of}", self._style("alias"))
+        elif m.source in STORE_SOURCES:
+            name.append(f" · {m.source}", self._style("store"))
         return name
