@@ -280,7 +280,7 @@ async def test_an_unload_hands_freed_memory_back_to_the_os(model_dir: Path, runn
     """glibc keeps a freed context's buffers resident until `malloc_trim`; every unload calls it
     (tests/test_memory_release.py shows what the call does)."""
     trims: list[str] = []
-    monkeypatch.setattr("corral.backend.manager.return_free_memory", lambda: trims.append(state(manager, "tiny-a")))
+    monkeypatch.setattr("corral.backend.admission.return_free_memory", lambda: trims.append(state(manager, "tiny-a")))
     manager, events = await running(make_settings(model_dir))
     await manager.load("tiny-a")
     assert trims == []

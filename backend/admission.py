@@ -1,0 +1,156 @@
+"""Where a load goes and what makes room for it: placement on the GPUs (placement.py), LRU
+eviction of idle, unpinned models until the new one fits max_loaded, RAM and VRAM (or a refusal
+with the numbers), and opening the engine there, retrying once with fewer layers when the GPU
+runs out after all.
+
+A mixin of `Manager` (manager.py), kept apart as its own concern, like reconfig.py: it works
+on the manager's records through the same methods the manager's other verbs use."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from .engine import ContextSettings, Engine
+from .errors import BudgetExceeded, LoadFailed
+from .events import LoadProgress, Notice
+from .memory import format_bytes, return_free_memory
+from .placement import GPURoom, Placement, eviction_target, fewer_layers, gpu_oom_line, plan
+from .records import RESIDENT, Record
+from .telemetry import physical_cores
+from .weights import ModelWeights
+
+if TYPE_CHECKING:
+    from .manager import Manager
+
+
+def close_and_trim(engine: Engine) -> None:
+    """Close an engine and hand its freed buffers back to the OS, so RSS (and with it the RAM
+    budget) shows the eviction."""
+    engine.close()
+    return_free_memory()
+
+
+class Admission:
+    async def _open_placed(self: Manager, r: Record) -> Engine:
+        """Open `r` where it was placed. A load that runs out of GPU memory (llama.cpp's lines
+        say so) is retried once with fewer layers when it was planned, not forced, and
+        budgets.gpu_oom_retry allows; otherwise it fails with the numbers."""
+        placement = r.placement
+        assert placement is not None, "_make_room places every usable model"
+        try:
+            return await asyncio.to_thread(self._open, r, placement)
+        except LoadFailed as exc:
+            oom = gpu_oom_line(exc.message) if placement.n_gpu_layers else None
+            if oom is None:
+                raise
+            if not (placement.auto and self.settings.budgets.gpu_oom_retry and r.estimate):
+                raise self._out_of_vram(r, placement, exc) from exc
+        rooms, _ = await self._gpu_rooms(r)
+        r.placement = retry = fewer_layers(r.estimate, placement, rooms, oom)
+        self.bus.publish(Notice(model=r.name, level="warning", message=f"model {r.name!r}: {retry.reason}"))
+        try:
+            return await asyncio.to_thread(self._open, r, retry)
+        except LoadFailed as exc:
+            if not (retry.n_gpu_layers and gpu_oom_line(exc.message)):
+                raise
+            raise self._out_of_vram(r, retry, exc) from exc
+
+    @staticmethod
+    def _out_of_vram(r: Record, placement: Placement, exc: LoadFailed) -> LoadFailed:
+        return LoadFailed(f"model {r.name!r}: out of GPU memory with {placement.n_gpu_layers} of "
+                          f"{placement.layers_total} layers on GPU {placement.gpu} "
+                          f"({format_bytes(placement.vram)} planned; {placement.reason}): {exc.message}. "
+                          "Lower n_gpu_layers, n_ctx or n_parallel, or free the GPU")
+
+    def _open(self: Manager, r: Record, placement: Placement) -> Engine:
+        """Blocking: weights, context, warmup, scheduler thread. Runs in a worker thread."""
+        s = r.settings
+        last = [-1]
+
+        def progress(fraction: float) -> None:
+            percent = int(fraction * 100)
+            if percent > last[0]:
+                last[0] = percent
+                r.load_percent = percent
+                self.bus.publish(LoadProgress(model=r.name, percent=percent))
+
+        vram_before = self.telemetry.gpu_free_bytes()
+        weights = ModelWeights(str(r.entry.path), n_gpu_layers=placement.n_gpu_layers, main_gpu=placement.gpu,
+                               progress=progress)
+        try:
+            template = weights.chat_template(r.entry.info.architecture if r.entry.info else "",
+                                             config_format=r.chat_format, config_template=r.chat_template)
+            engine = Engine(weights, ContextSettings(
+                n_ctx=s.n_ctx, n_parallel=s.n_parallel, n_batch=s.n_batch,
+                n_threads=s.n_threads or physical_cores(), flash_attn=s.flash_attn, max_queue=s.max_queue,
+            ), model_name=r.name, bus=self.bus, template=template, prefixes=self.prefixes)
+        finally:
+            weights.release()  # the engine holds its own reference
+        try:
+            engine.start(warmup=True)
+        except Exception:
+            close_and_trim(engine)
+            raise
+        r.template_source = template.source
+        if vram_before:
+            vram_after = self.telemetry.gpu_free_bytes()
+            r.measured_vram = {i: max(free - vram_after.get(i, free), 0) for i, free in vram_before.items()}
+        return engine
+
+    async def _make_room(self: Manager, r: Record) -> None:
+        """Place `r` (placement.py), then evict least-recently-used idle, unpinned models until
+        it fits (max_loaded, RAM, and VRAM on the GPU it goes to), or refuse with the numbers."""
+        budgets = self.settings.budgets
+        assert r.estimate is not None, "a usable model has an estimate"
+        while True:
+            rooms, no_gpu = await self._gpu_rooms(r)
+            placement = plan(r.estimate, rooms, r.settings.n_gpu_layers, no_gpu=no_gpu)
+            need = placement.ram
+            if need > self.ram_budget:
+                raise self._refuse(r, need, f"needs {format_bytes(need)} of RAM ({placement.reason}) but the "
+                                            f"whole RAM budget is {format_bytes(self.ram_budget)}")
+            resident = [x for x in self._records.values() if x is not r and x.state in RESIDENT]
+            free = self.ram_budget - sum(x.reserved for x in resident)
+            gpu = eviction_target(r.estimate, placement, rooms)
+            host_fits = len(resident) < budgets.max_loaded and need <= free
+            if host_fits and gpu is None and placement.fits:
+                r.placement = placement
+                return
+            idle = [x for x in resident if x.evictable and (gpu is None or x.vram_on(gpu) > 0)]
+            leaving = [x.unload_task for x in resident if x.unload_task is not None]
+            if not idle and leaving:  # memory is on its way back: wait for it, then look again
+                await asyncio.wait(leaving)
+                continue
+            if not idle:
+                held = ", ".join(f"{x.name} ({'pinned' if x.pinned else x.state.value})" for x in resident)
+                if len(resident) >= budgets.max_loaded:
+                    why = f"max_loaded = {budgets.max_loaded} reached"
+                elif need > free:
+                    why = (f"needs {format_bytes(need)} of RAM ({placement.reason}) but only "
+                           f"{format_bytes(free)} of the {format_bytes(self.ram_budget)} RAM budget is free")
+                else:
+                    why = f"VRAM: {placement.reason}"
+                raise self._refuse(r, need, f"{why}; nothing can be evicted ({held or 'no model is loaded'})",
+                                   free)
+            victim = min(idle, key=lambda x: x.last_used or 0.0)
+            where = "" if gpu is None else f" on GPU {gpu}"
+            await self._unload(victim, f"evicted (least recently used){where} to make room for {r.name}")
+
+    async def _gpu_rooms(self: Manager, r: Record) -> tuple[list[GPURoom], str]:
+        """Each GPU's memory (NVML, off the loop) with corral's budget and what its other
+        resident models hold there; and why there are none, when there are none."""
+        memory, note = await asyncio.to_thread(lambda: (self.telemetry.gpu_memory(), self.telemetry.gpu_note()))
+        others = [x for x in self._records.values() if x is not r]
+        rooms = [GPURoom(index=i, free=free, total=total, budget=self.settings.budgets.vram_budget(total),
+                         reserved=sum(x.vram_on(i) for x in others),
+                         evictable=sum(x.vram_on(i) for x in others if x.evictable))
+                 for i, (free, total) in sorted(memory.items())]
+        return rooms, note
+
+    def _refuse(self: Manager, r: Record, need: int, why: str, free: int | None = None) -> BudgetExceeded:
+        message = (f"model {r.name!r} ({r.entry.path}): cannot load: {why}. Evict or unpin a model, "
+                   "raise budgets.ram_bytes / vram_bytes / max_loaded, or lower n_ctx / n_parallel / "
+                   "n_gpu_layers")
+        self.bus.publish(Notice(model=r.name, level="error", message=message))
+        return BudgetExceeded(message, needed=need, free=self.ram_budget if free is None else free)
