@@ -30,7 +30,12 @@ if TYPE_CHECKING:
 
 _SHA256 = re.compile(r"(?:sha256:)?([0-9a-fA-F]{64})")
 _WHOSE = {"default": f"the bundled default model {DEFAULT_MODEL_NAME} (from its Python package)",
-          "config": "a [[models]] entry of the config", "dir": "a file in a model folder"}
+          "config": "a [[models]] entry of the config", "dir": "a file in a model folder",
+          "ollama": "a model in ollama's store", "huggingface": "a file in the Hugging Face cache",
+          "lmstudio": "a model in LM Studio's folder"}
+# How to delete a model that belongs to another tool: with that tool, so its own records stay right.
+_DELETE_WITH = {"ollama": "`ollama rm {name}`", "huggingface": "`huggingface-cli delete-cache`",
+                "lmstudio": "LM Studio's My Models page"}
 
 
 class Pulls:
@@ -138,9 +143,11 @@ def _not_pulled(info: ModelInfo) -> str:
         return (f"model {info.name!r} is an [[alias]] of {info.alias_of!r} in the config, not a file; corral rm "
                 "deletes only models that corral pull downloaded: remove the alias from the config instead")
     whose = _WHOSE.get(info.source, f"a model of {info.source}")
+    how = _DELETE_WITH.get(info.source)
+    advice = (f"delete it with {how.format(name=info.name)}" if how else
+              "delete the file yourself if you mean to (or remove its entry from the config)")
     return (f"model {info.name!r} is {whose}, {info.path}, which corral did not download; corral rm deletes only "
-            "models that corral pull downloaded. Delete the file yourself if you mean to (or remove its entry "
-            "from the config)")
+            f"models that corral pull downloaded: {advice}")
 
 
 def _delete(record: PullRecord, owner: Pulled) -> list[str]:
