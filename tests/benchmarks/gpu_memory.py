@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .gpu_serving import Shape, require_gpu, write_f16_llama
-from .serving import log
+from .peers import log
 
 SIZES = {"small": Shape(n_layer=8, n_embd=1024, n_head=8, n_kv_head=4, n_ff=2816),
          "large": Shape()}

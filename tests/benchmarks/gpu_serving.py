@@ -37,7 +37,9 @@ from typing import Any
 
 from ..support import free_port, write_config
 from . import serving
-from .serving import Server, build_ratios, corral_command, fmt, log, render_table, summarize
+from .peers import corral_command, log
+from .report import build_ratios, fmt, render_table, summarize
+from .serving import Server
 
 MODEL_NAME = "bench-f16"
 LEVELS = (1, 8, 32, 64)

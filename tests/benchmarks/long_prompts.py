@@ -52,10 +52,10 @@ from typing import Any
 
 import httpx
 
-from .serving import (CORRAL_MODEL, OPENERS, PROMPTS, Record, Server, _terminate, _version_line,
-                      corral_model_state, default_model_path, ensure_llama_server, fmt, llama_cpp_version,
-                      log, machine_busy_seconds, machine_info, make_servers, one_request, percentile, ratio,
-                      ready_and_warm, start_all, write_json)
+from .peers import default_model_path, ensure_llama_server, llama_cpp_version, log, version_line
+from .report import Record, fmt, machine_busy_seconds, machine_info, percentile, ratio, write_json
+from .serving import (CORRAL_MODEL, OPENERS, PROMPTS, Server, _terminate, corral_model_state, make_servers,
+                      one_request, ready_and_warm, start_all)
 
 SERVERS = ("corral", "llama-server")
 SCENARIOS = ("long1", "long4", "prefill_beside_decode", "shared_prefix")
@@ -659,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
 
     version = llama_cpp_version()
     llama_server, build = ensure_llama_server(args.cache, version, args.jobs)
-    build["version_line"] = _version_line(llama_server)
+    build["version_line"] = version_line(llama_server)
     model = default_model_path()
     log(f"model: {model}")
     groups = sorted({args.wide_slots if s in WIDE else args.slots for s in args.scenario_list})

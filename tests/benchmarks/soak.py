@@ -38,7 +38,7 @@ import httpx
 import psutil
 
 from corral.console import bench
-from tests.benchmarks.serving import corral_command
+from tests.benchmarks.peers import corral_command
 from tests.support import write_config
 
 MODEL = "gemma-3-270m"
