@@ -100,6 +100,8 @@ class LocalBackend(LiveConfig):
         self._stop_watching = asyncio.Event()
         manager = Manager(self.settings, self.bus, telemetry=self.telemetry, state_file=self._state_file)
         self._pulls = Pulls(manager, self.bus, self._pull_record)
+        manager.source_names = self._pull_record.source_names
+        await manager.refresh_source_names()
         return manager
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
@@ -247,9 +249,10 @@ class LocalBackend(LiveConfig):
         return _Plan(request, params, grammar)
 
     def _canonical(self, model: str) -> str:
-        """The catalog's name for `model`: a store model's short name becomes its full name, so
-        config, defaults and the response cache see one name. An alias keeps its own."""
-        return model if self.settings.alias_for(model) else self.manager.catalog.canonical(model)
+        """The catalog's name for `model` (Manager.canonical: a short name or the name it was
+        pulled by becomes its full name), so config, defaults and the response cache see one
+        name. An alias keeps its own."""
+        return model if self.settings.alias_for(model) else self.manager.canonical(model)
 
     def _store_of(self, model: str) -> StoreInfo | None:
         """What `model`'s store keeps beside its file (an ollama manifest's defaults and system)."""

@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from .catalog import Catalog, CatalogEntry
@@ -61,6 +61,8 @@ class Manager(Admission, Reconfiguration):
         self.ram_budget = settings.budgets.ram_bytes or default_ram_budget(settings.budgets.ram_fraction)
         self._records: dict[str, Record] = {}
         self._aliases: dict[str, AliasConfig] = {}
+        self.source_names: Callable[[], dict[str, str]] | None = None  # blocking: names models were pulled by
+        self._pulled_as: dict[str, str] = {}
         self._admission = PriorityGate()
         self.warm = WarmState(state_file, bus)  # the loaded and pinned set, for a warm restart
         budgets = settings.budgets  # the KV of recent conversations, across evictions and restarts
@@ -115,7 +117,22 @@ class Manager(Admission, Reconfiguration):
 
     async def rescan(self) -> list[ModelInfo]:
         self._adopt(await asyncio.to_thread(self.catalog.refresh))
+        await self.refresh_source_names()
         return self.models()
+
+    async def refresh_source_names(self) -> None:
+        """Read again the names models were pulled by (`source_names`, off the loop)."""
+        if self.source_names is not None:
+            self._pulled_as = await asyncio.to_thread(self.source_names)
+
+    def canonical(self, name: str) -> str:
+        """The catalog's name for `name`: a store model's short name gives its full name, and
+        the name a client pulled a model by (`hf.co/owner/repo:QUANT`) gives the pulled file's
+        model; any other name is itself."""
+        found = self.catalog.canonical(name)
+        if found == name and name not in self._records:
+            return self._pulled_as.get(name.lower(), name)
+        return found
 
     def forget(self, name: str) -> None:
         """Drop a model the catalog no longer lists (`corral rm` deleted its files); a loaded one
@@ -205,7 +222,7 @@ class Manager(Admission, Reconfiguration):
         """The model called `name` (or its short name); for an alias, its base model (they
         share one load)."""
         alias = self._aliases.get(name)
-        record = self._records.get(alias.model if alias else self.catalog.canonical(name))
+        record = self._records.get(alias.model if alias else self.canonical(name))
         if record is None:
             raise ModelNotFound(name, [*self._records, *self._aliases])
         return record

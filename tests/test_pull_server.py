@@ -130,6 +130,10 @@ def test_the_ollama_client_pulls_and_deletes(pull_server: Server, host: FileServ
     assert client.pull(f"hf.co/{REPO}:Q4_K_M").status == "success"  # already there: nothing downloaded
     assert "served-q4_k_m:latest" in [m.model for m in client.list().models]
     assert client.generate(model="served-q4_k_m", prompt="Once", raw=True, options={"num_predict": 2}).done
+    pulled_as = f"hf.co/{REPO}:Q4_K_M"  # an ollama app goes on with the name it pulled by
+    assert client.chat(model=pulled_as, messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 2}).done
+    assert client.generate(model=pulled_as, prompt="Once", raw=True, options={"num_predict": 2}).done
+    assert client.show(pulled_as).modelfile is not None
     with pytest.raises(ollama.ResponseError) as library:
         client.pull("llama3.2")
     assert library.value.status_code == 400 and "hf.co/owner/repo:QUANT" in library.value.error

@@ -56,6 +56,17 @@ class PullRecord:
         wanted = resolved(file)
         return next((m for m in self.all() if any(resolved(Path(f)) == wanted for f in m.files)), None)
 
+    def source_names(self) -> dict[str, str]:
+        """The names clients pulled models by, lower-cased, each to its catalog name: an ollama
+        client that pulled `hf.co/owner/repo:Q4_K_M` then chats with that same name, and the
+        `hf://` spelling works as well."""
+        names = {}
+        for model in self.all():
+            if model.source.startswith("hf://"):
+                names[model.source.lower()] = model.name
+                names["hf.co/" + model.source.removeprefix("hf://").lower()] = model.name
+        return names
+
     def add(self, model: Pulled) -> None:
         """Keep `model`, replacing an older record of the same files."""
         with self._lock:
