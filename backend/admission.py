@@ -135,7 +135,8 @@ class Admission:
                                    free)
             victim = min(idle, key=lambda x: x.last_used or 0.0)
             where = "" if gpu is None else f" on GPU {gpu}"
-            await self._unload(victim, f"evicted (least recently used){where} to make room for {r.name}")
+            cause = "max_loaded" if len(resident) >= budgets.max_loaded else "budget"
+            await self._unload(victim, f"evicted (least recently used){where} to make room for {r.name}", cause)
 
     async def _gpu_rooms(self: Manager, r: Record) -> tuple[list[GPURoom], str]:
         """Each GPU's memory (NVML, off the loop) with corral's budget and what its other
@@ -152,5 +153,5 @@ class Admission:
         message = (f"model {r.name!r} ({r.entry.path}): cannot load: {why}. Evict or unpin a model, "
                    "raise budgets.ram_bytes / vram_bytes / max_loaded, or lower n_ctx / n_parallel / "
                    "n_gpu_layers")
-        self.bus.publish(Notice(model=r.name, level="error", message=message))
+        self.bus.publish(Notice(model=r.name, level="error", message=message, cause="budget"))
         return BudgetExceeded(message, needed=need, free=self.ram_budget if free is None else free)

@@ -47,6 +47,9 @@ class StateChanged(Event):
     old: str
     new: str
     reason: str = ""
+    # why, in one word for counting (/metrics): an unloading's operator, budget, max_loaded, ttl,
+    # config, failure or shutdown; a failed load's file, gpu_memory or llama
+    cause: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +109,7 @@ class Notice(Event):
     type: ClassVar[str] = "notice"
     level: str  # "info" | "warning" | "error"
     message: str
+    cause: str = ""  # "budget" on a load refused for want of room (counted in /metrics)
 
 
 @dataclass(frozen=True, kw_only=True)

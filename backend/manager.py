@@ -203,7 +203,7 @@ class Manager(Admission, Reconfiguration):
                 with contextlib.suppress(Exception):
                     await record.load_task
             if record.state in (State.READY, State.BUSY):
-                await self._unload(record, "shutdown")
+                await self._unload(record, "shutdown", "shutdown")
 
     async def _collect_requests(self, events: Subscription) -> None:
         """Keep each model's recent request timings. Engines announce a finished request on
@@ -278,13 +278,13 @@ class Manager(Admission, Reconfiguration):
 
     # -- state machine ---------------------------------------------------------------------
 
-    def _transition(self, r: Record, new: State, reason: str = "") -> None:
+    def _transition(self, r: Record, new: State, reason: str = "", cause: str = "") -> None:
         old = r.state
         if new not in ALLOWED[old]:
             raise IllegalTransition(f"model {r.name!r}: illegal transition {old.value} → {new.value}")
         r.state = new
         log.info("model %s: %s → %s %s", r.name, old.value, new.value, reason)
-        self.bus.publish(StateChanged(model=r.name, old=old.value, new=new.value, reason=reason))
+        self.bus.publish(StateChanged(model=r.name, old=old.value, new=new.value, reason=reason, cause=cause))
         self._notify()
         if State.READY in (old, new) and State.BUSY not in (old, new):
             self._save_state()  # loaded or unloaded: the warm-restart set changed
@@ -342,11 +342,12 @@ class Manager(Admission, Reconfiguration):
                                         "replace the file (or its [[models]] entry), then load it again")
                 engine = await self._open_placed(r)
             except CorralError as exc:
-                self._fail(r, exc.message)
+                self._fail(r, exc.message, "file" if isinstance(exc, ModelUnusable) else
+                           "gpu_memory" if "out of GPU memory" in exc.message else "llama")
                 raise
             except Exception as exc:  # a llama.cpp or Python failure: keep the process serving
                 log.exception("load of %s failed", r.name)
-                self._fail(r, f"model {r.name!r}: load failed: {exc}")
+                self._fail(r, f"model {r.name!r}: load failed: {exc}", "llama")
                 raise LoadFailed(r.error or str(exc)) from exc
             r.engine = engine
             loop = asyncio.get_running_loop()
@@ -368,16 +369,17 @@ class Manager(Admission, Reconfiguration):
             r.entry = r.entry.reread()
         return r.entry.info if r.entry.usable else None
 
-    def _fail(self, r: Record, message: str) -> None:
+    def _fail(self, r: Record, message: str, cause: str) -> None:
         r.error = message
         r.load_percent = None
-        self._transition(r, State.FAILED, message)
+        self._transition(r, State.FAILED, message, cause)
         self.bus.publish(Notice(model=r.name, level="error", message=message))
 
     # -- unloading -------------------------------------------------------------------------
 
-    async def evict(self, name: str, *, force: bool = False) -> ModelInfo:
-        """Operator's evict: a pinned model needs `force`; a busy model drains first."""
+    async def evict(self, name: str, *, force: bool = False, why: str = "", cause: str = "operator") -> ModelInfo:
+        """Operator's evict: a pinned model needs `force`; a busy model drains first. `why` and
+        `cause` say who asked, when it is not the operator (the config)."""
         r = self.record(name)
         if r.load_task and not r.load_task.done():
             with contextlib.suppress(CorralError):
@@ -392,7 +394,7 @@ class Manager(Admission, Reconfiguration):
             raise ModelPinned(f"model {name!r} is pinned; unpin it first or evict with force")
         await self._drain(r)
         if r.state in (State.READY, State.BUSY) or r.unload_task is not None:
-            await self._unload(r, "evicted by operator" + (" (forced)" if force else ""))
+            await self._unload(r, why or "evicted by operator" + (" (forced)" if force else ""), cause)
             await self.warm.flushed()
         return self.info(r)
 
@@ -412,12 +414,12 @@ class Manager(Admission, Reconfiguration):
             self._notify()
             raise
 
-    async def _unload(self, r: Record, reason: str) -> None:
+    async def _unload(self, r: Record, reason: str, cause: str) -> None:
         """Single-flight: a second unload of the same model (reaper, evict, make-room) waits for
         the first. The unload itself is shielded so a cancelled caller cannot leave a context
         alive behind an `available` state."""
         if r.unload_task is None:
-            self._transition(r, State.UNLOADING, reason)
+            self._transition(r, State.UNLOADING, reason, cause)
             r.unload_task = asyncio.get_running_loop().create_task(self._close_engine(r, reason))
         await asyncio.shield(r.unload_task)
 
@@ -454,7 +456,7 @@ class Manager(Admission, Reconfiguration):
             return
         r.error = f"model {r.name!r}: {message}"
         self.bus.publish(Notice(model=r.name, level="error", message=r.error))
-        asyncio.get_running_loop().create_task(self._unload(r, message))
+        asyncio.get_running_loop().create_task(self._unload(r, message, "failure"))
 
     # -- pinning and TTL -------------------------------------------------------------------
 
@@ -483,7 +485,7 @@ class Manager(Admission, Reconfiguration):
                 expired = r.expires_at is not None and r.expires_at <= now
                 if expired and r.state == State.READY and r.in_flight == 0 and not r.pinned and not r.draining:
                     try:
-                        await self._unload(r, f"idle for {r.keep_alive:.0f} s (keep_alive)")
+                        await self._unload(r, f"idle for {r.keep_alive:.0f} s (keep_alive)", "ttl")
                     except Exception:
                         log.exception("idle unload of %s failed", r.name)
             pending = [r.expires_at for r in self._records.values() if r.expires_at is not None]

@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from .events import Dropped, Event, ModelLoaded, RequestFinished, RequestStarted
+from .events import Dropped, Event, ModelLoaded, Notice, RequestFinished, RequestStarted, StateChanged
 from .respcache import CacheStats
 from .snapshot import Status
 
@@ -29,6 +29,8 @@ log = logging.getLogger("corral.server")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format generate_latest writes
 UNKNOWN_MODEL = "(unknown)"
+EVICTIONS = ("budget", "max_loaded", "ttl", "operator", "config")  # unloads counted as evictions; not
+# a shutdown, nor an engine's failure (that is a load's end, not a choice)
 EMBEDDINGS = "embeddings"  # the finish_reason LocalBackend.embed reports  # label for requests naming a model the catalog does not know
 
 # Local decode ranges from a few ms (tiny models, GPU) to minutes (long CPU generations).
@@ -64,6 +66,12 @@ class Metrics:
         self.queue_wait = Histogram("corral_queue_wait_seconds", "Time a request waited for a free slot",
                                     ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.loads = Counter("corral_model_loads", "Completed model loads", ["model"], registry=r)
+        self.evictions = Counter("corral_evictions", "Models unloaded by reason: budget (RAM or VRAM room "
+                                 "for another load), max_loaded, ttl (idle past keep_alive), operator, config",
+                                 ["model", "reason"], registry=r)
+        self.load_failures = Counter("corral_load_failures", "Loads that failed or were refused, by reason: "
+                                     "budget (no room), file (unusable file), gpu_memory, llama (llama.cpp "
+                                     "refused)", ["model", "reason"], registry=r)
         self.load_seconds = Gauge("corral_model_load_seconds", "Duration of the model's latest load",
                                   ["model"], registry=r)
         self.dropped_events = Counter("corral_metrics_dropped_events", "Backend events the metrics "
@@ -97,6 +105,12 @@ class Metrics:
         elif isinstance(event, ModelLoaded):
             self.loads.labels(model).inc()
             self.load_seconds.labels(model).set(event.seconds)
+        elif isinstance(event, StateChanged) and event.cause and event.new == "unloading" and event.cause in EVICTIONS:
+            self.evictions.labels(model, event.cause).inc()
+        elif isinstance(event, StateChanged) and event.cause and event.new == "failed":
+            self.load_failures.labels(model, event.cause).inc()
+        elif isinstance(event, Notice) and event.cause == "budget":
+            self.load_failures.labels(model, "budget").inc()
         elif isinstance(event, Dropped):
             self.dropped_events.inc(event.count)
 

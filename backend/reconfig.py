@@ -114,7 +114,7 @@ class Reconfiguration:
                 await asyncio.shield(r.load_task)
         while r.state in (State.READY, State.BUSY):
             try:
-                await self.evict(r.name, force=True)
+                await self.evict(r.name, force=True, why=f"unloaded for {why}", cause="config")
             except ModelBusy:
                 self.bus.publish(Notice(model=r.name, level="warning",
                                         message=f"{why} is waiting for requests to finish"))

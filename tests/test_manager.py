@@ -16,6 +16,7 @@ from corral.backend.errors import (BadRequest, BudgetExceeded, CorralError, Ille
                                    ModelBusy, ModelNotFound, ModelPinned)
 from corral.backend.events import Event, EventBus, LoadProgress, ModelLoaded, RequestFinished, StateChanged
 from corral.backend.manager import Manager
+from corral.backend.metrics import Metrics
 from corral.backend.records import ALLOWED, State
 from corral.backend.snapshot import ModelInfo, RequestPercentiles, percentile
 from corral.backend.telemetry import Telemetry
@@ -200,6 +201,35 @@ async def test_lru_eviction_by_max_loaded(model_dir: Path, running: Any) -> None
     assert [state(manager, n) for n in ("tiny-a", "tiny-b", "tiny-c")] == ["ready", "available", "ready"]
     await events.settle()
     assert "evicted (least recently used) to make room for tiny-c" in events.reasons("tiny-b")
+
+
+async def test_evictions_and_failed_loads_are_counted_by_reason(model_dir: Path, tmp_path: Path,
+                                                                running: Any) -> None:
+    shutil.copytree(model_dir, tmp_path / "counted")
+    write_bad_magic(tmp_path / "counted" / "broken.gguf")
+    manager, events = await running(make_settings(tmp_path / "counted", budgets={"max_loaded": 2}))
+    await manager.load("tiny-a")
+    await manager.load("tiny-b")
+    await manager.load("tiny-c")  # tiny-a is the least recently used: out for max_loaded
+    await manager.evict("tiny-b")
+    with pytest.raises(CorralError):
+        await manager.load("broken")
+    tight, refusals = await running(make_settings(model_dir, budgets={"ram_bytes": "1MiB"}))
+    with pytest.raises(BudgetExceeded):
+        await tight.load("tiny-a")
+    await events.settle()
+    await refusals.settle()
+    metrics = Metrics()
+    for event in events.events + refusals.events:
+        metrics.observe(event)
+
+    def counted(name: str, model: str, reason: str) -> float | None:
+        return metrics.registry.get_sample_value(f"corral_{name}_total", {"model": model, "reason": reason})
+
+    assert counted("evictions", "tiny-a", "max_loaded") == 1 and counted("evictions", "tiny-b", "operator") == 1
+    assert counted("load_failures", "broken", "file") == 1 and counted("load_failures", "tiny-a", "budget") == 1
+    unloading = [e for e in events.events if isinstance(e, StateChanged) and e.new == "unloading"]
+    assert [(e.model, e.cause) for e in unloading] == [("tiny-a", "max_loaded"), ("tiny-b", "operator")]
 
 
 def kv_heavy_dir(root: Path) -> Path:
