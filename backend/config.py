@@ -89,6 +89,9 @@ def parse_store_switch(value: Any) -> bool | str | Path:
                      'path of its folder, e.g. "~/.ollama/models"')
 
 
+# KV cache element types llama.cpp takes for type_k / type_v (q8_0 about halves the cache, q4_0
+# about quarters it); a quantized V cache needs flash attention.
+KVType = Literal["f16", "q8_0", "q4_0"]
 Bytes = Annotated[int, BeforeValidator(parse_bytes)]
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 GPULayers = Annotated[int | str, BeforeValidator(parse_gpu_layers)]
@@ -110,6 +113,8 @@ class ModelDefaults(_Strict):
     keep_alive: Seconds = 300.0
     flash_attn: bool = Field(True, description="attention that skips masked cells: other sequences' and, on "
                                                "sliding-window layers, those outside the window (long prompts)")
+    type_k: KVType = Field("f16", description="the K cache's element type")
+    type_v: KVType = Field("f16", description="the V cache's element type (quantized: needs flash_attn)")
     chat_format: str | None = None
     max_queue: int = Field(64, ge=0, le=100_000)
 
@@ -137,6 +142,8 @@ class ModelConfig(_Strict):
     n_gpu_layers: GPULayers | None = None
     keep_alive: Seconds | None = None
     flash_attn: bool | None = None
+    type_k: KVType | None = None
+    type_v: KVType | None = None
     pinned: bool = False
     chat_format: str | None = None
     chat_template: str | None = None
@@ -308,6 +315,10 @@ class Settings(_Strict):
                 # every running sequence adds a token to each batch: a smaller batch cannot hold them
                 raise ValueError(f"{where}: n_batch = {values.n_batch} is smaller than n_parallel = "
                                  f"{values.n_parallel}; raise n_batch or lower n_parallel")
+            if values.type_v != "f16" and not values.flash_attn:
+                raise ValueError(f"{where}: type_v = {values.type_v!r} needs flash_attn = true (llama.cpp "
+                                 "quantizes the V cache only with flash attention); turn flash_attn on or "
+                                 "set type_v = \"f16\"")
         return self
 
     def alias_for(self, name: str) -> AliasConfig | None:

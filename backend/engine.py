@@ -58,6 +58,8 @@ class ContextSettings:
     n_batch: int = 512
     n_threads: int = 1
     flash_attn: bool = True  # as config's default
+    type_k: str = "f16"  # KV cache element types (config.KVType)
+    type_v: str = "f16"
     max_queue: int = 64
 
 
@@ -89,7 +91,8 @@ class Engine:
         try:
             self._ctx = new_context(weights, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
                                     n_seq_max=settings.n_parallel, n_threads=settings.n_threads,
-                                    flash_attn=settings.flash_attn)
+                                    flash_attn=settings.flash_attn, type_k=settings.type_k,
+                                    type_v=settings.type_v)
         except Exception:
             self.weights.release()
             raise
@@ -103,7 +106,8 @@ class Engine:
         self._slots = SlotCache(settings.n_parallel, share=not weights.recurrent)
         self._costs = StepCosts()
         self._prefixes = Prefixes(self._ctx, self._slots, prefixes, model_name=model_name, park_for=self.n_batch // 2,
-                                  key=prefix_key(weights.path, n_ctx=self.n_ctx, flash_attn=settings.flash_attn))
+                                  key=prefix_key(weights.path, n_ctx=self.n_ctx, flash_attn=settings.flash_attn,
+                                                 kv_types=(settings.type_k, settings.type_v)))
         self._cv = threading.Condition()
         self._closing = False
         self._recent_tokens: deque[tuple[float, int]] = deque(maxlen=256)

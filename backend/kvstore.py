@@ -46,12 +46,14 @@ class Prefix:
         return len(self.state)
 
 
-def prefix_key(model_path: str, *, n_ctx: int, flash_attn: bool) -> str:
-    """The key saved state is valid under: another file, context size, attention kind or
-    llama.cpp build gives another key."""
+def prefix_key(model_path: str, *, n_ctx: int, flash_attn: bool, kv_types: tuple[str, str] = ("f16", "f16")) -> str:
+    """The key saved state is valid under: another file, context size, attention kind, KV cache
+    types or llama.cpp build gives another key."""
     resolved = Path(model_path).resolve()
     st = resolved.stat()
     facts = [str(resolved), st.st_size, st.st_mtime_ns, n_ctx, flash_attn, llama_cpp.__version__]
+    if kv_types != ("f16", "f16"):  # the f16 key stays what it was: state saved before still restores
+        facts.append(list(kv_types))
     return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:32]
 
 

@@ -181,7 +181,7 @@ class Manager(Admission, Reconfiguration):
         if entry.info is None:
             return None
         return estimate(entry.info, n_ctx=s.n_ctx, n_parallel=s.n_parallel, n_ubatch=s.n_batch,
-                        flash_attn=s.flash_attn)
+                        flash_attn=s.flash_attn, type_k=s.type_k, type_v=s.type_v)
 
     async def _preload(self, name: str, why: str = "preload") -> None:
         try:
@@ -255,6 +255,8 @@ class Manager(Admission, Reconfiguration):
             parameters=meta.parameter_count if meta else None,
             context_length=meta.context_length if meta else None,
             n_ctx=r.settings.n_ctx, n_parallel=r.settings.n_parallel, pinned=r.pinned,
+            kv_types="f16" if (r.settings.type_k, r.settings.type_v) == ("f16", "f16")
+            else f"{r.settings.type_k}/{r.settings.type_v}",
             keep_alive_s=r.keep_alive, ttl_left_s=ttl_left, in_flight=r.in_flight,
             active=load.active if load else 0, queued=load.queued if load else 0,
             tokens_per_s=load.tokens_per_s if load else 0.0,

@@ -16,7 +16,9 @@ import psutil
 
 from .ggufmeta import GGUFInfo
 
-KV_BYTES_PER_ELEMENT = 2  # f16 K and V caches
+# bytes per KV cache element of each type llama.cpp takes (config.KVType): q8_0 and q4_0 keep
+# blocks of 32 values with one f16 scale (34 and 18 bytes a block)
+KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 LOGIT_BYTES = 4  # f32
 FIXED_OVERHEAD = 4 * 2**20  # graph metadata, sampler state
 # llama.cpp's vocabulary in host memory (each token's text and attributes, the lookup maps):
@@ -78,11 +80,12 @@ class MemoryEstimate:
                 "total": self.total}
 
 
-def kv_cache_bytes(info: GGUFInfo, n_ctx: int) -> int:
+def kv_cache_bytes(info: GGUFInfo, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
     """K and V for every layer over the whole (unified) context: n_ctx is shared by all
     sequences, and sliding-window layers are kept full size (swa_full) so prefixes can be reused."""
-    per_token = info.n_layer * info.n_kv_head * (info.head_dim_k + info.head_dim_v)
-    return per_token * n_ctx * KV_BYTES_PER_ELEMENT
+    heads = info.n_layer * info.n_kv_head
+    per_token = heads * (info.head_dim_k * KV_BYTES_PER_ELEMENT[type_k] + info.head_dim_v * KV_BYTES_PER_ELEMENT[type_v])
+    return int(per_token * n_ctx)
 
 
 def compute_bytes(info: GGUFInfo, n_ctx: int, n_parallel: int, n_ubatch: int, flash_attn: bool) -> int:
@@ -133,11 +136,11 @@ def weight_split(info: GGUFInfo) -> tuple[int, int, bool]:
 
 
 def estimate(info: GGUFInfo, *, n_ctx: int, n_parallel: int, n_ubatch: int = 512,
-             flash_attn: bool = False) -> MemoryEstimate:
+             flash_attn: bool = False, type_k: str = "f16", type_v: str = "f16") -> MemoryEstimate:
     layer, head, tied = weight_split(info)
     return MemoryEstimate(
         weights=info.tensor_bytes + max(info.vocab_size, 0) * VOCAB_BYTES_PER_TOKEN,
-        kv_cache=kv_cache_bytes(info, n_ctx),
+        kv_cache=kv_cache_bytes(info, n_ctx, type_k, type_v),
         compute=compute_bytes(info, n_ctx, n_parallel, n_ubatch, flash_attn),
         n_layer=max(info.n_layer, 0), layer_weights=layer, head_weights=head, head_tied=tied,
     )

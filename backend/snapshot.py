@@ -127,6 +127,7 @@ class ModelInfo:
     short_name: str | None = None  # a store model's file part, where it names no other model
     store: StoreInfo | None = None  # what its store keeps beside the file (an ollama manifest)
     clashes: tuple[NameClash, ...] = ()  # other files under this name that lost the clash rule
+    kv_types: str = "f16"  # the KV cache's element types: "f16", or K/V such as "q8_0/q8_0"
 
     _repr_html_ = repr_html  # Jupyter and Rich show a table (display.py)
     __rich__ = rich_renderable

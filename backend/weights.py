@@ -203,8 +203,12 @@ class ModelWeights:
         )
 
 
+KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+
+
 def new_context(weights: ModelWeights, *, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int,
-                flash_attn: bool, embeddings: bool = False) -> llama_cpp.llama_context_p:
+                flash_attn: bool, embeddings: bool = False, type_k: str = "f16",
+                type_v: str = "f16") -> llama_cpp.llama_context_p:
     """A llama.cpp context with every setting that matters chosen on purpose (DESIGN.md)."""
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = n_ctx
@@ -212,6 +216,7 @@ def new_context(weights: ModelWeights, *, n_ctx: int, n_batch: int, n_seq_max: i
     params.n_seq_max = n_seq_max
     params.n_threads = params.n_threads_batch = n_threads
     params.flash_attn_type = 1 if flash_attn else 0
+    params.type_k, params.type_v = KV_TYPES[type_k], KV_TYPES[type_v]
     params.swa_full = True  # full-size sliding-window cache: prefixes stay reusable
     params.kv_unified = True  # all sequences share n_ctx instead of n_ctx / n_seq_max each
     params.no_perf = True

@@ -473,6 +473,18 @@ def test_n_batch_smaller_than_n_parallel_is_refused_before_llama_cpp_aborts() ->
         settings_from_dict({"models": [{"name": "m", "path": "/x.gguf", "n_batch": 2}]})
 
 
+def test_a_quantized_v_cache_without_flash_attention_is_refused() -> None:
+    with pytest.raises(ConfigError, match="type_v = 'q8_0' needs flash_attn = true"):
+        settings_from_dict({"defaults": {"type_v": "q8_0", "flash_attn": False}})
+    with pytest.raises(ConfigError, match=r"models\[0\] \(m\): type_v = 'q4_0' needs flash_attn"):
+        settings_from_dict({"defaults": {"flash_attn": False},
+                            "models": [{"name": "m", "path": "/x.gguf", "type_v": "q4_0"}]})
+    with pytest.raises(ConfigError, match="type_k"):
+        settings_from_dict({"defaults": {"type_k": "q5_1"}})
+    quantized = settings_from_dict({"defaults": {"type_k": "q8_0", "flash_attn": False}}).defaults  # K alone may
+    assert (quantized.type_k, quantized.type_v) == ("q8_0", "f16")
+
+
 def test_server_section_and_api_key_from_the_environment(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text('[server]\nhost = "0.0.0.0"\nport = 9000\napi_key = "from-the-file"\n')

@@ -232,6 +232,21 @@ async def test_evictions_and_failed_loads_are_counted_by_reason(model_dir: Path,
     assert [(e.model, e.cause) for e in unloading] == [("tiny-a", "max_loaded"), ("tiny-b", "operator")]
 
 
+async def test_a_quantized_kv_cache_loads_answers_and_is_counted_smaller(tmp_path: Path, running: Any) -> None:
+    write_tiny_llama(tmp_path / "kvq" / "wide.gguf", name="wide", n_embd=128, n_head=4, n_kv_head=2)  # heads of 32
+    f16, _ = await running(make_settings(tmp_path / "kvq"))
+    plain = f16.info(f16.record("wide"))
+    q8, _ = await running(make_settings(tmp_path / "kvq", defaults={"type_k": "q8_0", "type_v": "q8_0"}))
+    info = await q8.load("wide")
+    assert info.kv_types == "q8_0/q8_0" and plain.kv_types == "f16"
+    assert info.estimate_detail["kv_cache"] == plain.estimate_detail["kv_cache"] * 34 // 64  # 34-byte blocks of 32
+    async with q8.lease("wide") as lease:
+        sampling = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        chunks = [c async for c in lease.engine.stream(lease.engine.weights.tokenize("Once", add_special=True),
+                                                         Decoding(sampling))]
+    assert chunks[-1].stats is not None and chunks[-1].stats.completion_tokens == 8
+
+
 def kv_heavy_dir(root: Path) -> Path:
     """Models whose KV cache (64 MiB at n_ctx 16384) dwarfs everything else, so the measured
     resident memory of a load is large and stable."""

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from corral.backend.engine import ContextSettings, Engine
 from corral.backend.generation import Decoding, SamplingParams
-from corral.backend.kvstore import Prefix, PrefixStore
+from corral.backend.kvstore import Prefix, PrefixStore, prefix_key
 from corral.backend.slots import MIN_AWAIT, SlotCache, awaited_prefix
 from corral.backend.stepcost import StepCosts
 from corral.backend.weights import ModelWeights
@@ -183,6 +183,8 @@ async def test_state_is_refused_after_the_file_or_the_context_changes(tiny_gguf:
     changed = engine_on(path, store)
     assert changed.restored == 0
     changed.close()
+    f16 = prefix_key(str(path), n_ctx=512, flash_attn=True)
+    assert prefix_key(str(path), n_ctx=512, flash_attn=True, kv_types=("q8_0", "q8_0")) != f16  # other KV types
 
 
 def test_the_store_keeps_to_its_budgets(tmp_path: Path) -> None:

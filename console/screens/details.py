@@ -52,7 +52,8 @@ def metadata_rows(m: ModelInfo) -> list[tuple[str, str]]:
         ("parameters", format_count(m.parameters)),
         ("quantization", m.quantization or NA),
         ("file size", format_bytes(m.file_size)),
-        ("context", f"{m.n_ctx} loaded (trained {m.context_length or NA}), {m.n_parallel} slots"),
+        ("context", f"{m.n_ctx} loaded (trained {m.context_length or NA}), {m.n_parallel} slots, "
+                    f"KV cache {m.kv_types}"),
         ("chat template", m.chat_template or "chosen at load"),
         ("keep alive", keep),
         ("priority", str(m.priority)),
