@@ -84,7 +84,7 @@ class Admission:
             engine = Engine(weights, ContextSettings(
                 n_ctx=s.n_ctx, n_parallel=s.n_parallel, n_batch=s.n_batch,
                 n_threads=s.n_threads or physical_cores(), flash_attn=s.flash_attn, max_queue=s.max_queue,
-                type_k=s.type_k, type_v=s.type_v,
+                type_k=s.type_k, type_v=s.type_v, n_ubatch=s.n_ubatch or s.n_batch,
             ), model_name=r.name, bus=self.bus, template=template, prefixes=self.prefixes)
         finally:
             weights.release()  # the engine holds its own reference

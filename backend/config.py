@@ -108,6 +108,8 @@ class ModelDefaults(_Strict):
     n_ctx: int = Field(4096, ge=64, le=1 << 20)
     n_parallel: int = Field(4, ge=1, le=256)
     n_batch: int = Field(512, ge=1, le=1 << 16)
+    n_ubatch: int | None = Field(None, ge=1, le=1 << 16, description="tokens llama.cpp computes at once (its "
+                                 "compute buffers scale with it); None = n_batch")
     n_threads: int = Field(0, ge=0, le=1024, description="0 = physical cores")
     n_gpu_layers: GPULayers = Field("auto", description='"auto" = as many as fit in free VRAM; an int forces')
     keep_alive: Seconds = 300.0
@@ -138,6 +140,7 @@ class ModelConfig(_Strict):
     n_ctx: int | None = Field(None, ge=64, le=1 << 20)
     n_parallel: int | None = Field(None, ge=1, le=256)
     n_batch: int | None = Field(None, ge=1, le=1 << 16)
+    n_ubatch: int | None = Field(None, ge=1, le=1 << 16)
     n_threads: int | None = Field(None, ge=0, le=1024)
     n_gpu_layers: GPULayers | None = None
     keep_alive: Seconds | None = None
@@ -315,6 +318,9 @@ class Settings(_Strict):
                 # every running sequence adds a token to each batch: a smaller batch cannot hold them
                 raise ValueError(f"{where}: n_batch = {values.n_batch} is smaller than n_parallel = "
                                  f"{values.n_parallel}; raise n_batch or lower n_parallel")
+            if values.n_ubatch is not None and values.n_ubatch > values.n_batch:
+                raise ValueError(f"{where}: n_ubatch = {values.n_ubatch} is larger than n_batch = {values.n_batch}; "
+                                 "llama.cpp computes at most a batch at once: lower n_ubatch or raise n_batch")
             if values.type_v != "f16" and not values.flash_attn:
                 raise ValueError(f"{where}: type_v = {values.type_v!r} needs flash_attn = true (llama.cpp "
                                  "quantizes the V cache only with flash attention); turn flash_attn on or "

@@ -58,6 +58,7 @@ class ContextSettings:
     n_batch: int = 512
     n_threads: int = 1
     flash_attn: bool = True  # as config's default
+    n_ubatch: int | None = None  # tokens computed at once; None: n_batch
     type_k: str = "f16"  # KV cache element types (config.KVType)
     type_v: str = "f16"
     max_queue: int = 64
@@ -91,7 +92,7 @@ class Engine:
         try:
             self._ctx = new_context(weights, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
                                     n_seq_max=settings.n_parallel, n_threads=settings.n_threads,
-                                    flash_attn=settings.flash_attn, type_k=settings.type_k,
+                                    flash_attn=settings.flash_attn, n_ubatch=settings.n_ubatch, type_k=settings.type_k,
                                     type_v=settings.type_v)
         except Exception:
             self.weights.release()

@@ -180,7 +180,7 @@ class Manager(Admission, Reconfiguration):
     def _estimate(entry: CatalogEntry, s: ModelDefaults) -> MemoryEstimate | None:
         if entry.info is None:
             return None
-        return estimate(entry.info, n_ctx=s.n_ctx, n_parallel=s.n_parallel, n_ubatch=s.n_batch,
+        return estimate(entry.info, n_ctx=s.n_ctx, n_parallel=s.n_parallel, n_ubatch=s.n_ubatch or s.n_batch,
                         flash_attn=s.flash_attn, type_k=s.type_k, type_v=s.type_v)
 
     async def _preload(self, name: str, why: str = "preload") -> None:

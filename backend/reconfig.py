@@ -22,7 +22,7 @@ from .stores import scan_stores
 if TYPE_CHECKING:
     from .manager import Manager
 
-RELOAD_KEYS = ("n_ctx", "n_parallel", "n_batch", "n_threads", "n_gpu_layers", "flash_attn", "type_k", "type_v",
+RELOAD_KEYS = ("n_ctx", "n_parallel", "n_batch", "n_ubatch", "n_threads", "n_gpu_layers", "flash_attn", "type_k", "type_v",
                "max_queue")
 
 

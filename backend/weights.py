@@ -207,12 +207,13 @@ KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q
 
 
 def new_context(weights: ModelWeights, *, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int,
-                flash_attn: bool, embeddings: bool = False, type_k: str = "f16",
+                flash_attn: bool, embeddings: bool = False, n_ubatch: int | None = None, type_k: str = "f16",
                 type_v: str = "f16") -> llama_cpp.llama_context_p:
     """A llama.cpp context with every setting that matters chosen on purpose (DESIGN.md)."""
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = n_ctx
-    params.n_batch = params.n_ubatch = n_batch
+    params.n_batch = n_batch
+    params.n_ubatch = min(n_ubatch or n_batch, n_batch)
     params.n_seq_max = n_seq_max
     params.n_threads = params.n_threads_batch = n_threads
     params.flash_attn_type = 1 if flash_attn else 0

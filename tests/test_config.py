@@ -473,6 +473,12 @@ def test_n_batch_smaller_than_n_parallel_is_refused_before_llama_cpp_aborts() ->
         settings_from_dict({"models": [{"name": "m", "path": "/x.gguf", "n_batch": 2}]})
 
 
+def test_n_ubatch_above_n_batch_is_refused() -> None:
+    with pytest.raises(ConfigError, match="n_ubatch = 1024 is larger than n_batch = 512"):
+        settings_from_dict({"defaults": {"n_ubatch": 1024}})
+    assert settings_from_dict({"defaults": {"n_ubatch": 128}}).defaults.n_ubatch == 128
+
+
 def test_a_quantized_v_cache_without_flash_attention_is_refused() -> None:
     with pytest.raises(ConfigError, match="type_v = 'q8_0' needs flash_attn = true"):
         settings_from_dict({"defaults": {"type_v": "q8_0", "flash_attn": False}})

@@ -247,6 +247,19 @@ async def test_a_quantized_kv_cache_loads_answers_and_is_counted_smaller(tmp_pat
     assert chunks[-1].stats is not None and chunks[-1].stats.completion_tokens == 8
 
 
+async def test_a_smaller_n_ubatch_is_counted_and_still_answers_long_prompts(model_dir: Path, running: Any) -> None:
+    whole, _ = await running(make_settings(model_dir, defaults={"n_batch": 64}))
+    small, _ = await running(make_settings(model_dir, defaults={"n_batch": 64, "n_ubatch": 8}))
+    assert (small.info(small.record("tiny-a")).estimate_detail["compute"]
+            < whole.info(whole.record("tiny-a")).estimate_detail["compute"])
+    await small.load("tiny-a")
+    async with small.lease("tiny-a") as lease:
+        prompt = lease.engine.weights.tokenize("Once upon a time " * 8, add_special=True)  # several micro-batches
+        sampling = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        chunks = [c async for c in lease.engine.stream(prompt, Decoding(sampling))]
+    assert len(prompt) > 16 and chunks[-1].stats is not None and chunks[-1].stats.completion_tokens == 4
+
+
 def kv_heavy_dir(root: Path) -> Path:
     """Models whose KV cache (64 MiB at n_ctx 16384) dwarfs everything else, so the measured
     resident memory of a load is large and stable."""
