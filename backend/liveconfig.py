@@ -98,9 +98,13 @@ class LiveConfig:
         import watchfiles
 
         folder = file.parent
+        if not file.exists():  # a first run: say where things go, not that something is missing
+            later = "" if folder.is_dir() else " (after making its folder, run `corral reload` or restart)"
+            self.bus.publish(Notice(level="info", message=(
+                f"Welcome: no config file yet, so corral runs on its defaults; {file} is read when it "
+                f"appears{later}. Models: .gguf files in model_dirs, `corral pull hf://owner/repo:Q4_K_M` "
+                "(g in the console), and what ollama, the Hugging Face cache and LM Studio keep, where it is")))
         if not folder.is_dir():
-            self.bus.publish(Notice(level="info", message=f"{folder}: no such folder, so no config file to "
-                                    "watch; after creating one, reload with `corral reload` or restart"))
             return
         await self.ready()
         async for changes in watchfiles.awatch(folder, watch_filter=lambda _, path: Path(path) == file,

@@ -138,6 +138,17 @@ def test_a_watched_file_reloads_by_itself(config_file: Callable[..., Path]) -> N
         assert backend.sync.config_versions()[-1].source == "file change"
 
 
+def test_a_first_run_without_a_config_file_gets_a_welcome_not_a_warning(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "nowhere"), "HOME": str(tmp_path)}
+    with LocalBackend(config=config_source(env=env), watch_config=True) as backend:
+        backend.sync.models()
+        wait_for(lambda: any(isinstance(e, Notice) for e in backend.bus.recent()), what="the welcome")
+        notices = [e for e in backend.bus.recent() if isinstance(e, Notice)]
+    [welcome] = notices
+    assert welcome.level == "info" and welcome.message.startswith("Welcome: no config file yet")
+    assert str(tmp_path / "nowhere" / "corral" / "config.toml") in welcome.message and "corral pull" in welcome.message
+
+
 def test_a_watched_file_emptied_on_its_way_to_new_text_is_never_applied_empty(
         config_file: Callable[..., Path]) -> None:
     path = config_file()
