@@ -24,7 +24,10 @@ T = TypeVar("T")
 class Embedder:
     """A second, small context on the same weights that turns texts into pooled vectors.
 
-    One mean-pooled, L2-normalised vector per input, as OpenAI's /v1/embeddings returns.
+    One L2-normalised vector per input, as OpenAI's /v1/embeddings returns, pooled as the GGUF
+    declares (`ModelWeights.pooling`): the mean of the tokens' states, the first token's (CLS,
+    BGE models) or the last token's (Qwen3-Embedding). A reranker's GGUF is refused: it scores
+    pairs and makes no embeddings.
     Calls are serialised by a lock and block: run them in a worker thread, never on a loop.
 
     The pooling is ours, not llama.cpp's: an embeddings context outputs every token, and this
@@ -46,6 +49,11 @@ class Embedder:
     MIN_CHUNK = 16
 
     def __init__(self, weights: ModelWeights, *, n_ctx: int, n_threads: int) -> None:
+        if weights.pooling == "rank":
+            raise BadRequest("this model is a reranker (its GGUF declares rank pooling): it scores query and "
+                             "document pairs and makes no embeddings, and corral does not serve reranking; use "
+                             "an embedding model")
+        self.pooling = weights.pooling
         self.weights = weights.retain()
         self.n_ctx = max(self.MIN_CTX, min(n_ctx, weights.n_ctx_train or n_ctx, self.MAX_CTX))
         self.chunk = min(self.n_ctx, max(self.MIN_CHUNK, self.LOGITS_BYTES // (4 * weights.n_vocab)))
@@ -103,8 +111,14 @@ class Embedder:
             rc = llama_cpp.llama_decode(self._ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"embedding decode failed (llama_decode returned {rc})")
-            rows = llama_cpp.llama_get_embeddings(self._ctx)
-            total += np.ctypeslib.as_array(rows, shape=(batch.n_tokens, self.n_embd)).sum(axis=0, dtype=np.float64)
+            rows = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings(self._ctx), shape=(batch.n_tokens, self.n_embd))
+            if self.pooling == "mean":
+                total += rows.sum(axis=0, dtype=np.float64)
+            elif self.pooling == "cls":
+                total = rows[0].astype(np.float64)
+                break  # the first token's state is all it takes
+            elif self.pooling == "last":
+                total = rows[-1].astype(np.float64)  # the final chunk's last row is the text's last token
         norm = float(np.linalg.norm(total))  # the mean's direction: dividing by the count first changes nothing
         return (total / norm if norm > 0 else total).tolist()
 

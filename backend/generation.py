@@ -133,7 +133,7 @@ class RequestStats:
 
 @dataclass(frozen=True)
 class Embeddings:
-    """One vector per input (mean-pooled, L2-normalised) and the tokens the inputs took."""
+    """One vector per input (pooled as the GGUF declares, L2-normalised) and the tokens the inputs took."""
 
     vectors: list[list[float]]
     prompt_tokens: int

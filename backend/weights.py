@@ -189,6 +189,21 @@ class ModelWeights:
                 found.add(tokens[0])
         return frozenset(found)
 
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text; None when the file has no such key."""
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    @functools.cached_property
+    def pooling(self) -> str:
+        """How the GGUF says a text's vector is made from its tokens' states: "mean", "cls"
+        (the first token, as BGE models), "last" (the last token, as Qwen3-Embedding) or "rank"
+        (a reranker's score); "mean" where it says nothing."""
+        arch = self.meta("general.architecture") or ""
+        value = self.meta(f"{arch}.pooling_type")
+        return {"2": "cls", "3": "last", "4": "rank"}.get(value or "", "mean")
+
     def gguf_chat_template(self) -> str | None:
         raw = llama_cpp.llama_model_chat_template(self._model, None)
         return raw.decode("utf-8", errors="replace") if raw else None

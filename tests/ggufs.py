@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, LlamaFileType, TokenType
+from gguf import GGUFWriter, LlamaFileType, PoolingType, TokenType
 
 _SPACE = "\u2581"  # SentencePiece's word-start marker "▁"
 _WORDS = (
@@ -76,6 +76,7 @@ def write_tiny_llama(
     causal: bool = True,
     control_tokens: tuple[str, ...] = (),
     split_max_tensors: int = 0,
+    pooling: str | None = None,
 ) -> Path:
     """Write a random-weight llama model that llama.cpp loads; the same args give the same bytes.
     `causal=False` declares bidirectional attention, as encoders (BERT, EmbeddingGemma) do.
@@ -123,6 +124,8 @@ def write_tiny_llama(
         writer.add_chat_template(chat_template)
     if not causal:
         writer.add_causal_attention(False)
+    if pooling is not None:  # "mean", "cls", "last" or "rank", as embedding and reranking GGUFs declare
+        writer.add_pooling_type(PoolingType[pooling.upper()])
 
     writer.add_tensor("token_embd.weight", matrix(n_vocab, n_embd))
     for i in range(n_layer):

@@ -17,7 +17,7 @@ from corral.backend.sequence import Queued, Sequence
 from corral.backend.errors import BadRequest, LoadFailed, QueueFull
 from corral.backend.events import EventBus, RequestFinished, RequestStarted
 from corral.backend.generation import Chunk, Decoding, SamplingParams
-from corral.backend.weights import ModelWeights
+from corral.backend.weights import ModelWeights, batch_add
 from ggufs import write_unknown_arch
 from reference import greedy_reference
 
@@ -151,7 +151,7 @@ import asyncio
 from corral.backend.engine import ContextSettings, Engine
 from corral.backend.errors import BadRequest, LoadFailed
 from corral.backend.generation import Decoding, Grammar, SamplingParams
-from corral.backend.weights import ModelWeights
+from corral.backend.weights import ModelWeights, batch_add
 w = ModelWeights({str(tiny_gguf("quiet"))!r})
 e = Engine(w, ContextSettings(n_ctx=128, n_parallel=1, n_threads=1), model_name="q")
 e.start()
@@ -408,3 +408,47 @@ def test_a_shown_control_token_keeps_its_text(tiny_gguf: Any) -> None:
         assert texts == {False: "x", True: "[TOOL_CALLS]x"}
     finally:
         weights.release()
+
+
+def llama_cpp_pooled(path: Path, tokens: list[int], pooling: int) -> list[float]:
+    """The vector llama.cpp's own pooling gives `tokens` (a context pooling as `pooling` says),
+    L2-normalised: what the Embedder's pooling must agree with."""
+    import llama_cpp
+    import numpy as np
+
+    weights = ModelWeights(str(path))
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = 512
+    params.embeddings, params.pooling_type = True, pooling
+    ctx = llama_cpp.llama_init_from_model(weights.handle, params)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    try:
+        for pos, token in enumerate(tokens):
+            batch_add(batch, token, pos, 0, True)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        n = llama_cpp.llama_model_n_embd_out(weights.handle)
+        vector = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(ctx, 0), shape=(n,)).astype(np.float64)
+        return (vector / np.linalg.norm(vector)).tolist()
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        weights.release()
+
+
+@pytest.mark.parametrize(("pooling", "code"), [("cls", 2), ("last", 3), ("mean", 1)])
+def test_embeddings_pool_as_the_gguf_declares(tiny_gguf: Any, monkeypatch: pytest.MonkeyPatch, pooling: str,
+                                              code: int) -> None:
+    chunked = embedder(tiny_gguf, monkeypatch, pooling=pooling, LOGITS_BYTES=1)  # in 16-token chunks
+    try:
+        assert chunked.pooling == pooling
+        tokens = chunked.weights.tokenize(LONG_TEXT, add_special=True)
+        (ours,), _ = chunked.embed([LONG_TEXT])
+    finally:
+        chunked.close()
+    reference = llama_cpp_pooled(tiny_gguf("embed", context_length=512, pooling=pooling), tokens, code)
+    assert sum(x * y for x, y in zip(ours, reference)) > 0.99999
+
+
+def test_a_reranker_gguf_gives_no_embeddings_and_says_why(tiny_gguf: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(BadRequest, match="reranker"):
+        embedder(tiny_gguf, monkeypatch, pooling="rank")
