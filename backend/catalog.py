@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from .errors import ModelFileError, ModelNotFound
+from .files import resolved
 from .ggufmeta import GGUFInfo, read_gguf
 from .snapshot import StoreInfo
 
@@ -180,13 +181,6 @@ def file_model_name(path: Path) -> str | None:
     return shard["base"] if int(shard["index"]) == 1 else None
 
 
-def _resolved(path: Path) -> Path:
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError):  # RuntimeError: a symlink loop on Python 3.11/3.12
-        return path.absolute()
-
-
 class Catalog:
     """The list of models, rescanned on `refresh()`; thread-safe for one writer, many readers."""
 
@@ -216,22 +210,22 @@ class Catalog:
         ]
         if self._include_default:
             candidates.append(self._default_entry())
-        listed = {_resolved(c.path): c.source for c in candidates if c.path is not None}
+        listed = {resolved(c.path): c.source for c in candidates if c.path is not None}
         for model_dir in self._model_dirs:
             for path in _gguf_files(model_dir):
                 name = file_model_name(path)
                 # The same file reached twice (an explicit entry, overlapping dirs) is
                 # one model, not a clash.
-                if name is None or _resolved(path) in listed:
+                if name is None or resolved(path) in listed:
                     continue
                 entry = entry_for(name, path, "dir")
                 if not is_projector(path, entry.info):
-                    listed[_resolved(path)] = "dir"
+                    listed[resolved(path)] = "dir"
                     candidates.append(entry)
         for entry in self._stores() if self._stores is not None else ():
             # A store file another source lists already is that model; files one store lists
             # twice (ollama tags sharing a blob, each with its own manifest) are models each.
-            where = listed.setdefault(_resolved(entry.path), entry.source) if entry.path else entry.source
+            where = listed.setdefault(resolved(entry.path), entry.source) if entry.path else entry.source
             if where == entry.source:
                 candidates.append(entry)
 

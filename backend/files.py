@@ -16,3 +16,12 @@ def write_atomic(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, path)
+
+
+def resolved(path: Path) -> Path:
+    """`path` with its links resolved, as far as the file system allows: the same file reached
+    by two paths compares equal."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop on Python 3.11/3.12
+        return path.absolute()

@@ -28,7 +28,8 @@ from ..errors import (Cancelled, CorralError, ModelFileError, ModelNameTaken, Pu
 from ..events import EventBus, PullFailed, PullFinished, PullProgress
 from ..ggufmeta import read_gguf
 from ..snapshot import ModelInfo
-from .record import Pulled, PullRecord, resolved
+from ..files import resolved
+from .record import Pulled, PullRecord
 from .sources import SHARD, Hub, RemoteFile, Source, files_of
 from .status import DONE, DOWNLOADING, RESOLVING, VERIFYING, PullStatus
 from .transfer import check_space, fetch, probe, size_of

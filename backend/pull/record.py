@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..files import write_atomic
+from ..files import resolved, write_atomic
 
 log = logging.getLogger("corral.pull")
 
@@ -101,11 +101,3 @@ class PullRecord:
         self._models = models
         if self.path is not None:
             write_atomic(self.path, json.dumps({"models": [asdict(m) for m in models]}, indent=1) + "\n")
-
-
-def resolved(path: Path) -> Path:
-    """`path` with its links resolved, as far as the file system allows."""
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError):
-        return path.absolute()

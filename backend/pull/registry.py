@@ -21,7 +21,8 @@ from ..errors import BadRequest, ModelNotFound, NotFound, NotPulled, PullInProgr
 from ..events import EventBus, ModelRemoved
 from ..snapshot import ModelInfo
 from .job import Job, check_name
-from .record import Pulled, PullRecord, resolved
+from ..files import resolved
+from .record import Pulled, PullRecord
 from .sources import parse_source
 from .status import PullStatus
 
