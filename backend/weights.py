@@ -56,6 +56,20 @@ def cpu_has_amx() -> bool:
     return False
 
 
+def model_meta(model: llama_cpp.llama_model_p, key: str) -> str | None:
+    """A loaded model's GGUF metadata value as text, whole however long (a chat template runs
+    to kilobytes); None when the file has no such key."""
+    size = 256
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, size)
+        if n < 0:
+            return None
+        if n < size:
+            return buf.value.decode("utf-8", errors="replace")
+        size = n + 1  # llama.cpp says how long the value is: read it again, whole
+
+
 ProgressFn = Callable[[float], None]
 
 # Turn delimiters of the chat formats in use (gemma, chatml, llama 3, phi 3); a vocabulary that
@@ -190,10 +204,7 @@ class ModelWeights:
         return frozenset(found)
 
     def meta(self, key: str) -> str | None:
-        """A GGUF metadata value as text; None when the file has no such key."""
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+        return model_meta(self._model, key)
 
     @functools.cached_property
     def pooling(self) -> str:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import random
@@ -129,9 +128,9 @@ class Vocabulary:
         return list(buf[:n])
 
     def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(1 << 16)
-        n = self._llama.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode(errors="replace") if n >= 0 else None
+        from corral.backend.weights import model_meta
+
+        return model_meta(self._model, key)
 
     def close(self) -> None:
         if self._model:
