@@ -16,6 +16,7 @@ import llama_cpp
 import numpy as np
 
 from .errors import BadRequest, Cancelled
+from .memory import EmbeddingShape
 from .weights import ModelWeights, batch_add, new_context
 
 T = TypeVar("T")
@@ -30,23 +31,12 @@ class Embedder:
     pairs and makes no embeddings.
     Calls are serialised by a lock and block: run them in a worker thread, never on a loop.
 
-    The pooling is ours, not llama.cpp's: an embeddings context outputs every token, and this
-    llama.cpp sizes its output buffer and compute graph with a row of logits per output token
-    (n_vocab floats: 1 MiB each for gemma-3's 262,144). With one pass over a whole text, the
-    2,048-token context reserved 2 GiB for outputs, and a single 120-token input left 215 MB
-    more RSS behind. Texts are decoded in chunks whose logits fit in LOGITS_BYTES (at least
-    MIN_CHUNK tokens), and the per-token hidden states (what llama.cpp's MEAN pooling averages)
-    are summed here. A model without causal attention (an encoder such as BERT or
-    EmbeddingGemma) must see a text in one ubatch, so its context is as long as
-    ONE_PASS_LOGITS_BYTES allows: 2,048 tokens for BERT's 30,522-token vocabulary, 256 for
-    EmbeddingGemma's 262,144; a longer input is refused with the limit.
+    The pooling is ours, not llama.cpp's: the context outputs every token's state, decoded in
+    chunks (`EmbeddingShape` says how long the context and its chunks are, and why), and the
+    states are summed here; that is what llama.cpp's MEAN pooling averages. Flash attention
+    keeps a chunk's attention scores from being materialised. A longer input than an
+    encoder's one pass is refused with the limit.
     """
-
-    MAX_CTX = 2048
-    MIN_CTX = 64
-    LOGITS_BYTES = 32 * 2**20
-    ONE_PASS_LOGITS_BYTES = 256 * 2**20
-    MIN_CHUNK = 16
 
     def __init__(self, weights: ModelWeights, *, n_ctx: int, n_threads: int) -> None:
         if weights.pooling == "rank":
@@ -55,16 +45,16 @@ class Embedder:
                              "an embedding model")
         self.pooling = weights.pooling
         self.weights = weights.retain()
-        self.n_ctx = max(self.MIN_CTX, min(n_ctx, weights.n_ctx_train or n_ctx, self.MAX_CTX))
-        self.chunk = min(self.n_ctx, max(self.MIN_CHUNK, self.LOGITS_BYTES // (4 * weights.n_vocab)))
+        shape = {"n_ctx": n_ctx, "n_ctx_train": weights.n_ctx_train, "n_vocab": weights.n_vocab}
+        self.n_ctx, self.chunk = EmbeddingShape.of(**shape, causal=True)
         self._threads = n_threads
         try:
             self._ctx = self._open()
             if not llama_cpp.llama_get_causal_attn(self._ctx):
-                one_pass = min(self.n_ctx, max(self.MIN_CTX, self.ONE_PASS_LOGITS_BYTES // (4 * weights.n_vocab)))
-                if self.chunk != one_pass:
+                one_pass = EmbeddingShape.of(**shape, causal=False)
+                if (self.n_ctx, self.chunk) != one_pass:
                     llama_cpp.llama_free(self._ctx)
-                    self.n_ctx = self.chunk = one_pass
+                    self.n_ctx, self.chunk = one_pass
                     self._ctx = self._open()
         except Exception:
             self.weights.release()
@@ -78,7 +68,7 @@ class Embedder:
 
     def _open(self) -> llama_cpp.llama_context_p:
         return new_context(self.weights, n_ctx=self.n_ctx, n_batch=self.chunk, n_seq_max=1,
-                           n_threads=self._threads, flash_attn=False, embeddings=True)
+                           n_threads=self._threads, flash_attn=True, embeddings=True)
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Vectors for `texts` and the number of tokens they took."""

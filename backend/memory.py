@@ -39,6 +39,7 @@ class MemoryEstimate:
     weights: int  # tensors, and the vocabulary that stays in RAM
     kv_cache: int
     compute: int
+    embeddings: int = 0  # the embeddings context (`Embedder`): its KV cache, compute and outputs
     n_layer: int = 0
     layer_weights: int = 0  # one repeating block
     head_weights: int = 0  # the output head; a tied head is a GPU copy of the token embeddings
@@ -46,7 +47,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute
+        return self.weights + self.kv_cache + self.compute + self.embeddings
 
     @property
     def gpu_layers_total(self) -> int:
@@ -65,7 +66,8 @@ class MemoryEstimate:
         if blocks == 0 and not head:
             return 0
         kv_per_layer = self.kv_cache // self.n_layer if self.n_layer else 0
-        return blocks * (self.layer_weights + kv_per_layer) + (self.head_weights if head else 0) + self.compute
+        return (blocks * (self.layer_weights + kv_per_layer) + (self.head_weights if head else 0) + self.compute
+                + self.embeddings)
 
     def ram(self, n_gpu_layers: int) -> int:
         """Host memory for `n_gpu_layers`: what is not offloaded, plus the host compute and
@@ -73,11 +75,11 @@ class MemoryEstimate:
         blocks, head = self._blocks(n_gpu_layers)
         kv_left = self.kv_cache * (self.n_layer - blocks) // self.n_layer if self.n_layer else self.kv_cache
         moved = blocks * self.layer_weights + (self.head_weights if head and not self.head_tied else 0)
-        return max(self.weights - moved, 0) + kv_left + self.compute
+        return max(self.weights - moved, 0) + kv_left + self.compute + self.embeddings
 
     def to_dict(self) -> dict[str, int]:
         return {"weights": self.weights, "kv_cache": self.kv_cache, "compute": self.compute,
-                "total": self.total}
+                "embeddings": self.embeddings, "total": self.total}
 
 
 def kv_cache_bytes(info: GGUFInfo, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
@@ -88,16 +90,71 @@ def kv_cache_bytes(info: GGUFInfo, n_ctx: int, type_k: str = "f16", type_v: str 
     return int(per_token * n_ctx)
 
 
-def compute_bytes(info: GGUFInfo, n_ctx: int, n_parallel: int, n_ubatch: int, flash_attn: bool) -> int:
-    """llama.cpp's compute buffer is sized for the worst graph (a full micro-batch of prompt):
-    activations, attention scores over the context (unless flash attention tiles them), and
-    one row of logits per sequence in the output buffer."""
+def compute_bytes(info: GGUFInfo, n_ctx: int, n_outputs: int, n_ubatch: int, flash_attn: bool) -> int:
+    """The part of llama.cpp's compute buffer a graph actually touches, and its output buffer.
+
+    llama.cpp reserves the compute buffer for its worst graph, a micro-batch whose every token
+    outputs logits (514.5 MiB at n_ubatch 512 for gemma-3's 262,144-token vocabulary), but the
+    pages are only touched as far as the graphs run reach, and a graph allocates from the
+    buffer's start: one micro-batch of activations, attention scores over the context (unless
+    flash attention tiles them), and logits only for the rows asked for (`n_outputs`: one per
+    sequence here), which the output buffer then holds again."""
     n_ubatch = min(n_ubatch, n_ctx)
     n_ff = _int_meta(info, f"{info.architecture}.feed_forward_length", info.n_embd * 4)
     activations = n_ubatch * (4 * info.n_embd + 2 * n_ff) * 4
     scores = 0 if flash_attn else n_ubatch * max(info.n_head, 1) * n_ctx * 4
-    logits = max(info.vocab_size, 1) * (n_parallel + 1) * LOGIT_BYTES
+    logits = max(info.vocab_size, 1) * (n_outputs + 1) * LOGIT_BYTES
     return activations + scores + logits + FIXED_OVERHEAD
+
+
+class EmbeddingShape:
+    """The size of the embeddings context (`Embedder`) and of the chunks it decodes, worked out
+    here so the estimate counts exactly what it will open.
+
+    An embeddings context outputs every token, and llama.cpp sizes its output buffer and
+    compute graph with a row of logits per output token (n_vocab floats: 1 MiB each for
+    gemma-3's 262,144): one pass over a 2,048-token text would reserve 2 GiB. So texts go
+    through in chunks whose logits fit in LOGITS_BYTES (at least MIN_CHUNK and at most
+    MAX_CHUNK tokens, so activations stay bounded for a small vocabulary too). A model
+    without causal attention (an encoder such as BERT or EmbeddingGemma) must see a text in
+    one micro-batch, so its context is as long as ONE_PASS_LOGITS_BYTES allows: 2,048 tokens
+    for BERT's 30,522-token vocabulary, 256 for EmbeddingGemma's 262,144."""
+
+    MAX_CTX = 2048
+    MIN_CTX = 64
+    LOGITS_BYTES = 32 * 2**20
+    ONE_PASS_LOGITS_BYTES = 256 * 2**20
+    MIN_CHUNK = 16
+    MAX_CHUNK = 512
+
+    @classmethod
+    def of(cls, *, n_ctx: int, n_ctx_train: int, n_vocab: int, causal: bool) -> tuple[int, int]:
+        """(context length, tokens per chunk)."""
+        context = max(cls.MIN_CTX, min(n_ctx, n_ctx_train or n_ctx, cls.MAX_CTX))
+        per_token = 4 * max(n_vocab, 1)
+        if not causal:
+            one_pass = min(context, max(cls.MIN_CTX, cls.ONE_PASS_LOGITS_BYTES // per_token))
+            return one_pass, one_pass
+        return context, min(context, cls.MAX_CHUNK, max(cls.MIN_CHUNK, cls.LOGITS_BYTES // per_token))
+
+
+# architectures llama.cpp runs with bidirectional attention unless the GGUF says otherwise
+ENCODERS = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert",
+                      "neo-bert", "t5encoder"})
+
+
+def causal_attention(info: GGUFInfo) -> bool:
+    value = info.metadata.get(f"{info.architecture}.attention.causal")
+    return value if isinstance(value, bool) else info.architecture not in ENCODERS
+
+
+def embeddings_bytes(info: GGUFInfo, n_ctx: int) -> int:
+    """The embeddings context a model opens at its first embedding request: an f16 KV cache
+    for its length, a chunk's compute (flash attention) and its outputs (logits and states)."""
+    context, chunk = EmbeddingShape.of(n_ctx=n_ctx, n_ctx_train=info.context_length or n_ctx,
+                                       n_vocab=info.vocab_size, causal=causal_attention(info))
+    outputs = chunk * (max(info.vocab_size, 1) + info.n_embd) * LOGIT_BYTES
+    return kv_cache_bytes(info, context) + compute_bytes(info, context, chunk, chunk, True) + outputs
 
 
 def _int_meta(info: GGUFInfo, key: str, default: int) -> int:
@@ -142,6 +199,7 @@ def estimate(info: GGUFInfo, *, n_ctx: int, n_parallel: int, n_ubatch: int = 512
         weights=info.tensor_bytes + max(info.vocab_size, 0) * VOCAB_BYTES_PER_TOKEN,
         kv_cache=kv_cache_bytes(info, n_ctx, type_k, type_v),
         compute=compute_bytes(info, n_ctx, n_parallel, n_ubatch, flash_attn),
+        embeddings=embeddings_bytes(info, n_ctx),
         n_layer=max(info.n_layer, 0), layer_weights=layer, head_weights=head, head_tied=tied,
     )
 

@@ -110,14 +110,14 @@ class Record:
 
     @property
     def reserved(self) -> int:
-        """What this model counts against the RAM budget: measured once known."""
+        """What this model counts against the RAM budget: what it can reach under load (the
+        estimate), or what was measured right after its load where that is more. The measured
+        figure alone would undercount: compute pages are touched as graph shapes vary, and the
+        embeddings context opens with the first embedding request."""
         if self.state not in RESIDENT:
             return 0
-        if self.measured is not None:
-            return self.measured
-        if self.placement is not None:
-            return self.placement.ram
-        return self.estimate.total if self.estimate else 0
+        planned = self.placement.ram if self.placement is not None else self.estimate.total if self.estimate else 0
+        return max(planned, self.measured or 0)
 
     def vram_on(self, gpu: int) -> int:
         """What this model counts against GPU `gpu`'s VRAM budget: measured once known."""

@@ -58,8 +58,12 @@ def test_random_weights_fail_the_same_coherence_check(tiny_gguf: Any) -> None:
 
 
 def test_memory_estimate_is_within_ten_percent_of_measured(loaded: Any) -> None:
-    assert loaded.measured_bytes and loaded.estimate_bytes
-    assert abs(loaded.estimate_bytes - loaded.measured_bytes) <= 0.10 * loaded.measured_bytes, loaded
+    """Right after a load the model holds its weights, its KV cache and what a warm-up touched;
+    the embeddings context opens later (tests/benchmarks/memory_matrix.py checks the whole
+    estimate against the peak under load)."""
+    assert loaded.measured_bytes and loaded.estimate_detail
+    held = loaded.estimate_detail["total"] - loaded.estimate_detail["embeddings"]
+    assert abs(held - loaded.measured_bytes) <= 0.10 * loaded.measured_bytes, loaded
     assert loaded.chat_template == "fallback:gemma"  # the GGUF has no template of its own
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from corral.backend.embedder import Embedder
+from corral.backend.memory import EmbeddingShape
 from corral.backend.engine import ContextSettings, Engine
 from corral.backend.sequence import Queued, Sequence
 from corral.backend.errors import BadRequest, LoadFailed, QueueFull
@@ -349,7 +350,7 @@ def embedder(tiny_gguf: Any, monkeypatch: pytest.MonkeyPatch, **budget_and_model
     model = {k: v for k, v in budget_and_model.items() if not k.isupper()}
     for name, value in budget_and_model.items():
         if name.isupper():
-            monkeypatch.setattr(Embedder, name, value)
+            monkeypatch.setattr(EmbeddingShape, name, value)
     weights = ModelWeights(str(tiny_gguf("embed", context_length=512, **model)))
     try:
         return Embedder(weights, n_ctx=512, n_threads=1)
@@ -363,10 +364,10 @@ def test_embeddings_decoded_in_chunks_equal_one_pass(tiny_gguf: Any, monkeypatch
     whole = embedder(tiny_gguf, monkeypatch)
     chunked = embedder(tiny_gguf, monkeypatch, LOGITS_BYTES=1)
     try:
-        assert (whole.chunk, chunked.chunk) == (512, Embedder.MIN_CHUNK)
+        assert (whole.chunk, chunked.chunk) == (512, EmbeddingShape.MIN_CHUNK)
         (a,), tokens = whole.embed([LONG_TEXT])
         (b,), _ = chunked.embed([LONG_TEXT])
-        assert tokens > 4 * Embedder.MIN_CHUNK
+        assert tokens > 4 * EmbeddingShape.MIN_CHUNK
         assert sum(x * y for x, y in zip(a, b)) > 0.99999
     finally:
         whole.close()
