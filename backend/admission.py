@@ -9,13 +9,15 @@ on the manager's records through the same methods the manager's other verbs use.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .engine import ContextSettings, Engine
 from .errors import BudgetExceeded, LoadFailed
 from .events import LoadProgress, Notice
-from .memory import format_bytes, return_free_memory
-from .placement import GPURoom, Placement, eviction_target, fewer_layers, gpu_oom_line, plan
+from .memory import MemoryEstimate, format_bytes, return_free_memory
+from .placement import GPULayers, GPURoom, Placement, eviction_target, fewer_layers, gpu_oom_line, plan
 from .records import RESIDENT, Record
 from .telemetry import physical_cores
 from .weights import ModelWeights
@@ -101,43 +103,25 @@ class Admission:
 
     async def _make_room(self: Manager, r: Record) -> None:
         """Place `r` (placement.py), then evict least-recently-used idle, unpinned models until
-        it fits (max_loaded, RAM, and VRAM on the GPU it goes to), or refuse with the numbers."""
-        budgets = self.settings.budgets
+        it fits (max_loaded, RAM, and VRAM on the GPU it goes to), or refuse with the numbers;
+        `next_step` decides, and `corral plan` asks it the same questions without acting."""
         assert r.estimate is not None, "a usable model has an estimate"
         while True:
             rooms, no_gpu = await self._gpu_rooms(r)
-            placement = plan(r.estimate, rooms, r.settings.n_gpu_layers, no_gpu=no_gpu)
-            need = placement.ram
-            if need > self.ram_budget:
-                raise self._refuse(r, need, f"needs {format_bytes(need)} of RAM ({placement.reason}) but the "
-                                            f"whole RAM budget is {format_bytes(self.ram_budget)}")
             resident = [x for x in self._records.values() if x is not r and x.state in RESIDENT]
-            free = self.ram_budget - sum(x.reserved for x in resident)
-            gpu = eviction_target(r.estimate, placement, rooms)
-            host_fits = len(resident) < budgets.max_loaded and need <= free
-            if host_fits and gpu is None and placement.fits:
-                r.placement = placement
-                return
-            idle = [x for x in resident if x.evictable and (gpu is None or x.vram_on(gpu) > 0)]
-            leaving = [x.unload_task for x in resident if x.unload_task is not None]
-            if not idle and leaving:  # memory is on its way back: wait for it, then look again
-                await asyncio.wait(leaving)
+            step = next_step(r.estimate, r.settings.n_gpu_layers, rooms, no_gpu, [Held.of(x) for x in resident],
+                             self.ram_budget, self.settings.budgets.max_loaded)
+            if step.refusal is not None:
+                raise self._refuse(r, step.need, step.refusal, step.free)
+            if step.wait:  # memory is on its way back: wait for it, then look again
+                await asyncio.wait([x.unload_task for x in resident if x.unload_task is not None])
                 continue
-            if not idle:
-                held = ", ".join(f"{x.name} ({'pinned' if x.pinned else x.state.value})" for x in resident)
-                if len(resident) >= budgets.max_loaded:
-                    why = f"max_loaded = {budgets.max_loaded} reached"
-                elif need > free:
-                    why = (f"needs {format_bytes(need)} of RAM ({placement.reason}) but only "
-                           f"{format_bytes(free)} of the {format_bytes(self.ram_budget)} RAM budget is free")
-                else:
-                    why = f"VRAM: {placement.reason}"
-                raise self._refuse(r, need, f"{why}; nothing can be evicted ({held or 'no model is loaded'})",
-                                   free)
-            victim = min(idle, key=lambda x: x.last_used or 0.0)
-            where = "" if gpu is None else f" on GPU {gpu}"
-            cause = "max_loaded" if len(resident) >= budgets.max_loaded else "budget"
-            await self._unload(victim, f"evicted (least recently used){where} to make room for {r.name}", cause)
+            if step.victim is None:
+                r.placement = step.placement
+                return
+            where = "" if step.gpu is None else f" on GPU {step.gpu}"
+            await self._unload(self._records[step.victim.name],
+                               f"evicted (least recently used){where} to make room for {r.name}", step.cause)
 
     async def _gpu_rooms(self: Manager, r: Record) -> tuple[list[GPURoom], str]:
         """Each GPU's memory (NVML, off the loop) with corral's budget and what its other
@@ -150,9 +134,83 @@ class Admission:
                  for i, (free, total) in sorted(memory.items())]
         return rooms, note
 
-    def _refuse(self: Manager, r: Record, need: int, why: str, free: int | None = None) -> BudgetExceeded:
+    def _refuse(self: Manager, r: Record, need: int, why: str, free: int) -> BudgetExceeded:
         message = (f"model {r.name!r} ({r.entry.path}): cannot load: {why}. Evict or unpin a model, "
                    "raise budgets.ram_bytes / vram_bytes / max_loaded, or lower n_ctx / n_parallel / "
-                   "n_gpu_layers")
+                   f"n_gpu_layers (`corral plan {r.name}` shows what would fit)")
         self.bus.publish(Notice(model=r.name, level="error", message=message, cause="budget"))
-        return BudgetExceeded(message, needed=need, free=self.ram_budget if free is None else free)
+        return BudgetExceeded(message, needed=need, free=free)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A resident model as admission weighs it: a copy, so a dry run can take models away."""
+
+    name: str
+    reserved: int
+    vram: Mapping[int, int]
+    evictable: bool
+    last_used: float
+    label: str  # "pinned", or its state: what a refusal says holds it
+    leaving: bool  # unloading already
+
+    @classmethod
+    def of(cls, r: Record) -> Held:
+        gpu = r.placement.gpu if r.placement is not None else None
+        return cls(name=r.name, reserved=r.reserved, vram={} if gpu is None else {gpu: r.vram_on(gpu)},
+                   evictable=r.evictable, last_used=r.last_used or 0.0,
+                   label="pinned" if r.pinned else r.state.value, leaving=r.unload_task is not None)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What admission does next for a model: load it with `placement`, evict `victim` and look
+    again, wait for models already unloading, or refuse (`refusal` says why)."""
+
+    placement: Placement
+    need: int  # RAM the placement takes
+    free: int  # RAM budget left beside the resident models
+    victim: Held | None = None
+    cause: str = ""  # why the victim goes: "max_loaded" or "budget" (the eviction metric's reason)
+    gpu: int | None = None  # the GPU the victim is evicted from
+    wait: bool = False
+    refusal: str | None = None
+
+
+def next_step(estimate: MemoryEstimate, n_gpu_layers: GPULayers, rooms: list[GPURoom], no_gpu: str,
+              resident: list[Held], ram_budget: int, max_loaded: int) -> Step:
+    """One decision of admission, over numbers only: `_make_room` acts on it, a dry run
+    (`Manager.plan`) takes the victim away on paper and asks again."""
+    placement = plan(estimate, rooms, n_gpu_layers, no_gpu=no_gpu)
+    need = placement.ram
+    if need > ram_budget:
+        return Step(placement, need, ram_budget, refusal=f"needs {format_bytes(need)} of RAM ({placement.reason}) but "
+                                                          f"the whole RAM budget is {format_bytes(ram_budget)}")
+    free = ram_budget - sum(x.reserved for x in resident)
+    gpu = eviction_target(estimate, placement, rooms)
+    if len(resident) < max_loaded and need <= free and gpu is None and placement.fits:
+        return Step(placement, need, free)
+    idle = [x for x in resident if x.evictable and (gpu is None or x.vram.get(gpu, 0) > 0)]
+    if not idle and any(x.leaving for x in resident):
+        return Step(placement, need, free, wait=True)
+    if not idle:
+        held = ", ".join(f"{x.name} ({x.label})" for x in resident)
+        if len(resident) >= max_loaded:
+            why = f"max_loaded = {max_loaded} reached"
+        elif need > free:
+            why = (f"needs {format_bytes(need)} of RAM ({placement.reason}) but only {format_bytes(free)} of the "
+                   f"{format_bytes(ram_budget)} RAM budget is free")
+        else:
+            why = f"VRAM: {placement.reason}"
+        return Step(placement, need, free, refusal=f"{why}; nothing can be evicted ({held or 'no model is loaded'})")
+    victim = min(idle, key=lambda x: x.last_used)
+    return Step(placement, need, free, victim=victim, gpu=gpu,
+                cause="max_loaded" if len(resident) >= max_loaded else "budget")
+
+
+def without(rooms: list[GPURoom], gone: Held) -> list[GPURoom]:
+    """The GPUs as they would be once `gone` is unloaded: its VRAM free again."""
+    return [replace(room, free=room.free + gone.vram.get(room.index, 0),
+                    reserved=room.reserved - gone.vram.get(room.index, 0),
+                    evictable=room.evictable - (gone.vram.get(room.index, 0) if gone.evictable else 0))
+            for room in rooms]

@@ -121,6 +121,22 @@ class ModelDefaults(_Strict):
     max_queue: int = Field(64, ge=0, le=100_000)
 
 
+def check_model_values(where: str, values: ModelDefaults) -> None:
+    """The rules between a model's settings (each field's own are on ModelDefaults); ValueError
+    names the rule and the fix. Shared by the config file and `corral plan`'s overrides."""
+    if values.n_batch < values.n_parallel:
+        # every running sequence adds a token to each batch: a smaller batch cannot hold them
+        raise ValueError(f"{where}: n_batch = {values.n_batch} is smaller than n_parallel = "
+                         f"{values.n_parallel}; raise n_batch or lower n_parallel")
+    if values.n_ubatch is not None and values.n_ubatch > values.n_batch:
+        raise ValueError(f"{where}: n_ubatch = {values.n_ubatch} is larger than n_batch = {values.n_batch}; "
+                         "llama.cpp computes at most a batch at once: lower n_ubatch or raise n_batch")
+    if values.type_v != "f16" and not values.flash_attn:
+        raise ValueError(f"{where}: type_v = {values.type_v!r} needs flash_attn = true (llama.cpp "
+                         "quantizes the V cache only with flash attention); turn flash_attn on or "
+                         "set type_v = \"f16\"")
+
+
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 
 
@@ -314,17 +330,7 @@ class Settings(_Strict):
                                  "name a real model")
         for where, values in [("defaults", self.defaults)] + [
                 (f"models[{i}] ({m.name})", self.effective(m.name)) for i, m in enumerate(self.models)]:
-            if values.n_batch < values.n_parallel:
-                # every running sequence adds a token to each batch: a smaller batch cannot hold them
-                raise ValueError(f"{where}: n_batch = {values.n_batch} is smaller than n_parallel = "
-                                 f"{values.n_parallel}; raise n_batch or lower n_parallel")
-            if values.n_ubatch is not None and values.n_ubatch > values.n_batch:
-                raise ValueError(f"{where}: n_ubatch = {values.n_ubatch} is larger than n_batch = {values.n_batch}; "
-                                 "llama.cpp computes at most a batch at once: lower n_ubatch or raise n_batch")
-            if values.type_v != "f16" and not values.flash_attn:
-                raise ValueError(f"{where}: type_v = {values.type_v!r} needs flash_attn = true (llama.cpp "
-                                 "quantizes the V cache only with flash attention); turn flash_attn on or "
-                                 "set type_v = \"f16\"")
+            check_model_values(where, values)
         return self
 
     def alias_for(self, name: str) -> AliasConfig | None:

@@ -35,7 +35,7 @@ from .pull.status import PullStatus
 from .rendering import cache_payload, check_request, prepare
 from .request import GenerationRequest, Message, chat_request, completion_request
 from .respcache import BYPASS, MISS, STALE, CacheKey, Lookup, ResponseCache, model_fingerprint, relay, request_key
-from .snapshot import ModelDetails, ModelInfo, Status, StoreInfo
+from .snapshot import LoadPlan, ModelDetails, ModelInfo, Status, StoreInfo
 from .telemetry import Telemetry
 from .versions import ConfigHistory
 
@@ -151,6 +151,13 @@ class LocalBackend(LiveConfig):
         return await asyncio.to_thread(describe, name, entry.path, self.digests, n_ctx=n_ctx,
                                        chat_template=template, alias_of=alias_of, source=entry.source,
                                        known_digest=entry.digest, store=entry.store)
+
+    async def plan(self, name: str, **overrides: Any) -> LoadPlan:
+        """A dry run of loading `name` now, with other values of its settings (n_ctx, n_parallel,
+        n_batch, n_ubatch, type_k, type_v, flash_attn, n_gpu_layers) if given: the estimate, the
+        budget, what would be evicted, or why it cannot fit and what would; nothing changes."""
+        await self.ready()
+        return await self._call(self.manager.plan(name, overrides))
 
     def _file_of(self, name: str) -> tuple[CatalogEntry, int, str | None, str | None]:
         """On the backend loop: the model's catalog entry, its n_ctx, the template its chats take

@@ -30,6 +30,7 @@ from .events import (EventBus, ModelLoaded, Notice, PinChanged, RequestFinished,
                      Subscription, wait_event)
 from .ggufmeta import GGUFInfo
 from .kvstore import PrefixStore
+from .loadplan import Planning
 from .memory import MemoryEstimate, default_ram_budget, estimate, process_rss
 from .admission import Admission, close_and_trim
 from .reconfig import Reconfiguration, catalog_for
@@ -51,7 +52,7 @@ def _make_pull_dir() -> None:
         log.info("cannot make the pull folder %s: %s", default_pull_dir(), exc)
 
 
-class Manager(Admission, Reconfiguration):
+class Manager(Admission, Planning, Reconfiguration):
     def __init__(self, settings: Settings, bus: EventBus, catalog: Catalog | None = None,
                  telemetry: Telemetry | None = None, state_file: Path | None = None) -> None:
         self.settings = settings

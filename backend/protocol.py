@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .generation import Chunk, Embeddings
 from .pull.status import PullStatus
-from .snapshot import ModelDetails, ModelInfo, Status
+from .snapshot import LoadPlan, ModelDetails, ModelInfo, Status
 
 if TYPE_CHECKING:
     from .events import Event
@@ -38,6 +38,7 @@ class Backend(Protocol):
     async def status(self) -> Status: ...
     async def load(self, name: str, keep_alive: float | str | None = None) -> ModelInfo: ...
     async def details(self, name: str) -> ModelDetails: ...
+    async def plan(self, name: str, **overrides: Any) -> LoadPlan: ...
     async def evict(self, name: str, *, force: bool = False) -> ModelInfo: ...
     async def pin(self, name: str, pinned: bool = True) -> ModelInfo: ...
     def complete(self, model: str, prompt: str, **options: Any) -> AsyncIterator[Chunk]: ...
@@ -109,6 +110,9 @@ class SyncBackend:
 
     def details(self, name: str) -> ModelDetails:
         return self._run(self._backend.details(name))
+
+    def plan(self, name: str, **overrides: Any) -> LoadPlan:
+        return self._run(self._backend.plan(name, **overrides))
 
     def evict(self, name: str, *, force: bool = False) -> ModelInfo:
         return self._run(self._backend.evict(name, force=force))

@@ -36,7 +36,7 @@ from .request import GenerationRequest, chat_request, completion_request
 from .server.anthropic import count_body
 from .server.openai import chunk_from_wire, wire_body
 from .versions import ConfigVersion
-from .snapshot import ModelDetails, ModelInfo, Status
+from .snapshot import LoadPlan, ModelDetails, ModelInfo, Status
 
 if TYPE_CHECKING:
     from .protocol import LoopThread, SyncBackend
@@ -273,6 +273,10 @@ class RemoteBackend:
         """The server's details of `name`'s file; hashing a big file the first time takes a while."""
         data = await self._request("GET", self._model_path(name), timeout=self._waiting(), model=name)
         return ModelDetails.from_dict(data)
+
+    async def plan(self, name: str, **overrides: Any) -> LoadPlan:
+        params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in overrides.items()}
+        return LoadPlan.from_dict(await self._request("GET", self._model_path(name, "plan"), params=params, model=name))
 
     async def evict(self, name: str, *, force: bool = False) -> ModelInfo:
         data = await self._request("POST", self._model_path(name, "evict"),

@@ -12,6 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from .display import repr_html, rich_renderable
+from .memory import format_bytes
 from .telemetry import GPUStats, HostStats
 
 
@@ -216,3 +217,67 @@ class Status:
             ram_reserved=data["ram_reserved"],
             max_loaded=data["max_loaded"],
         )
+
+
+@dataclass(frozen=True)
+class Eviction:
+    model: str
+    bytes: int  # RAM it gives back
+    reason: str
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What loading `model` with `settings` would take, as admission would decide it now."""
+
+    model: str
+    state: str  # its state now; a loaded model's plan is for loading it again with `settings`
+    settings: dict[str, Any]  # the PLANNABLE settings the plan is for
+    estimate: dict[str, int]  # weights, kv_cache, compute, embeddings, total
+    ram_bytes: int  # RAM the placement takes
+    vram_bytes: int
+    gpu: int | None
+    n_gpu_layers: int
+    placement: str  # where it would go, and why
+    ram_budget: int
+    ram_reserved: int  # held by the other resident models
+    max_loaded: int
+    loaded: int  # other resident models
+    fits: bool
+    evictions: tuple[Eviction, ...] = ()
+    waits_for: tuple[str, ...] = ()  # models already unloading that it would wait for
+    refusal: str | None = None
+    suggestions: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoadPlan:
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        values["evictions"] = tuple(Eviction(**e) for e in values.get("evictions") or ())
+        values["waits_for"] = tuple(values.get("waits_for") or ())
+        values["suggestions"] = tuple(values.get("suggestions") or ())
+        return cls(**values)
+
+    def render(self) -> str:
+        """The plan as an operator reads it: `corral plan` prints this."""
+        e = self.estimate
+        lines = [f"{self.model} ({self.state}): " + ", ".join(f"{k} {v}" for k, v in self.settings.items()),
+                 f"estimate {format_bytes(e['total'])}: weights {format_bytes(e['weights'])}, KV cache "
+                 f"{format_bytes(e['kv_cache'])}, compute {format_bytes(e['compute'])}, embeddings "
+                 f"{format_bytes(e.get('embeddings', 0))}",
+                 f"placement: {self.placement} (RAM {format_bytes(self.ram_bytes)}"
+                 + (f", VRAM {format_bytes(self.vram_bytes)} on GPU {self.gpu})" if self.vram_bytes else ")"),
+                 f"RAM budget {format_bytes(self.ram_budget)}: {format_bytes(self.ram_reserved)} held by "
+                 f"{self.loaded} other model(s), {format_bytes(self.ram_budget - self.ram_reserved)} free; "
+                 f"max_loaded {self.max_loaded}"]
+        lines += [f"waits for {name} to finish unloading" for name in self.waits_for]
+        lines += [f"evicts {x.model} ({format_bytes(x.bytes)}): {x.reason}" for x in self.evictions]
+        if self.fits:
+            lines.append("fits" + (" after evicting " + ", ".join(x.model for x in self.evictions)
+                                   if self.evictions else " without evicting anything"))
+        else:
+            lines.append(f"does not fit: {self.refusal}")
+        lines += [f"would fit: {s}" for s in self.suggestions]
+        return "\n".join(lines)

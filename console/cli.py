@@ -48,6 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
     _remote_arguments(rm, "remove it on this running `corral serve` instead of here")
 
+    plan = sub.add_parser("plan", help="a dry run of loading a model: the estimate, the budget, what would be "
+                                       "evicted, or why it cannot fit and what would")
+    plan.add_argument("model")
+    for flag, kind, what in (("--n-ctx", int, "context length"), ("--n-parallel", int, "sequences"),
+                             ("--n-batch", int, "batch"), ("--n-ubatch", int, "micro-batch"),
+                             ("--type-k", str, "K cache type: f16, q8_0, q4_0"),
+                             ("--type-v", str, "V cache type: f16, q8_0, q4_0"),
+                             ("--n-gpu-layers", str, 'layers on the GPU: "auto" or a number'),
+                             ("--flash-attn", str, "true or false")):
+        plan.add_argument(flag, type=kind, help=f"plan with this {what} instead of the model's own")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    _remote_arguments(plan, "plan on this running `corral serve` (its loaded models and budget) instead of here")
+
     serve = sub.add_parser("serve", help="run headless: OpenAI-compatible HTTP API, admin API, /metrics")
     serve.add_argument("--host", help="address to listen on (default: [server] host, else 127.0.0.1)")
     serve.add_argument("--port", type=_port, help="port to listen on; 0 picks a free one (default: [server] port, "
@@ -129,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             return _pull(args)
         if args.command == "rm":
             return _rm(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "serve":
             return _serve(args)
         if args.command == "attach":
@@ -182,7 +197,7 @@ def _backend(args: argparse.Namespace, *, lasting: bool = False, path: str | Non
 
 
 def _pull_backend(args: argparse.Namespace) -> Any:
-    """`pull` and `rm` work in this process, or on the server `--url` names."""
+    """`pull`, `rm` and `plan` work in this process, or on the server `--url` names."""
     import os
 
     if args.url is None:
@@ -284,6 +299,18 @@ def _rm(args: argparse.Namespace) -> int:
         removed = backend.sync.remove(args.name)
     print(f"removed {args.name}: {', '.join(removed) or 'its files were already gone'}")
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Exit status 0 when the model fits (evicting or not), 2 when it cannot."""
+    import json
+
+    names = ("n_ctx", "n_parallel", "n_batch", "n_ubatch", "type_k", "type_v", "n_gpu_layers", "flash_attn")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    with _pull_backend(args) as backend:
+        plan = backend.sync.plan(args.model, **overrides)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.render())
+    return 0 if plan.fits else 2
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -51,7 +51,7 @@ from corral.backend.events import (
 )
 from corral.backend.config import parse_duration
 from corral.backend.pull.status import PullStatus
-from corral.backend.snapshot import ModelDetails, ModelInfo, Status
+from corral.backend.snapshot import LoadPlan, ModelDetails, ModelInfo, Status
 from corral.backend.versions import ConfigVersion
 from corral.backend.telemetry import GPUStats, HostStats
 
@@ -175,6 +175,21 @@ class FakeBackend:
         reserved = sum((m.measured_bytes or m.estimate_bytes or 0) for m in models
                        if m.state in ("loading", "ready", "busy", "unloading"))
         return Status(models, self.host, self.ram_budget, reserved, self.max_loaded)
+
+    async def plan(self, name: str, **overrides: Any) -> LoadPlan:
+        """Fits when its estimate fits beside the other loaded models (no evictions, no GPU)."""
+        self.calls.append(("plan", name, overrides))
+        m = self._get(name)
+        others = [x for x in self._models.values() if x.loaded and x.name != name]
+        held = sum((x.measured_bytes or x.estimate_bytes or 0) for x in others)
+        need = m.estimate_bytes or 0
+        fits = need <= self.ram_budget - held and len(others) < self.max_loaded
+        return LoadPlan(model=name, state=m.state, settings={"n_ctx": m.n_ctx, "n_parallel": m.n_parallel},
+                        estimate=dict(m.estimate_detail or {"total": need}), ram_bytes=need, vram_bytes=0, gpu=None,
+                        n_gpu_layers=0, placement="CPU: no GPU (test)", ram_budget=self.ram_budget, ram_reserved=held,
+                        max_loaded=self.max_loaded, loaded=len(others), fits=fits,
+                        refusal=None if fits else f"needs {need} B but {self.ram_budget - held} B are free",
+                        suggestions=() if fits else ("n_ctx = 2048",))
 
     async def load(self, name: str, keep_alive: float | str | None = None) -> ModelInfo:
         self.calls.append(("load", name))

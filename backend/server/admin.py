@@ -98,6 +98,11 @@ async def details(request: Request, name: str) -> dict[str, Any]:
     return (await state_of(request).backend.details(name)).to_dict()
 
 
+async def plan(request: Request, name: str) -> dict[str, Any]:
+    """A dry run of loading `name`: GET /api/models/{name}/plan?n_ctx=8192&type_k=q8_0..."""
+    return (await state_of(request).backend.plan(name, **dict(request.query_params))).to_dict()
+
+
 async def evict(request: Request, name: str, force: bool = False) -> dict[str, Any]:
     return (await state_of(request).backend.evict(name, force=force)).to_dict()
 

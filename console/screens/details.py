@@ -12,17 +12,20 @@ from typing import TYPE_CHECKING, cast
 
 from rich.table import Table
 from rich.text import Text
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from corral.backend.errors import CorralError
+
 from ..widgets.gauges import NA, format_bytes, format_duration
 from ..widgets.models_table import state_label
 
 if TYPE_CHECKING:
-    from corral.backend.snapshot import ModelInfo, RequestPercentiles, Status
+    from corral.backend.snapshot import LoadPlan, ModelInfo, RequestPercentiles, Status
 
     from ..app import CorralApp
 
@@ -109,12 +112,37 @@ def request_rows(stats: RequestPercentiles | None) -> list[tuple[str, str]]:
     ]
 
 
-def details_table(m: ModelInfo) -> Table:
-    """Three sections of label/value rows, the labels in the theme's secondary colour."""
+def plan_rows(m: ModelInfo, plan: LoadPlan | str | None) -> list[tuple[str, str]]:
+    """The dry run of loading it (`corral plan`): whether it fits, what it would evict, what
+    would make it fit. For a loaded model, what loading it again would take."""
+    if plan is None:
+        return [("plan", "working it out…")]
+    if isinstance(plan, str):
+        return [("plan", plan)]
+    left = plan.ram_budget - plan.ram_reserved
+    if plan.fits:
+        verdict = ("fits, after evicting " + ", ".join(f"{e.model} ({format_bytes(e.bytes)})" for e in plan.evictions)
+                   if plan.evictions else "fits without evicting anything")
+    else:
+        verdict = f"does not fit: {plan.refusal}"
+    rows = [("if loaded again" if m.state in ("ready", "busy", "loading") else "if loaded", verdict),
+            ("needs", f"{format_bytes(plan.ram_bytes)} RAM" + (f", {format_bytes(plan.vram_bytes)} VRAM on GPU "
+                                                               f"{plan.gpu}" if plan.vram_bytes else "")),
+            ("budget left", f"{format_bytes(left)} of {format_bytes(plan.ram_budget)} "
+                            f"({plan.loaded} other model(s) loaded, max {plan.max_loaded})")]
+    rows += [("waits for", name) for name in plan.waits_for]
+    if plan.suggestions:
+        rows.append(("would fit with", "; ".join(plan.suggestions)))
+    return rows
+
+
+def details_table(m: ModelInfo, plan: LoadPlan | str | None = None) -> Table:
+    """Sections of label/value rows, the labels in the theme's secondary colour."""
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
     for title, rows in (("model", metadata_rows(m)), ("store", store_rows(m)), ("memory", memory_rows(m)),
+                        ("load plan", plan_rows(m, plan) if m.usable else []),
                         ("recent requests", request_rows(m.requests))):
         if not rows:
             continue
@@ -135,6 +163,8 @@ class DetailsScreen(ModalScreen[None]):
     def __init__(self, model: ModelInfo) -> None:
         super().__init__(classes="dialog")
         self.model = model
+        self.plan: LoadPlan | str | None = None
+        self._planned_for: tuple[tuple[str, str], ...] | None = None  # the models' states the plan saw
 
     @property
     def corral(self) -> CorralApp:
@@ -144,17 +174,34 @@ class DetailsScreen(ModalScreen[None]):
         with VerticalScroll(id="details-box", classes="dialog-box") as box:
             box.border_title = self.model.name
             box.border_subtitle = "esc to close"
-            yield Static(details_table(self.model), id="details-body")
+            yield Static(details_table(self.model, self.plan), id="details-body")
 
     def on_mount(self) -> None:
         self.corral.status_signal.subscribe(self, self.apply_status)
         self.query_one("#details-box").focus()
+        if self.model.usable:
+            self.refresh_plan()
 
     def apply_status(self, status: Status) -> None:
         model = next((m for m in status.models if m.name == self.model.name), None)
         if model is not None and model != self.model:
             self.model = model
-            self.query_one("#details-body", Static).update(details_table(model))
+            self._redraw()
+        states = tuple((m.name, m.state) for m in status.models)
+        if self._planned_for is not None and states != self._planned_for and self.model.usable:
+            self.refresh_plan()  # a load or an eviction changes what loading this one would take
+        self._planned_for = states
+
+    def _redraw(self) -> None:
+        self.query_one("#details-body", Static).update(details_table(self.model, self.plan))
+
+    @work(exclusive=True, group="plan")
+    async def refresh_plan(self) -> None:
+        try:
+            self.plan = await self.corral.backend.plan(self.model.name)
+        except CorralError as exc:
+            self.plan = f"cannot plan: {exc.message}"
+        self._redraw()
 
     def action_close(self) -> None:
         self.dismiss(None)
