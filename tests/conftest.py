@@ -3,12 +3,13 @@ config files from tests/support.py."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import managers
 from fileserver import FileServer
 from ggufs import write_tiny_llama
 from support import (SLOW, SLOW_SHAPE, TINY, Server, default_model_config, slow_config, start_server, tiny_settings,
@@ -162,3 +163,10 @@ def private_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     for name in ("HF_HOME", "XDG_CACHE_HOME"):
         os.environ.pop(name, None)
     os.environ.update(HOME=str(home), OLLAMA_MODELS=str(nowhere / "ollama"), HF_HUB_CACHE=str(nowhere / "hf"))
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[Any]:
+    """Start managers (`await running(settings)` -> manager, recorder); all closed at the end."""
+    async with managers.started() as start:
+        yield start

@@ -17,7 +17,7 @@ from corral.console.screens import DetailsScreen
 from console_support import SIZE, details_text, make_app, ready, select, wait_for
 from fake_backend import FakeBackend, model_info
 from support import clean_env, start_server, tiny_settings, write_config
-from test_manager import kv_heavy_dir, make_settings, running, state  # noqa: F401 (running: a fixture)
+from managers import kv_heavy_dir, make_settings, state
 
 GiB = 2**30
 
