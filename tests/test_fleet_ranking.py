@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from corral.backend.fleet.ranking import Fit, NodeReport, fit, rank
+from corral.backend.fleet.ranking import Fit, NodeReport, Routed, fit, rank
 
 GB = 10**9
 CATALOG = {"m1": 6 * GB, "m2": 5 * GB, "m3": 4 * GB}
@@ -116,3 +116,24 @@ def test_ranking_imports_without_ray() -> None:
     code = ("import sys; import corral.backend.fleet.ranking; "
             "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_routed_models_count_as_loading_until_reported_or_forgotten() -> None:
+    routed = Routed(memory_s=5.0)
+    a, b = node("a"), node("b", ongoing=1)
+    routed.sent("a", "m1", now=10.0)
+    seen = routed.overlay(a, now=10.5)
+    assert seen.loaded == {"m1": "loading"} and seen.used_bytes == 6 * GB
+    # a burst for m1 follows the first request, not the idler node; m2 no longer fits beside it
+    assert names(rank([seen, routed.overlay(b, now=10.5)], "m1")) == [["a"], ["b"]]
+    assert names(rank([seen, b], "m2")) == [["b"]]  # a loading model is never evicted
+    assert routed.overlay(b, now=10.5) is b
+
+    reported = node("a", {"m1": "ready"})
+    assert routed.overlay(reported, now=11.0) is reported  # the report shows it: forgotten
+    assert routed.overlay(a, now=11.0) is a
+
+    routed.sent("a", "m2", now=20.0)
+    routed.sent("a", "not-here", now=20.0)  # a model outside the node's catalog is never added
+    assert routed.overlay(a, now=24.0).loaded == {"m2": "loading"}
+    assert routed.overlay(a, now=25.5) is a  # older than memory_s

@@ -14,7 +14,7 @@ Pure Python, no Ray: the router, the tests and the fleet simulation all run this
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 #: States in `NodeReport.loaded` that serve at once; "loading" serves when the load ends.
@@ -123,3 +123,32 @@ def rank(reports: Sequence[NodeReport], model: str) -> list[list[NodeReport]]:
         if where is not None:
             groups.setdefault((where.rank, where.evicted_bytes), []).append(report)
     return [sorted(groups[key], key=lambda r: (r.ongoing, r.node)) for key in sorted(groups)]
+
+
+class Routed:
+    """Where the router sent each model since the nodes last reported. Reports come about once
+    a second; between two, a burst for a cold model would see every node without it and load
+    it on several. Counting a model sent to a node as loading there (its bytes held), until the
+    node's report shows it or `memory_s` passes, lands the burst on one node, where the
+    manager makes it one load."""
+
+    def __init__(self, memory_s: float = 5.0) -> None:
+        self.memory_s = memory_s
+        self._sent: dict[str, dict[str, float]] = {}  # node -> model -> when sent
+
+    def sent(self, node: str, model: str, now: float) -> None:
+        self._sent.setdefault(node, {})[model] = now
+
+    def overlay(self, report: NodeReport, now: float) -> NodeReport:
+        """`report` with the models sent to its node since, and not in it yet, as loading."""
+        sent = self._sent.get(report.node)
+        if not sent:
+            return report
+        for model, when in list(sent.items()):
+            if model in report.loaded or now - when > self.memory_s:
+                del sent[model]
+        extra = [model for model in sent if model in report.catalog]
+        if not extra:
+            return report
+        return replace(report, loaded={**report.loaded, **{model: LOADING for model in extra}},
+                       used_bytes=report.used_bytes + sum(report.catalog[model] for model in extra))
