@@ -6,7 +6,9 @@ sees: one load at a time; a load first evicts idle models least recently used fi
 fits the byte budget, waits for models that are draining, or is refused when everything left
 is busy; each loaded model runs `slots` requests at once and queues the rest. Load time is
 proportional to size. The node holds at most `max_ongoing` requests (Ray's
-`max_ongoing_requests`); a router finding every candidate full backs off and tries again.
+`max_ongoing_requests`). Both policies route through Ray's routing loop: requests wait in
+FIFO order for one of at most two routing tasks per node, and a task finding every candidate
+full backs off (0, then 0.025 s doubling to 0.5 s) and tries again.
 
 The two policies over the same nodes:
 
@@ -22,10 +24,10 @@ The two policies over the same nodes:
   manager drains and evicts it), then loads; a hit returns at once and the request goes to the
   manager, which reloads a model it had to evict for bytes. Replicas push their model ids
   (loaded and loading) 0.1 s after a miss or an unload. The router prefers replicas whose ids
-  hold the model, falls back to those with the fewest ids (at once when none holds it, or on a
-  retry), after a random 1-2 s matching timeout to all; from its candidates it draws two at
-  random and takes the less busy one with room (power of two choices). Backoff between
-  attempts: 0, then 0.025 s doubling to 0.5 s.
+  hold the model and falls back to those with the fewest ids (at once when none holds it, and
+  on every retry); once a matching timeout drawn in 1-2 s has passed, to those with the fewest
+  once more, then to all. From its candidates it draws two at random and takes the less busy
+  one with room (power of two choices).
 
 What is left out, for both alike: the network, CPU contention between a node's models (each
 model's slots run independently), prefix caches and idle TTLs.
@@ -189,7 +191,7 @@ class Node:
 
     def run(self, request: Request) -> None:
         """The manager's acquire (loading the model if it must) and then generation."""
-        self.ensure(request.model, lambda ok: self._queue(request) if ok else self._refuse(request))
+        self.ensure(request.model, lambda ok: self._queue(request) if ok else self.refuse(request))
 
     def _queue(self, request: Request) -> None:
         held = self.resident[request.model]
@@ -213,7 +215,7 @@ class Node:
         if held.state == "draining" and not held.active:
             self._unload(held)
 
-    def _refuse(self, request: Request) -> None:
+    def refuse(self, request: Request) -> None:
         self.result.refused += 1
         self._done(request)
 
@@ -341,7 +343,7 @@ class RayReplica:
             self.models[request.model] = None
             self.node.run(request)
         else:
-            self.node._refuse(request)
+            self.node.refuse(request)
         self._locked = False
         self._next()
 
