@@ -22,14 +22,14 @@ def test_open_loop_fleet_serves_or_refuses_every_request_within_budget() -> None
     fleet = zipf_fleet(nodes=3, models=9, budget_gb=20, largest_gb=16)
     jobs = zipf_traffic(fleet, requests=600, rate_per_node=2.0, seed=7)
     assert [j.at for j in jobs] == sorted(j.at for j in jobs)
-    for policy, count in (("corral", 0), ("ray", 3)):
-        result = simulate(fleet, jobs, policy, seed=7, ray_models=count)
+    results = [simulate(fleet, jobs, policy, seed=7, ray_models=count) for policy, count in (("corral", 0), ("ray", 3))]
+    for result in results:
         assert result.requests == 600
         assert len(result.ttft) + result.refused == 600
         assert result.loads > 9 and fleet.budget - 3 * GB < result.peak_bytes <= fleet.budget
         assert 0 < result.hits <= 600 and result.ttft_quantile(0.5) <= result.ttft_quantile(0.99)
     again = simulate(fleet, jobs, "ray", seed=7, ray_models=3)
-    assert (again.loads, again.ttft) == (result.loads, result.ttft)  # seeded: the same run
+    assert (again.loads, again.ttft) == (results[1].loads, results[1].ttft)  # seeded: the same run
 
 
 def test_a_model_larger_than_every_budget_is_refused_not_loaded() -> None:

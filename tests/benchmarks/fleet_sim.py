@@ -84,13 +84,13 @@ def result_row(result: Result) -> list[str]:
 
 def issue_table(seeds: Sequence[int]) -> str:
     fleet, jobs = issue_case()
-    rows = [["policy", "loads per seed", "loads (median)", "hit rate (median)", "TTFT p99 s (median)"]]
+    rows = [["policy", "loads per seed", "loads", "evictions", "hit rate", "TTFT p50 s", "TTFT p99 s"]]
     for policy, count in (("corral", 0), ("ray", 2), ("ray", 1)):
         runs = [simulate(fleet, jobs, policy, seed=s, ray_models=count, closed_loop=True) for s in seeds]
         rows.append([runs[0].policy, " ".join(str(r.loads) for r in runs),
-                     f"{statistics.median(r.loads for r in runs):g}",
-                     f"{statistics.median(r.hit_rate for r in runs):.2f}",
-                     f"{statistics.median(r.ttft_quantile(0.99) for r in runs):.2f}"])
+                     *(format(statistics.median(figure(r) for r in runs), spec) for figure, spec in (
+                         (lambda r: r.loads, "g"), (lambda r: r.evictions, "g"), (lambda r: r.hit_rate, ".2f"),
+                         (lambda r: r.ttft_quantile(0.5), ".2f"), (lambda r: r.ttft_quantile(0.99), ".2f")))])
     return table(rows)
 
 
@@ -118,11 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = [args.nodes, args.models, args.budget]
     if any(v is not None for v in given) and None in given:
         parser.error("--nodes, --models and --budget go together")
-    if args.nodes is not None and min(args.nodes, args.models) < 1 or args.requests < 1 or args.rate <= 0:
-        parser.error("--nodes, --models and --requests must be at least 1, --rate above 0")
+    if args.nodes is not None and min(args.nodes, args.models) < 1 or min(args.requests, args.seeds) < 1:
+        parser.error("--nodes, --models, --requests and --seeds must be at least 1")
+    if args.rate <= 0:
+        parser.error("--rate must be above 0")
     started = time.perf_counter()
     print("## The issue's case: 2 nodes x 3 models (6, 5, 4 GB), 10 GB per node, m1 m3 m2 x 20, one at a time")
-    print(f"seeds {args.seed}..{args.seed + args.seeds - 1}\n")
+    print(f"medians over seeds {args.seed}..{args.seed + args.seeds - 1}\n")
     print(issue_table(range(args.seed, args.seed + args.seeds)))
     fleets = [tuple(given)] if args.nodes is not None else FLEETS
     for nodes, models, budget in fleets:
