@@ -379,18 +379,18 @@ class RayRouter:
     def __init__(self, nodes: Sequence[Node], clock: Clock, rng: random.Random, max_models: int) -> None:
         self.clock, self.rng = clock, rng
         self.replicas = [RayReplica(n, max_models, self._push) for n in nodes]
-        self.of_node = {id(r.node): r for r in self.replicas}
-        self.view: dict[int, frozenset[str]] = {id(r): frozenset() for r in self.replicas}
+        self.of_node = {r.node: r for r in self.replicas}
+        self.view: dict[RayReplica, frozenset[str]] = {r: frozenset() for r in self.replicas}
         self.fallback: set[str] = set()
 
     def _push(self, replica: RayReplica) -> None:
         def publish() -> None:
-            self.view[id(replica)] = replica.ids
+            self.view[replica] = replica.ids
         self.clock.after(RAY_PUSH_S, publish)
 
     def _fewest(self) -> list[RayReplica]:
-        least = min(len(self.view[id(r)]) for r in self.replicas)
-        return [r for r in self.replicas if len(self.view[id(r)]) == least]
+        least = min(len(self.view[r]) for r in self.replicas)
+        return [r for r in self.replicas if len(self.view[r]) == least]
 
     def _candidates(self, request: Request) -> list[RayReplica]:
         """MultiplexMixin.apply_multiplex_routing."""
@@ -398,7 +398,7 @@ class RayRouter:
             request.matching_since = self.clock.now
         model = request.model
         if self.clock.now - request.matching_since < self.rng.uniform(RAY_MATCHING_S, 2 * RAY_MATCHING_S):
-            holders = [r for r in self.replicas if model in self.view[id(r)]]
+            holders = [r for r in self.replicas if model in self.view[r]]
             if (not holders and model not in self.fallback) or request.tried_first:
                 holders = self._fewest()
                 self.fallback.add(model)
@@ -426,7 +426,7 @@ class RayRouter:
 
     def dispatch(self, node: Node, request: Request) -> None:
         node.accept(request)
-        self.of_node[id(node)].handle(request)
+        self.of_node[node].handle(request)
 
 
 def ray_backoff(attempt: int) -> float:
