@@ -20,7 +20,7 @@ from .ggufmeta import GGUFInfo
 # blocks of 32 values with one f16 scale (34 and 18 bytes a block)
 KV_BYTES_PER_ELEMENT = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 LOGIT_BYTES = 4  # f32
-FIXED_OVERHEAD = 4 * 2**20  # graph metadata, sampler state
+FIXED_OVERHEAD = 14 * 2**20  # once per model: graph metadata, threads' stacks and work buffers, samplers
 # llama.cpp's vocabulary in host memory (each token's text and attributes, the lookup maps):
 # measured 42 MiB of RSS for gemma-3's 262,144 tokens, beside 248 MiB of tensors.
 VOCAB_BYTES_PER_TOKEN = 160
@@ -90,21 +90,26 @@ def kv_cache_bytes(info: GGUFInfo, n_ctx: int, type_k: str = "f16", type_v: str 
     return int(per_token * n_ctx)
 
 
-def compute_bytes(info: GGUFInfo, n_ctx: int, n_outputs: int, n_ubatch: int, flash_attn: bool) -> int:
+def compute_bytes(info: GGUFInfo, n_ctx: int, n_outputs: int, n_ubatch: int, flash_attn: bool,
+                  fixed: int = FIXED_OVERHEAD) -> int:
     """The part of llama.cpp's compute buffer a graph actually touches, and its output buffer.
 
     llama.cpp reserves the compute buffer for its worst graph, a micro-batch whose every token
     outputs logits (514.5 MiB at n_ubatch 512 for gemma-3's 262,144-token vocabulary), but the
     pages are only touched as far as the graphs run reach, and a graph allocates from the
-    buffer's start: one micro-batch of activations, attention scores over the context (unless
-    flash attention tiles them), and logits only for the rows asked for (`n_outputs`: one per
-    sequence here), which the output buffer then holds again."""
+    buffer's start: one micro-batch of activations (the widths that are alive together in an
+    FFN and an attention block), the attention mask over the context (f16; one more for
+    sliding-window layers) or, without flash attention, the scores themselves, and logits only
+    for the rows asked for (`n_outputs`: one per sequence here), which the output buffer then
+    holds again. The per-token widths and the fixed part were fitted to the peaks that
+    tests/benchmarks/memory_matrix.py measures."""
     n_ubatch = min(n_ubatch, n_ctx)
     n_ff = _int_meta(info, f"{info.architecture}.feed_forward_length", info.n_embd * 4)
-    activations = n_ubatch * (4 * info.n_embd + 2 * n_ff) * 4
-    scores = 0 if flash_attn else n_ubatch * max(info.n_head, 1) * n_ctx * 4
+    activations = n_ubatch * (5 * info.n_embd + 3 * n_ff) * 4
+    masks = 2 if info.sliding_window else 1
+    attention = n_ubatch * n_ctx * (2 * masks if flash_attn else 4 * (masks + max(info.n_head, 1)))
     logits = max(info.vocab_size, 1) * (n_outputs + 1) * LOGIT_BYTES
-    return activations + scores + logits + FIXED_OVERHEAD
+    return activations + attention + logits + fixed
 
 
 class EmbeddingShape:
@@ -154,7 +159,7 @@ def embeddings_bytes(info: GGUFInfo, n_ctx: int) -> int:
     context, chunk = EmbeddingShape.of(n_ctx=n_ctx, n_ctx_train=info.context_length or n_ctx,
                                        n_vocab=info.vocab_size, causal=causal_attention(info))
     outputs = chunk * (max(info.vocab_size, 1) + info.n_embd) * LOGIT_BYTES
-    return kv_cache_bytes(info, context) + compute_bytes(info, context, chunk, chunk, True) + outputs
+    return kv_cache_bytes(info, context) + compute_bytes(info, context, chunk, chunk, True, fixed=0) + outputs
 
 
 def _int_meta(info: GGUFInfo, key: str, default: int) -> int:

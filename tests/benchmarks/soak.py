@@ -6,14 +6,16 @@
 What a user needs to trust a server for a day, measured over the run: every request it
 accepted is answered (failed must be 0), the ones it could not take are refused with a 429
 rather than a timeout, latency stays bounded, and the process neither grows (RSS) nor leaks
-descriptors (open fds), both read at the start (after warm-up) and at the end.
+descriptors (open fds), both read at the start (after warm-up) and at the end; and its peak
+RSS (VmHWM) stays within the memory estimate of its loaded models plus what the process held
+listening with no model loaded (issue 18: the estimate holds under load).
 
 The server is a real `corral serve` on a free 127.0.0.1 port with the default model
 (gemma-3-270m), `n_parallel` slots and a small queue, so the 2x load exercises queueing and
 refusal both; its state file lives in a temporary folder, so a user's state is never touched.
 The load is `corral bench URL --duration D --concurrency 2*slots`, run as a library, with its
 default scenario mix (short chats, long prompts, streams, embeddings). Exit status 1 when any
-request failed, so the script can gate a release.
+request failed or the peak went past the estimate, so the script can gate a release.
 """
 
 from __future__ import annotations
@@ -125,6 +127,19 @@ def warm(url: str) -> None:
         response.raise_for_status()
 
 
+def high_water_mark(pid: int) -> int:
+    """The process's peak resident set so far (the kernel's VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def loaded_estimate(url: str) -> int:
+    """What the server's loaded models are estimated to reach under load, together."""
+    with httpx.Client(base_url=url, trust_env=False, timeout=30) as client:
+        models = client.get("/api/ps").json()["models"]
+    return sum(m["estimate_bytes"] or 0 for m in models if m["state"] in ("ready", "busy"))
+
+
 def soak_figures(report: dict[str, Any], start: ProcessFigures, end: ProcessFigures) -> dict[str, Any]:
     """The issue's figures from bench's total row: accepted = every request not refused."""
     total = next(row for row in report["rows"] if row["label"] == "soak total")
@@ -149,6 +164,9 @@ def print_figures(figures: dict[str, Any]) -> None:
     print(f"RSS start {figures['rss_start_mb']} MB, end {figures['rss_end_mb']} MB; "
           f"fds start {figures['fds_start']}, end {figures['fds_end']}")
     print(f"RSS each minute (MB): {' '.join(str(mb) for mb in figures['rss_by_minute_mb'])}")
+    verdict = "within" if figures["peak_within_estimate"] else "ABOVE"
+    print(f"RSS peak {figures['rss_peak_mb']} MB, {verdict} the baseline with no model loaded "
+          f"({figures['rss_baseline_mb']} MB) + the loaded models' estimate ({figures['estimate_mb']} MB)")
     for sample in figures["error_samples"]:
         print(f"failure: {sample}")
 
@@ -165,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="corral-soak-") as tmp:
         folder = Path(tmp)
         config = write_config(folder / "corral.toml", {
-            "include_default_model": True, "preload": [MODEL],
+            "include_default_model": True,
             "defaults": {"n_ctx": 4096, "n_parallel": args.slots, "keep_alive": -1, "max_queue": args.max_queue}})
         with serving(folder, config) as (proc, url):
+            baseline = ProcessFigures.of(proc.pid)  # listening, no model loaded yet
             warm(url)
             start = ProcessFigures.of(proc.pid)
             report_path = folder / "bench.json"
@@ -178,16 +197,21 @@ def main(argv: list[str] | None = None) -> int:
                     url, "--model", MODEL, "--duration", args.duration, "--concurrency", str(2 * args.slots),
                     "--report-every", args.report_every, "--json", str(report_path)]))
             end = ProcessFigures.of(proc.pid)
+            peak = high_water_mark(proc.pid)
+            estimate = loaded_estimate(url)
             if status != 0:
                 print(f"corral bench ended with status {status}", file=sys.stderr)
                 return status
             report = json.loads(report_path.read_text())
         figures = soak_figures(report, start, end)
         figures["rss_by_minute_mb"] = trace.samples_mb
+        figures |= {"rss_baseline_mb": round(baseline.rss / 2**20, 1), "rss_peak_mb": round(peak / 2**20, 1),
+                    "estimate_mb": round(estimate / 2**20, 1),
+                    "peak_within_estimate": peak <= baseline.rss + estimate}
     print_figures(figures)
     if args.json:
         Path(args.json).write_text(json.dumps({"figures": figures, "bench": report}, indent=2) + "\n")
-    return 1 if figures["failed"] else 0
+    return 1 if figures["failed"] or not figures["peak_within_estimate"] else 0
 
 
 if __name__ == "__main__":
