@@ -29,6 +29,7 @@ from .errors import (BadRequest, CorralError, IllegalTransition, LoadFailed, Mod
 from .events import (EventBus, ModelLoaded, Notice, PinChanged, RequestFinished, StateChanged,
                      Subscription, wait_event)
 from .ggufmeta import GGUFInfo
+from .kinds import model_kind
 from .kvstore import PrefixStore
 from .memory import MemoryEstimate, default_ram_budget, estimate, process_rss
 from .admission import Admission, close_and_trim
@@ -250,7 +251,7 @@ class Manager(Admission, Reconfiguration):
             name=r.name, state=r.state.value, source=r.entry.source,
             path=str(r.entry.path) if r.entry.path else None, usable=r.entry.usable, error=r.error,
             file_size=meta.file_size if meta else None,
-            architecture=meta.architecture if meta else None,
+            architecture=meta.architecture if meta else None, kind=model_kind(meta),
             quantization=meta.file_type if meta else None,
             parameters=meta.parameter_count if meta else None,
             context_length=meta.context_length if meta else None,

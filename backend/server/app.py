@@ -20,11 +20,11 @@ from starlette.responses import JSONResponse, Response
 from ..errors import NotFound, ShuttingDown
 from ..events import wait_event
 from ..metrics import Metrics
-from . import admin, anthropic, ollama, ollama_routes, openai, responses
+from . import admin, anthropic, ollama, ollama_routes, openai, rerank, responses
 from .middleware import (ErrorShapes, RequestContext, ids, install_error_handlers, read_json, require_key,
                          state_of)
 from .stored import Store
-from .streams import embedding, generation_route
+from .streams import embedding, generation_route, pooled
 
 if TYPE_CHECKING:
     from ..protocol import Backend
@@ -149,6 +149,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, ollama_port: int
         ("GET", "/v1/responses/{response_id}", stored_response),
         ("DELETE", "/v1/responses/{response_id}", delete_response),
         ("POST", "/v1/embeddings", embeddings),
+        *(("POST", path, reranking) for path in rerank.PATHS),
         ("GET", "/v1/models", models),
         ("GET", "/v1/models/{name:path}", model),
         # Anthropic Messages
@@ -198,6 +199,13 @@ async def embeddings(request: Request) -> Response:
     body = await read_json(request, openai.EmbeddingRequest)
     result = await embedding(request, body.model, body.input, keep_alive=body.keep_alive, api="openai")
     return JSONResponse(openai.embedding_response(body, result))
+
+
+async def reranking(request: Request) -> Response:
+    body = await read_json(request, rerank.RerankRequest)
+    result = await pooled(request, body.model, "openai", lambda backend, ids: backend.rerank(
+        body.model, body.query, body.documents, body.top_n, keep_alive=body.keep_alive, api="openai", **ids))
+    return JSONResponse(rerank.rerank_response(body, result))
 
 
 async def count_tokens(request: Request) -> dict[str, Any]:
