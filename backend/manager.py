@@ -24,7 +24,7 @@ from pathlib import Path
 from .catalog import Catalog, CatalogEntry
 from .config import AliasConfig, ConfigError, ModelDefaults, Settings, default_pull_dir, parse_duration
 from .engine import Engine
-from .errors import (BadRequest, CorralError, IllegalTransition, LoadFailed, ModelBusy,
+from .errors import (BadRequest, CorralError, FileRejected, IllegalTransition, LoadFailed, ModelBusy,
                      ModelNotFound, ModelPinned, ModelUnusable)
 from .events import (EventBus, ModelLoaded, Notice, PinChanged, RequestFinished, StateChanged,
                      Subscription, wait_event)
@@ -345,9 +345,12 @@ class Manager(Admission, Reconfiguration):
                                         "replace the file (or its [[models]] entry), then load it again")
                 engine = await self._open_placed(r)
             except CorralError as exc:
-                self._fail(r, exc.message, "file" if isinstance(exc, ModelUnusable) else
+                named = exc.about(f"model {r.name!r}")  # a file's path alone does not say which model
+                self._fail(r, named.message, "file" if isinstance(exc, (ModelUnusable, FileRejected)) else
                            "gpu_memory" if "out of GPU memory" in exc.message else "llama")
-                raise
+                if named is exc:
+                    raise
+                raise named from exc
             except Exception as exc:  # a llama.cpp or Python failure: keep the process serving
                 log.exception("load of %s failed", r.name)
                 self._fail(r, f"model {r.name!r}: load failed: {exc}", "llama")

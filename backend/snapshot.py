@@ -174,6 +174,7 @@ class ModelDetails:
     alias_of: str | None = None  # an alias describes its base model's file under its own name
     source: str | None = None  # where the catalog found it (ModelInfo.source)
     store: StoreInfo | None = None  # what its store keeps beside the file (an ollama manifest)
+    kind: str | None = None  # what it serves (kinds.py): chat, embedding or rerank; None: header unread
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,7 +19,7 @@ import llama_cpp
 
 from . import llamalog
 from .chat import ChatTemplate, choose_template
-from .errors import BadRequest, LoadFailed
+from .errors import BadRequest, FileRejected, LoadFailed
 
 log = logging.getLogger("corral.engine")
 
@@ -108,7 +108,7 @@ class ModelWeights:
         if not model:
             lines = captured.problems()
             detail = "; ".join(lines) if lines else "llama.cpp gave no reason"
-            raise LoadFailed(f"{path}: llama.cpp could not load this file: {detail}")
+            raise FileRejected(f"{path}: llama.cpp could not load this file: {detail}")
         self._model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)

@@ -191,6 +191,31 @@ def write_corrupt_header(src: Path, dst: Path) -> Path:
     return Path(dst)
 
 
+def write_fails_mid_load(src: Path, dst: Path) -> Path:
+    """A GGUF whose header claims one more layer than it has tensors for: every check of the
+    header passes, and llama.cpp fails only while loading the tensors."""
+    data = bytearray(src.read_bytes())
+    key = b"llama.block_count"
+    at = data.index(key) + len(key) + 4  # the key, then its value type (u32), then the value
+    data[at:at + 4] = (int.from_bytes(data[at:at + 4], "little") + 1).to_bytes(4, "little")
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def write_wrong_shape(src: Path, dst: Path, tensor: str) -> Path:
+    """A GGUF whose tensor table gives `tensor` (a 2-D one) its two dimensions swapped: the
+    same size at the same offset, so the header reads well, and llama.cpp refuses the tensor's
+    shape only while loading it."""
+    data = bytearray(src.read_bytes())
+    name = tensor.encode()
+    at = data.rindex(len(name).to_bytes(8, "little") + name) + 8 + len(name)  # its entry in the tensor table
+    assert int.from_bytes(data[at:at + 4], "little") == 2, f"{tensor} is not 2-D"
+    dims = data[at + 4:at + 20]
+    data[at + 4:at + 20] = dims[8:] + dims[:8]
+    dst.write_bytes(bytes(data))
+    return dst
+
+
 def write_unknown_arch(dst: str | os.PathLike[str]) -> Path:
     """A well-formed GGUF whose general.architecture no llama.cpp knows."""
     return write_tiny_llama(dst, arch="notanarch", name="notanarch")

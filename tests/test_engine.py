@@ -18,9 +18,9 @@ from corral.backend.sequence import Queued, Sequence
 from corral.backend.errors import BadRequest, LoadFailed, QueueFull
 from corral.backend.events import EventBus, RequestFinished, RequestStarted
 from corral.backend.generation import Chunk, Decoding, SamplingParams
-from corral.backend.weights import ModelWeights, batch_add
+from corral.backend.weights import ModelWeights
 from ggufs import RERANKER, write_unknown_arch
-from reference import greedy_reference
+from reference import greedy_reference, llama_cpp_pooled, llama_cpp_rank_scores
 
 PROMPTS = ["Once upon a time", "the time", "a upon once", "time time the a"]
 
@@ -411,31 +411,6 @@ def test_a_shown_control_token_keeps_its_text(tiny_gguf: Any) -> None:
         weights.release()
 
 
-def llama_cpp_pooled(path: Path, tokens: list[int], pooling: int) -> list[float]:
-    """The vector llama.cpp's own pooling gives `tokens` (a context pooling as `pooling` says),
-    L2-normalised: what the Embedder's pooling must agree with."""
-    import llama_cpp
-    import numpy as np
-
-    weights = ModelWeights(str(path))
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = params.n_batch = params.n_ubatch = 512
-    params.embeddings, params.pooling_type = True, pooling
-    ctx = llama_cpp.llama_init_from_model(weights.handle, params)
-    batch = llama_cpp.llama_batch_init(512, 0, 1)
-    try:
-        for pos, token in enumerate(tokens):
-            batch_add(batch, token, pos, 0, True)
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-        n = llama_cpp.llama_model_n_embd_out(weights.handle)
-        vector = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(ctx, 0), shape=(n,)).astype(np.float64)
-        return (vector / np.linalg.norm(vector)).tolist()
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
-        weights.release()
-
-
 @pytest.mark.parametrize(("pooling", "code"), [("cls", 2), ("last", 3), ("mean", 1)])
 def test_embeddings_pool_as_the_gguf_declares(tiny_gguf: Any, monkeypatch: pytest.MonkeyPatch, pooling: str,
                                               code: int) -> None:
@@ -466,33 +441,6 @@ def test_an_embedding_model_does_not_rerank(tiny_gguf: Any, monkeypatch: pytest.
             model.rerank("a cat", ["the cat"])
     finally:
         model.close()
-
-
-def llama_cpp_rank_scores(path: Path, prompts: list[list[int]]) -> list[float]:
-    """Each prompt's score as llama.cpp's own RANK pooling gives it (one decode of the whole
-    prompt, the first value of the sequence's pooled output), as llama-server's send_rerank reads it."""
-    import llama_cpp
-
-    weights = ModelWeights(str(path))
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = params.n_batch = params.n_ubatch = 512
-    params.embeddings, params.pooling_type = True, llama_cpp.LLAMA_POOLING_TYPE_RANK
-    ctx = llama_cpp.llama_init_from_model(weights.handle, params)
-    batch = llama_cpp.llama_batch_init(512, 0, 1)
-    scores = []
-    try:
-        for tokens in prompts:
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-            batch.n_tokens = 0
-            for pos, token in enumerate(tokens):
-                batch_add(batch, token, pos, 0, True)
-            assert llama_cpp.llama_decode(ctx, batch) == 0
-            scores.append(llama_cpp.llama_get_embeddings_seq(ctx, 0)[0])
-        return scores
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
-        weights.release()
 
 
 QUERY = "the little girl and her dog"

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from ..errors import NotFound, ShuttingDown
 from ..events import wait_event
 from ..metrics import Metrics
+from ..snapshot import ModelInfo
 from . import admin, anthropic, ollama, ollama_routes, openai, rerank, responses
 from .middleware import (ErrorShapes, RequestContext, ids, install_error_handlers, read_json, require_key,
                          state_of)
@@ -239,17 +240,17 @@ async def delete_response(request: Request, response_id: str) -> dict[str, Any]:
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
-async def _usable(request: Request) -> list[str]:
-    return [m.name for m in await state_of(request).backend.models() if m.usable]
+async def _usable(request: Request) -> list[ModelInfo]:
+    return [m for m in await state_of(request).backend.models() if m.usable]
 
 
 async def models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [openai.model_card(name) for name in await _usable(request)]}
+    return {"object": "list", "data": [openai.model_card(m.name, m.kind) for m in await _usable(request)]}
 
 
 async def model(request: Request, name: str) -> dict[str, Any]:
     """One model's card, by its name or its short name (a store model's file part)."""
-    usable = [m for m in await state_of(request).backend.models() if m.usable]
-    if not any(name in (m.name, m.short_name) for m in usable):
+    found = next((m for m in await _usable(request) if name in (m.name, m.short_name)), None)
+    if found is None:
         raise NotFound(f"model {name!r} does not exist or cannot be used; GET /v1/models lists the models")
-    return openai.model_card(name)
+    return openai.model_card(name, found.kind)
