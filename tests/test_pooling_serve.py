@@ -17,6 +17,11 @@ import ollama
 import openai
 import pytest
 
+from corral.backend.config import settings_from_dict
+from corral.backend.errors import BadRequest
+from corral.backend.generation import Reranking
+from corral.backend.local import LocalBackend
+from corral.backend.remote import RemoteBackend
 from corral.backend.weights import ModelWeights
 from ggufs import RERANKER, write_fails_mid_load, write_tiny_llama, write_wrong_shape
 from reference import llama_cpp_pooled, llama_cpp_rank_scores
@@ -107,6 +112,20 @@ def test_rerank_orders_documents_by_llama_cpps_scores(http: httpx.Client, files:
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 4 * len(DOCUMENTS)
     whole = http.post(route, json={"model": "rerank", "query": QUERY, "documents": DOCUMENTS}).json()
     assert [r["index"] for r in whole["results"]] == expected and "document" not in whole["results"][0]
+
+
+def test_the_python_api_reranks_in_process_and_over_http_alike(served: Server, files: Path) -> None:
+    """`sync.rerank` on a LocalBackend and on a RemoteBackend of the server: the same ranking."""
+    with LocalBackend(settings_from_dict(tiny_settings(files))) as local:
+        here = local.sync.rerank("rerank", QUERY, DOCUMENTS, top_n=2)
+        with pytest.raises(BadRequest, match="model 'chat' is a chat model"):
+            local.sync.rerank("chat", QUERY, DOCUMENTS)
+    with RemoteBackend(served.url) as remote:
+        there = remote.sync.rerank("rerank", QUERY, DOCUMENTS, top_n=2)
+    assert isinstance(here, Reranking) and len(here.results) == 2
+    assert [r.index for r in there.results] == [r.index for r in here.results]
+    assert [r.relevance_score for r in there.results] == pytest.approx([r.relevance_score for r in here.results])
+    assert there.prompt_tokens == here.prompt_tokens
 
 
 def test_rerank_is_announced_and_counted_like_embeddings(http: httpx.Client) -> None:
