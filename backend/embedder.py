@@ -36,10 +36,12 @@ class Embedder:
     one score per pair, as llama-server's /v1/rerank does.
     Calls are serialised by a lock and block: run them in a worker thread, never on a loop.
 
-    The pooling is ours, not llama.cpp's: the context outputs every token's state, decoded in
-    chunks (`EmbeddingShape` says how long the context and its chunks are, and why), and the
-    states are summed here; that is what llama.cpp's MEAN pooling averages. Flash attention
-    keeps a chunk's attention scores from being materialised. A longer input than an
+    An embedding's pooling is ours, not llama.cpp's: the context outputs every token's state,
+    decoded in chunks (`EmbeddingShape` says how long the context and its chunks are, and why),
+    and the states are summed here; that is what llama.cpp's MEAN pooling averages. A
+    reranker's prompt goes through the same chunks: a causal model's RANK pooling reads the
+    last token, which the last chunk holds (an encoder reads its prompt in one pass). Flash
+    attention keeps a chunk's attention scores from being materialised. A longer input than an
     encoder's one pass is refused with the limit.
     """
 
