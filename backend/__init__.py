@@ -25,7 +25,7 @@ _EXPORTS = {
     "Backend": "protocol", "LocalBackend": "local", "SyncBackend": "protocol", "RemoteBackend": "remote",
     "Settings": "config", "load_settings": "config",
     "Chunk": "generation", "Embeddings": "generation", "RequestStats": "generation",
-    "SamplingParams": "generation",
+    "SamplingParams": "generation", "Reranking": "generation", "Ranked": "generation",
     "CorralError": "errors", "Event": "events", "ModelInfo": "snapshot", "Status": "snapshot",
     "connect": "notebook", "print_stream": "notebook", "aprint_stream": "notebook",
     "recent_events": "notebook", "ModelTable": "display", "EventLog": "display",
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from .display import EventLog, ModelTable
     from .errors import CorralError
     from .events import Event
-    from .generation import Chunk, Embeddings, RequestStats, SamplingParams
+    from .generation import Chunk, Embeddings, Ranked, RequestStats, Reranking, SamplingParams
     from .notebook import aprint_stream, connect, print_stream, recent_events
     from .remote import RemoteBackend
     from .snapshot import ModelInfo, Status

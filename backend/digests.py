@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from .errors import ModelFileError
+from .kinds import model_kind
 from .files import write_atomic
 from .ggufmeta import Scalar, read_gguf
 from .snapshot import ModelDetails, StoreInfo
@@ -124,7 +125,7 @@ def describe(name: str, path: Path | None, digests: Digests, *, n_ctx: int, chat
         quantization=info.file_type if info else None, context_length=info.context_length if info else None,
         n_ctx=n_ctx, chat_template=chat_template,
         metadata={k: _json_safe(v) for k, v in info.metadata.items() if k not in _HIDDEN_KEYS} if info else {},
-        alias_of=alias_of, source=source, store=store,
+        alias_of=alias_of, source=source, store=store, kind=model_kind(info),
     )
 
 

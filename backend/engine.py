@@ -25,6 +25,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import llama_cpp
 
@@ -41,6 +42,8 @@ from .sequence import Delivery, Queued, Sequence
 from .slots import SlotCache, awaited_prefix
 from .stepcost import StepCosts
 from .weights import ModelWeights, batch_add, new_context
+
+T = TypeVar("T")
 
 log = logging.getLogger("corral.engine")
 
@@ -186,7 +189,16 @@ class Engine:
     # -- requests --------------------------------------------------------------------------
 
     async def embed_async(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """`embed` on a thread of its own; beyond `max_queue` waiting, QueueFull.
+        """`embed` on a thread of its own (see `_pooled_async`)."""
+        return await self._pooled_async(self.embed, texts)
+
+    async def rerank_async(self, query: str, documents: list[str]) -> tuple[list[float], int]:
+        """`rerank` on a thread of its own (see `_pooled_async`)."""
+        return await self._pooled_async(self.rerank, query, documents)
+
+    async def _pooled_async(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` (an embedder's call) on a thread of its own; beyond `max_queue` waiting,
+        QueueFull.
 
         A fresh thread per call, not a pool: a thread that decodes keeps an OpenMP team while it
         lives, and an idle team slows every generation decode (see `start`). Calls still run one
@@ -196,21 +208,28 @@ class Engine:
                 raise QueueFull(self.model_name, self._embed_waiting)
             self._embed_waiting += 1
         try:
-            return await asyncio.wrap_future(in_own_thread(self.embed, texts, name=f"embed-{self.model_name}"))
+            return await asyncio.wrap_future(in_own_thread(call, *args, name=f"embed-{self.model_name}"))
         finally:
             with self._embedder_lock:
                 self._embed_waiting -= 1
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Blocking: pooled vectors from a second context on the same weights, made on first use."""
+        """Blocking: pooled vectors from a second context on the same weights."""
+        return self._the_embedder().embed(texts)
+
+    def rerank(self, query: str, documents: list[str]) -> tuple[list[float], int]:
+        """Blocking: a reranker's score per document, from a second context on the same weights."""
+        return self._the_embedder().rerank(query, documents)
+
+    def _the_embedder(self) -> Embedder:
+        """The embeddings (or reranking) context, made on first use."""
         with self._embedder_lock:
             if self._closing:
                 raise Cancelled(f"model {self.model_name!r} is unloading")
             if self._embedder is None:
                 self._embedder = Embedder(self.weights, n_ctx=self.settings.n_ctx,
                                           n_threads=self.settings.n_threads)
-            embedder = self._embedder
-        return embedder.embed(texts)
+            return self._embedder
 
     def submit(self, tokens: list[int], decoding: Decoding, *, request_id: str | None = None,
                session_id: str | None = None, api: str | None = None) -> Queued:

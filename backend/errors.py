@@ -18,6 +18,18 @@ class CorralError(Exception):
         super().__init__(message)
         self.message = message
 
+    def about(self, subject: str) -> CorralError:
+        """The same error of the same type with its message led by `subject` (such as
+        "model 'x'"), for an error raised where the subject was not known; itself where its
+        message starts so already."""
+        if self.message.startswith(subject):
+            return self
+        named = type(self).__new__(type(self))  # not __init__: some take more than a message
+        named.__dict__.update(self.__dict__)
+        named.message = f"{subject}: {self.message}"
+        named.args = (named.message,)
+        return named
+
 
 class ConfigError(CorralError):
     """The configuration is invalid; the message names the key, the value and the rule."""
@@ -75,6 +87,16 @@ class LoadFailed(CorralError):
 
     http_status = 500
     code = "load_failed"
+
+
+class FileRejected(LoadFailed):
+    """llama.cpp refused the file itself while loading its tensors (one missing, of the wrong
+    shape or type), though its header read well: the file's fault, not the server's, so 422
+    like any other bad file. A LoadFailed still, so a GPU's out-of-memory lines among its
+    reasons are told apart where a load is retried (admission.py)."""
+
+    http_status = 422
+    code = "model_file_rejected"
 
 
 class BudgetExceeded(CorralError):

@@ -140,6 +140,23 @@ class Embeddings:
 
 
 @dataclass(frozen=True)
+class Ranked:
+    """One document's place in a reranking: its index in the request and the reranker's score."""
+
+    index: int
+    relevance_score: float
+
+
+@dataclass(frozen=True)
+class Reranking:
+    """Documents by relevance to a query, highest score first, cut to the `top_n` asked for;
+    `prompt_tokens` counts every pair the reranker read, kept or cut."""
+
+    results: list[Ranked]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
 class ToolCallDelta:
     """A piece of one tool call as it streams: the first piece of a call carries its `id` and
     `name`, later ones only more of the `arguments` JSON text (OpenAI's delta shape, which

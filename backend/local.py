@@ -17,7 +17,7 @@ import logging
 import time
 import weakref
 from pathlib import Path
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,7 +27,9 @@ from .digests import Digests, describe
 from .liveconfig import LiveConfig
 from .errors import BadRequest
 from .events import Event, EventBus, RequestFinished
-from .generation import Chunk, Embeddings, Grammar, SamplingFields, SamplingParams, sampling_params
+from .generation import (Chunk, Embeddings, Grammar, Ranked, Reranking, SamplingFields, SamplingParams,
+                         sampling_params)
+from .kinds import CHAT, EMBEDDING, FINISH_REASONS, RERANK, check_serves, model_kind
 from .protocol import LoopThread, SyncBackend
 from .pull.record import PullRecord
 from .pull.registry import Pulls
@@ -41,13 +43,14 @@ from .versions import ConfigHistory
 
 if TYPE_CHECKING:
     from .catalog import CatalogEntry
+    from .engine import Engine
     from .manager import Manager
     from .records import Lease
 
 log = logging.getLogger("corral.local")
 
 T = TypeVar("T")
-MAX_EMBED_INPUTS = 2048
+MAX_EMBED_INPUTS = 2048  # texts to embed, or documents to rerank, in one request
 
 
 class LocalBackend(LiveConfig):
@@ -250,6 +253,7 @@ class LocalBackend(LiveConfig):
         grammar = await asyncio.to_thread(check_request, request)
         await self.ready()  # the catalog is scanned: names resolve and stores' defaults are known
         request = replace(request, model=self._canonical(request.model))
+        check_serves(request.model, self._kind_of(request.model), CHAT)
         params = sampling_params(self._with_defaults(request.model, request.options))
         if request.messages is not None:
             request = replace(request, messages=self._with_system(request.model, request.messages))
@@ -377,17 +381,56 @@ class LocalBackend(LiveConfig):
             raise BadRequest("input must be a string or a non-empty list of strings")
         if len(texts) > MAX_EMBED_INPUTS:
             raise BadRequest(f"input has {len(texts)} items; at most {MAX_EMBED_INPUTS} per request")
+        vectors, tokens = await self._pooled(model, EMBEDDING, lambda engine: engine.embed_async(texts),
+                                             keep_alive=keep_alive, request_id=request_id,
+                                             session_id=session_id, api=api)
+        return Embeddings(vectors, tokens)
+
+    async def rerank(self, model: str, query: str, documents: list[str], top_n: int | None = None, *,
+                     request_id: str | None = None, session_id: str | None = None,
+                     keep_alive: float | str | None = None, api: str = "python") -> Reranking:
+        """`documents` ordered by a reranker's relevance score for `query`, highest first, cut to
+        `top_n` (all when None); each result keeps the document's index in `documents`."""
+        if not isinstance(query, str):
+            raise BadRequest("query must be a string")
+        if not isinstance(documents, list) or not documents or not all(isinstance(d, str) for d in documents):
+            raise BadRequest("documents must be a non-empty list of strings")
+        if len(documents) > MAX_EMBED_INPUTS:
+            raise BadRequest(f"documents has {len(documents)} items; at most {MAX_EMBED_INPUTS} per request")
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+            raise BadRequest(f"top_n = {top_n!r}: must be a positive integer")
+        scores, tokens = await self._pooled(model, RERANK, lambda engine: engine.rerank_async(query, documents),
+                                            keep_alive=keep_alive, request_id=request_id,
+                                            session_id=session_id, api=api)
+        ranked = sorted((Ranked(i, score) for i, score in enumerate(scores)), key=lambda r: -r.relevance_score)
+        return Reranking(ranked[:top_n], tokens)
+
+    async def _pooled(self, model: str, kind: str, call: Callable[[Engine], Awaitable[tuple[T, int]]], *,
+                      keep_alive: float | str | None, request_id: str | None, session_id: str | None,
+                      api: str) -> tuple[T, int]:
+        """Run an embeddings context's `call` (embeddings or reranking) on `model`, which must
+        serve `kind`, and announce it as a finished request with that kind's finish reason."""
         started = time.perf_counter()
+        await self.ready()
+        check_serves(model, self._kind_of(model), kind)
         lease = await self._acquire(model, keep_alive)
         # The model stays leased until the thread is done, even if our caller gives up first.
-        work = asyncio.ensure_future(lease.engine.embed_async(texts))
+        work = asyncio.ensure_future(call(lease.engine))
         work.add_done_callback(lambda _: self._release(lease))
-        vectors, tokens = await asyncio.shield(work)
+        result, tokens = await asyncio.shield(work)
         self.bus.publish(RequestFinished(model=model, request_id=request_id, session_id=session_id,
-                                         finish_reason="embeddings", prompt_tokens=tokens, completion_tokens=0,
-                                         ttft_s=None, duration_s=time.perf_counter() - started,
-                                         tokens_per_s=None, api=api))
-        return Embeddings(vectors, tokens)
+                                         finish_reason=FINISH_REASONS[kind], prompt_tokens=tokens,
+                                         completion_tokens=0, ttft_s=None,
+                                         duration_s=time.perf_counter() - started, tokens_per_s=None, api=api))
+        return result, tokens
+
+    def _kind_of(self, model: str) -> str | None:
+        """What `model` (or an alias's base model) serves, from its GGUF header; None where the
+        catalog does not know it or could not read it (the lease then says why)."""
+        alias = self.settings.alias_for(model)
+        base = self.manager.canonical(alias.model if alias else model)
+        entry = next((e for e in self.manager.catalog.entries() if e.name == base), None)
+        return model_kind(entry.info) if entry is not None else None
 
     def _with_defaults(self, model: str, options: dict[str, Any]) -> dict[str, Any]:
         """The request's options over the alias's defaults over the model's (config `params`)

@@ -24,11 +24,12 @@ from pathlib import Path
 from .catalog import Catalog, CatalogEntry
 from .config import AliasConfig, ConfigError, ModelDefaults, Settings, default_pull_dir, parse_duration
 from .engine import Engine
-from .errors import (BadRequest, CorralError, IllegalTransition, LoadFailed, ModelBusy,
+from .errors import (BadRequest, CorralError, FileRejected, IllegalTransition, LoadFailed, ModelBusy,
                      ModelNotFound, ModelPinned, ModelUnusable)
 from .events import (EventBus, ModelLoaded, Notice, PinChanged, RequestFinished, StateChanged,
                      Subscription, wait_event)
 from .ggufmeta import GGUFInfo
+from .kinds import model_kind
 from .kvstore import PrefixStore
 from .loadplan import Planning
 from .memory import MemoryEstimate, default_ram_budget, estimate, process_rss
@@ -251,7 +252,7 @@ class Manager(Admission, Planning, Reconfiguration):
             name=r.name, state=r.state.value, source=r.entry.source,
             path=str(r.entry.path) if r.entry.path else None, usable=r.entry.usable, error=r.error,
             file_size=meta.file_size if meta else None,
-            architecture=meta.architecture if meta else None,
+            architecture=meta.architecture if meta else None, kind=model_kind(meta),
             quantization=meta.file_type if meta else None,
             parameters=meta.parameter_count if meta else None,
             context_length=meta.context_length if meta else None,
@@ -345,9 +346,12 @@ class Manager(Admission, Planning, Reconfiguration):
                                         "replace the file (or its [[models]] entry), then load it again")
                 engine = await self._open_placed(r)
             except CorralError as exc:
-                self._fail(r, exc.message, "file" if isinstance(exc, ModelUnusable) else
+                named = exc.about(f"model {r.name!r}")  # a file's path alone does not say which model
+                self._fail(r, named.message, "file" if isinstance(exc, (ModelUnusable, FileRejected)) else
                            "gpu_memory" if "out of GPU memory" in exc.message else "llama")
-                raise
+                if named is exc:
+                    raise
+                raise named from exc
             except Exception as exc:  # a llama.cpp or Python failure: keep the process serving
                 log.exception("load of %s failed", r.name)
                 self._fail(r, f"model {r.name!r}: load failed: {exc}", "llama")

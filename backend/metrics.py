@@ -22,16 +22,16 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from .events import Dropped, Event, ModelLoaded, Notice, RequestFinished, RequestStarted, StateChanged
+from .kinds import EMBEDDING, FINISH_REASONS, RERANK
 from .respcache import CacheStats
 from .snapshot import Status
 
 log = logging.getLogger("corral.server")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format generate_latest writes
-UNKNOWN_MODEL = "(unknown)"
+UNKNOWN_MODEL = "(unknown)"  # label for requests naming a model the catalog does not know
 EVICTIONS = ("budget", "max_loaded", "ttl", "operator", "config")  # unloads counted as evictions; not
 # a shutdown, nor an engine's failure (that is a load's end, not a choice)
-EMBEDDINGS = "embeddings"  # the finish_reason LocalBackend.embed reports  # label for requests naming a model the catalog does not know
 
 # Local decode ranges from a few ms (tiny models, GPU) to minutes (long CPU generations).
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -49,7 +49,7 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "corral_requests", "Requests by model and outcome: the finish reason "
-            "(stop, length, cancelled, error; embeddings) of requests that ran, or the HTTP status of those "
+            "(stop, length, cancelled, error; embeddings, rerank) of requests that ran, or the HTTP status of those "
             "refused before running (429, 400, 404, ...), and the API it came in by (openai, anthropic, "
             "responses; python for the in-process API)", ["model", "status", "api"], registry=r)
         self.prompt_tokens = Counter("corral_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
@@ -63,6 +63,11 @@ class Metrics:
         self.embedding_latency = Histogram("corral_embedding_duration_seconds", "Time to embed one "
                                            "request's inputs, model acquisition included", ["model"],
                                            buckets=_LATENCY_BUCKETS, registry=r)
+        self.rerank_latency = Histogram("corral_rerank_duration_seconds", "Time to score one request's "
+                                        "documents with a reranker, model acquisition included", ["model"],
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self._pooled_latency = {FINISH_REASONS[EMBEDDING]: self.embedding_latency,
+                                FINISH_REASONS[RERANK]: self.rerank_latency}
         self.queue_wait = Histogram("corral_queue_wait_seconds", "Time a request waited for a free slot",
                                     ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.loads = Counter("corral_model_loads", "Completed model loads", ["model"], registry=r)
@@ -93,8 +98,9 @@ class Metrics:
                 return
             self.prompt_tokens.labels(model).inc(event.prompt_tokens)
             self.cached_tokens.labels(model).inc(event.cached_tokens)
-            if event.finish_reason == EMBEDDINGS:  # no decode: its time is not a generation's latency
-                self.embedding_latency.labels(model).observe(event.duration_s)
+            pooled = self._pooled_latency.get(event.finish_reason)
+            if pooled is not None:  # no decode: its time is not a generation's latency
+                pooled.labels(model).observe(event.duration_s)
                 return
             self.generated_tokens.labels(model).inc(event.completion_tokens)
             if event.ttft_s is not None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-from .generation import Chunk, Embeddings
+from .generation import Chunk, Embeddings, Reranking
 from .pull.status import PullStatus
 from .snapshot import LoadPlan, ModelDetails, ModelInfo, Status
 
@@ -45,6 +45,8 @@ class Backend(Protocol):
     def chat(self, model: str, messages: list[dict[str, Any]], **options: Any) -> AsyncIterator[Chunk]: ...
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]: ...
     async def embed(self, model: str, inputs: list[str], **options: Any) -> Embeddings: ...
+    async def rerank(self, model: str, query: str, documents: list[str], top_n: int | None = None,
+                     **options: Any) -> Reranking: ...
     async def count_tokens(self, request: GenerationRequest) -> int: ...
     async def unload_all(self) -> None: ...
     async def rescan(self) -> list[ModelInfo]: ...
@@ -131,6 +133,10 @@ class SyncBackend:
 
     def embed(self, model: str, inputs: list[str] | str, **options: Any) -> Embeddings:
         return self._run(self._backend.embed(model, inputs, **options))
+
+    def rerank(self, model: str, query: str, documents: list[str], top_n: int | None = None,
+               **options: Any) -> Reranking:
+        return self._run(self._backend.rerank(model, query, documents, top_n, **options))
 
     def count_tokens(self, request: GenerationRequest) -> int:
         return self._run(self._backend.count_tokens(request))

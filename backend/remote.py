@@ -30,7 +30,7 @@ from . import errors
 from .errors import (BudgetExceeded, CorralError, InsufficientDisk, ModelFileError, ModelNotFound, QueueFull,
                      ServerUnreachable)
 from .events import Dropped, Event, Notice, event_from_dict
-from .generation import Chunk, Embeddings
+from .generation import Chunk, Embeddings, Ranked, Reranking
 from .pull.status import PullStatus
 from .request import GenerationRequest, chat_request, completion_request
 from .server.anthropic import count_body
@@ -417,6 +417,20 @@ class RemoteBackend:
         rows = sorted(data["data"], key=lambda row: row["index"])
         return Embeddings(vectors=[list(map(float, row["embedding"])) for row in rows],
                           prompt_tokens=int(data.get("usage", {}).get("prompt_tokens", 0)))
+
+    async def rerank(self, model: str, query: str, documents: list[str], top_n: int | None = None, *,
+                     request_id: str | None = None, session_id: str | None = None,
+                     keep_alive: float | str | None = None) -> Reranking:
+        """The server's reranker scores, highest first, cut to `top_n` (its /v1/rerank)."""
+        body: dict[str, Any] = {"model": model, "query": query, "documents": documents}
+        if top_n is not None:
+            body["top_n"] = top_n
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
+        data = await self._request("POST", "/v1/rerank", json_body=body, headers=self._ids(request_id, session_id),
+                                   timeout=self._waiting(), model=model)
+        return Reranking(results=[Ranked(int(row["index"]), float(row["relevance_score"])) for row in data["results"]],
+                         prompt_tokens=int(data.get("usage", {}).get("prompt_tokens", 0)))
 
     # -- events ----------------------------------------------------------------------------
 

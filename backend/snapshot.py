@@ -129,6 +129,7 @@ class ModelInfo:
     store: StoreInfo | None = None  # what its store keeps beside the file (an ollama manifest)
     clashes: tuple[NameClash, ...] = ()  # other files under this name that lost the clash rule
     kv_types: str = "f16"  # the KV cache's element types: "f16", or K/V such as "q8_0/q8_0"
+    kind: str | None = None  # what it serves (kinds.py): chat, embedding or rerank; None: header unread
 
     _repr_html_ = repr_html  # Jupyter and Rich show a table (display.py)
     __rich__ = rich_renderable
@@ -174,6 +175,7 @@ class ModelDetails:
     alias_of: str | None = None  # an alias describes its base model's file under its own name
     source: str | None = None  # where the catalog found it (ModelInfo.source)
     store: StoreInfo | None = None  # what its store keeps beside the file (an ollama manifest)
+    kind: str | None = None  # what it serves (kinds.py): chat, embedding or rerank; None: header unread
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

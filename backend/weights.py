@@ -19,7 +19,7 @@ import llama_cpp
 
 from . import llamalog
 from .chat import ChatTemplate, choose_template
-from .errors import BadRequest, LoadFailed
+from .errors import BadRequest, FileRejected, LoadFailed
 
 log = logging.getLogger("corral.engine")
 
@@ -108,7 +108,7 @@ class ModelWeights:
         if not model:
             lines = captured.problems()
             detail = "; ".join(lines) if lines else "llama.cpp gave no reason"
-            raise LoadFailed(f"{path}: llama.cpp could not load this file: {detail}")
+            raise FileRejected(f"{path}: llama.cpp could not load this file: {detail}")
         self._model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -116,6 +116,9 @@ class ModelWeights:
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
         self.eos = llama_cpp.llama_vocab_eos(self.vocab)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.add_eos = bool(llama_cpp.llama_vocab_get_add_eos(self.vocab))
+        self.sep = llama_cpp.llama_vocab_sep(self.vocab)
+        self.add_sep = bool(llama_cpp.llama_vocab_get_add_sep(self.vocab))
         # A recurrent state is one per sequence, not cells by position: it cannot be cut or shared
         # at a prefix.
         self.recurrent = bool(llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
@@ -215,6 +218,13 @@ class ModelWeights:
         value = self.meta(f"{arch}.pooling_type")
         return {"2": "cls", "3": "last", "4": "rank"}.get(value or "", "mean")
 
+    @functools.cached_property
+    def rerank_template(self) -> str | None:
+        """A reranker's prompt for one pair, with {query} and {document} in it, where its GGUF
+        has one (tokenizer.chat_template.rerank, as Qwen3-Reranker's converters write)."""
+        raw = llama_cpp.llama_model_chat_template(self._model, b"rerank")
+        return raw.decode("utf-8", errors="replace") if raw else None
+
     def gguf_chat_template(self) -> str | None:
         raw = llama_cpp.llama_model_chat_template(self._model, None)
         return raw.decode("utf-8", errors="replace") if raw else None
@@ -233,9 +243,10 @@ KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q
 
 
 def new_context(weights: ModelWeights, *, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int,
-                flash_attn: bool, embeddings: bool = False, n_ubatch: int | None = None, type_k: str = "f16",
-                type_v: str = "f16") -> llama_cpp.llama_context_p:
-    """A llama.cpp context with every setting that matters chosen on purpose (DESIGN.md)."""
+                flash_attn: bool, embeddings: bool = False, rank: bool = False, n_ubatch: int | None = None,
+                type_k: str = "f16", type_v: str = "f16") -> llama_cpp.llama_context_p:
+    """A llama.cpp context with every setting that matters chosen on purpose (DESIGN.md).
+    `embeddings` outputs every token's state, or with `rank` a reranker's scores per sequence."""
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = n_ctx
     params.n_batch = n_batch
@@ -249,7 +260,8 @@ def new_context(weights: ModelWeights, *, n_ctx: int, n_batch: int, n_seq_max: i
     params.no_perf = True
     if embeddings:
         params.embeddings = True
-        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE  # per-token states: `Embedder` pools
+        # per-token states (`Embedder` pools them), or llama.cpp's RANK pooling and classifier head
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_RANK if rank else llama_cpp.LLAMA_POOLING_TYPE_NONE
     with llamalog.capture() as captured:
         ctx = llama_cpp.llama_init_from_model(weights.handle, params)
     if not ctx:

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from typing import Any
 
-from corral.backend.generation import Chunk, Embeddings, RequestStats
+from corral.backend.generation import Chunk, Embeddings, Ranked, RequestStats, Reranking
 from corral.backend.request import GenerationRequest, chat_request, completion_request
 from corral.backend.respcache import BYPASS
 from corral.backend.errors import (BadRequest, Cancelled, ConfigError, LoadFailed, ModelNotFound, ModelPinned, NotFound,
@@ -320,6 +320,15 @@ class FakeBackend:
         self._get(model)
         texts = [inputs] if isinstance(inputs, str) else inputs
         return Embeddings([[float(len(t)), 1.0] for t in texts], sum(len(t.split()) for t in texts))
+
+    async def rerank(self, model: str, query: str, documents: list[str], top_n: int | None = None,
+                     **options: Any) -> Reranking:
+        """The share of the query's words in each document stands in for a reranker's score."""
+        self._get(model)
+        words = set(query.split())
+        scores = [len(words & set(d.split())) / max(len(words), 1) for d in documents]
+        ranked = sorted((Ranked(i, s) for i, s in enumerate(scores)), key=lambda r: -r.relevance_score)
+        return Reranking(ranked[:top_n], sum(len(query.split()) + len(d.split()) for d in documents))
 
     async def count_tokens(self, request: GenerationRequest) -> int:
         """A word count of the request's messages stands in for the model's tokenizer."""

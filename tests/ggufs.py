@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFWriter, LlamaFileType, PoolingType, TokenType
 
+# write_tiny_llama's arguments for a tiny Qwen3-Reranker: qwen3 architecture, rank pooling, and a
+# two-label ("yes", "no") head whose softmax's first value is the score
+RERANKER = {"arch": "qwen3", "pooling": "rank", "classifier_labels": ("yes", "no")}
+
 _SPACE = "\u2581"  # SentencePiece's word-start marker "▁"
 _WORDS = (
     "the once upon a time there was little girl boy who lived in small house with her his "
@@ -77,10 +81,16 @@ def write_tiny_llama(
     control_tokens: tuple[str, ...] = (),
     split_max_tensors: int = 0,
     pooling: str | None = None,
+    classifier_labels: tuple[str, ...] = (),
+    rerank_template: str | None = None,
 ) -> Path:
     """Write a random-weight llama model that llama.cpp loads; the same args give the same bytes.
     `causal=False` declares bidirectional attention, as encoders (BERT, EmbeddingGemma) do.
-    `split_max_tensors` writes a split model, `name-00001-of-0000N.gguf` beside `path`."""
+    `split_max_tensors` writes a split model, `name-00001-of-0000N.gguf` beside `path`.
+    `arch="qwen3"` adds the per-head query and key norms that architecture has; with
+    `classifier_labels` (Qwen3-Reranker's are "yes" and "no") and `pooling="rank"` it is a
+    reranker, whose `cls.output` head turns the last token's state into one score per label,
+    and `rerank_template` is the prompt with {query} and {document} its GGUF may carry."""
     if dtype not in ("f32", "f16"):
         raise ValueError(f"dtype must be 'f32' or 'f16', not {dtype!r}")
     if n_embd % n_head or n_head % n_kv_head:
@@ -120,8 +130,13 @@ def write_tiny_llama(
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    if chat_template is not None:
-        writer.add_chat_template(chat_template)
+    templates = [{"name": "default", "template": chat_template}] if chat_template is not None else []
+    if rerank_template is not None:
+        templates.append({"name": "rerank", "template": rerank_template})
+    if templates:  # a named template beside the default is tokenizer.chat_template.<name>
+        writer.add_chat_template(templates)
+    if classifier_labels:
+        writer.add_array(f"{arch}.classifier.output_labels", list(classifier_labels))
     if not causal:
         writer.add_causal_attention(False)
     if pooling is not None:  # "mean", "cls", "last" or "rank", as embedding and reranking GGUFs declare
@@ -134,12 +149,17 @@ def write_tiny_llama(
         writer.add_tensor(f"blk.{i}.attn_k.weight", matrix(n_kv_head * head_dim, n_embd))
         writer.add_tensor(f"blk.{i}.attn_v.weight", matrix(n_kv_head * head_dim, n_embd))
         writer.add_tensor(f"blk.{i}.attn_output.weight", matrix(n_embd, n_head * head_dim))
+        if arch == "qwen3":
+            writer.add_tensor(f"blk.{i}.attn_q_norm.weight", np.ones(head_dim, dtype=np.float32))
+            writer.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(head_dim, dtype=np.float32))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
         writer.add_tensor(f"blk.{i}.ffn_gate.weight", matrix(n_ff, n_embd))
         writer.add_tensor(f"blk.{i}.ffn_up.weight", matrix(n_ff, n_embd))
         writer.add_tensor(f"blk.{i}.ffn_down.weight", matrix(n_embd, n_ff))
     writer.add_tensor("output_norm.weight", norm())
     writer.add_tensor("output.weight", matrix(n_vocab, n_embd))
+    if classifier_labels:
+        writer.add_tensor("cls.output.weight", matrix(len(classifier_labels), n_embd))
 
     path.parent.mkdir(parents=True, exist_ok=True)
     writer.write_header_to_file()
@@ -169,6 +189,31 @@ def write_corrupt_header(src: Path, dst: Path) -> Path:
     data[24:32] = (0xDEAD_BEEF_DEAD_BEEF).to_bytes(8, "little")  # length of the first key
     Path(dst).write_bytes(bytes(data))
     return Path(dst)
+
+
+def write_fails_mid_load(src: Path, dst: Path) -> Path:
+    """A GGUF whose header claims one more layer than it has tensors for: every check of the
+    header passes, and llama.cpp fails only while loading the tensors."""
+    data = bytearray(src.read_bytes())
+    key = b"llama.block_count"
+    at = data.index(key) + len(key) + 4  # the key, then its value type (u32), then the value
+    data[at:at + 4] = (int.from_bytes(data[at:at + 4], "little") + 1).to_bytes(4, "little")
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def write_wrong_shape(src: Path, dst: Path, tensor: str) -> Path:
+    """A GGUF whose tensor table gives `tensor` (a 2-D one) its two dimensions swapped: the
+    same size at the same offset, so the header reads well, and llama.cpp refuses the tensor's
+    shape only while loading it."""
+    data = bytearray(src.read_bytes())
+    name = tensor.encode()
+    at = data.rindex(len(name).to_bytes(8, "little") + name) + 8 + len(name)  # its entry in the tensor table
+    assert int.from_bytes(data[at:at + 4], "little") == 2, f"{tensor} is not 2-D"
+    dims = data[at + 4:at + 20]
+    data[at + 4:at + 20] = dims[8:] + dims[:8]
+    dst.write_bytes(bytes(data))
+    return dst
 
 
 def write_unknown_arch(dst: str | os.PathLike[str]) -> Path:

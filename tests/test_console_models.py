@@ -148,6 +148,17 @@ async def test_unload_all_asks_then_unloads_every_loaded_model() -> None:
         assert ("unload_all",) in backend.calls
 
 
+async def test_details_say_what_an_embedding_only_model_serves() -> None:
+    backend = FakeBackend()
+    backend._set("gemma-3-270m", kind="rerank")
+    app, _ = make_app(backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("d")
+        await wait_for(pilot, lambda: isinstance(app.screen, DetailsScreen))
+        assert "serves reranking only: POST /v1/rerank" in details_text(app)
+
+
 async def test_details_show_metadata_memory_and_latency_percentiles() -> None:
     from corral.backend.snapshot import RequestPercentiles
 

@@ -18,9 +18,9 @@ from corral.backend.sequence import Queued, Sequence
 from corral.backend.errors import BadRequest, LoadFailed, QueueFull
 from corral.backend.events import EventBus, RequestFinished, RequestStarted
 from corral.backend.generation import Chunk, Decoding, SamplingParams
-from corral.backend.weights import ModelWeights, batch_add
-from ggufs import write_unknown_arch
-from reference import greedy_reference
+from corral.backend.weights import ModelWeights
+from ggufs import RERANKER, write_unknown_arch
+from reference import greedy_reference, llama_cpp_pooled, llama_cpp_rank_scores
 
 PROMPTS = ["Once upon a time", "the time", "a upon once", "time time the a"]
 
@@ -411,31 +411,6 @@ def test_a_shown_control_token_keeps_its_text(tiny_gguf: Any) -> None:
         weights.release()
 
 
-def llama_cpp_pooled(path: Path, tokens: list[int], pooling: int) -> list[float]:
-    """The vector llama.cpp's own pooling gives `tokens` (a context pooling as `pooling` says),
-    L2-normalised: what the Embedder's pooling must agree with."""
-    import llama_cpp
-    import numpy as np
-
-    weights = ModelWeights(str(path))
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = params.n_batch = params.n_ubatch = 512
-    params.embeddings, params.pooling_type = True, pooling
-    ctx = llama_cpp.llama_init_from_model(weights.handle, params)
-    batch = llama_cpp.llama_batch_init(512, 0, 1)
-    try:
-        for pos, token in enumerate(tokens):
-            batch_add(batch, token, pos, 0, True)
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-        n = llama_cpp.llama_model_n_embd_out(weights.handle)
-        vector = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(ctx, 0), shape=(n,)).astype(np.float64)
-        return (vector / np.linalg.norm(vector)).tolist()
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        llama_cpp.llama_free(ctx)
-        weights.release()
-
-
 @pytest.mark.parametrize(("pooling", "code"), [("cls", 2), ("last", 3), ("mean", 1)])
 def test_embeddings_pool_as_the_gguf_declares(tiny_gguf: Any, monkeypatch: pytest.MonkeyPatch, pooling: str,
                                               code: int) -> None:
@@ -451,5 +426,64 @@ def test_embeddings_pool_as_the_gguf_declares(tiny_gguf: Any, monkeypatch: pytes
 
 
 def test_a_reranker_gguf_gives_no_embeddings_and_says_why(tiny_gguf: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(BadRequest, match="reranker"):
-        embedder(tiny_gguf, monkeypatch, pooling="rank")
+    reranker = embedder(tiny_gguf, monkeypatch, **RERANKER)
+    try:
+        with pytest.raises(BadRequest, match=r"reranker .* POST /v1/rerank"):
+            reranker.embed(["once upon a time"])
+    finally:
+        reranker.close()
+
+
+def test_an_embedding_model_does_not_rerank(tiny_gguf: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = embedder(tiny_gguf, monkeypatch, pooling="mean")
+    try:
+        with pytest.raises(BadRequest, match="not a reranker"):
+            model.rerank("a cat", ["the cat"])
+    finally:
+        model.close()
+
+
+QUERY = "the little girl and her dog"
+DOCUMENTS = ["a dog ran in the park with the girl", "the sun is red", LONG_TEXT, "hello"]
+
+
+@pytest.mark.parametrize("template", [None, "<s>query: {query} document: {document}"])
+def test_reranker_scores_are_llama_cpps_rank_pooling(tiny_gguf: Any, monkeypatch: pytest.MonkeyPatch,
+                                                     template: str | None) -> None:
+    """Each score is what llama.cpp's RANK pooling gives the pair's prompt in one pass, though
+    the Embedder decodes it in 16-token chunks; the prompt is the GGUF's rerank template filled
+    in, or BOS query document (this vocabulary adds no EOS or SEP), as llama-server builds it."""
+    model = {**RERANKER, "rerank_template": template}
+    reranker = embedder(tiny_gguf, monkeypatch, LOGITS_BYTES=1, **model)
+    try:
+        assert (reranker.pooling, reranker.chunk) == ("rank", EmbeddingShape.MIN_CHUNK)
+        ours, tokens = reranker.rerank(QUERY, DOCUMENTS)
+        tokenize = reranker.weights.tokenize
+        if template is None:
+            prompts = [[reranker.weights.bos] + tokenize(QUERY, add_special=False) + tokenize(d, add_special=False)
+                       for d in DOCUMENTS]
+        else:
+            prompts = [tokenize(template.replace("{query}", QUERY).replace("{document}", d), add_special=False)
+                       for d in DOCUMENTS]
+    finally:
+        reranker.close()
+    assert tokens == sum(map(len, prompts)) and max(map(len, prompts)) > 4 * EmbeddingShape.MIN_CHUNK
+    reference = llama_cpp_rank_scores(tiny_gguf("embed", context_length=512, **model), prompts)
+    assert ours == pytest.approx(reference, abs=1e-4)  # chunks change the order of float sums, no more
+    assert all(0 < score < 1 for score in ours)  # a Qwen3 reranker's softmax: P("yes")
+    assert len(set(ours)) == len(ours)  # the documents' scores differ, so their order means something
+
+
+def test_a_pair_longer_than_the_reranking_context_is_refused_with_its_index(
+        tiny_gguf: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    reranker = embedder(tiny_gguf, monkeypatch, **RERANKER)
+    try:
+        with pytest.raises(BadRequest, match=r"documents\[1\] with the query is \d+ tokens but the reranking "
+                                             r"context holds 512"):
+            reranker.rerank(QUERY, ["short", LONG_TEXT * 5])
+        with pytest.raises(BadRequest, match=r"query is \d+ tokens but the reranking context holds 512"):
+            reranker.rerank(LONG_TEXT * 5, ["short"])
+        with pytest.raises(BadRequest, match="query is empty"):
+            reranker.rerank("  ", ["short"])
+    finally:
+        reranker.close()

@@ -20,11 +20,12 @@ from starlette.responses import JSONResponse, Response
 from ..errors import NotFound, ShuttingDown
 from ..events import wait_event
 from ..metrics import Metrics
-from . import admin, anthropic, ollama, ollama_routes, openai, responses
+from ..snapshot import ModelInfo
+from . import admin, anthropic, ollama, ollama_routes, openai, rerank, responses
 from .middleware import (ErrorShapes, RequestContext, ids, install_error_handlers, read_json, require_key,
                          state_of)
 from .stored import Store
-from .streams import embedding, generation_route
+from .streams import embedding, generation_route, pooled
 
 if TYPE_CHECKING:
     from ..protocol import Backend
@@ -149,6 +150,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, ollama_port: int
         ("GET", "/v1/responses/{response_id}", stored_response),
         ("DELETE", "/v1/responses/{response_id}", delete_response),
         ("POST", "/v1/embeddings", embeddings),
+        *(("POST", path, reranking) for path in rerank.PATHS),
         ("GET", "/v1/models", models),
         ("GET", "/v1/models/{name:path}", model),
         # Anthropic Messages
@@ -201,6 +203,13 @@ async def embeddings(request: Request) -> Response:
     return JSONResponse(openai.embedding_response(body, result))
 
 
+async def reranking(request: Request) -> Response:
+    body = await read_json(request, rerank.RerankRequest)
+    result = await pooled(request, body.model, "openai", lambda backend, ids: backend.rerank(
+        body.model, body.query, body.documents, body.top_n, keep_alive=body.keep_alive, api="openai", **ids))
+    return JSONResponse(rerank.rerank_response(body, result))
+
+
 async def count_tokens(request: Request) -> dict[str, Any]:
     """Anthropic's count_tokens: the request's prompt as the model's template renders it. It
     leases the model like a generation, so it counts as in flight for the drain."""
@@ -232,17 +241,17 @@ async def delete_response(request: Request, response_id: str) -> dict[str, Any]:
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
-async def _usable(request: Request) -> list[str]:
-    return [m.name for m in await state_of(request).backend.models() if m.usable]
+async def _usable(request: Request) -> list[ModelInfo]:
+    return [m for m in await state_of(request).backend.models() if m.usable]
 
 
 async def models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [openai.model_card(name) for name in await _usable(request)]}
+    return {"object": "list", "data": [openai.model_card(m.name, m.kind) for m in await _usable(request)]}
 
 
 async def model(request: Request, name: str) -> dict[str, Any]:
     """One model's card, by its name or its short name (a store model's file part)."""
-    usable = [m for m in await state_of(request).backend.models() if m.usable]
-    if not any(name in (m.name, m.short_name) for m in usable):
+    found = next((m for m in await _usable(request) if name in (m.name, m.short_name)), None)
+    if found is None:
         raise NotFound(f"model {name!r} does not exist or cannot be used; GET /v1/models lists the models")
-    return openai.model_card(name)
+    return openai.model_card(name, found.kind)

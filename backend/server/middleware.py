@@ -208,7 +208,8 @@ async def read_json(request: Request, model: type[B]) -> B:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise BadRequest(describe_validation(exc.errors())) from None
+        # located in the body as FastAPI's errors are, so a field named "query" (rerank's) stays a field
+        raise BadRequest(describe_validation({**err, "loc": ("body", *err["loc"])} for err in exc.errors())) from None
 
 
 def _reject_surrogates(value: Any, where: str = "body") -> None:

@@ -469,11 +469,10 @@ def running(info: ModelInfo, d: ModelDetails) -> dict[str, Any]:
 
 
 def capabilities(d: ModelDetails) -> list[str]:
-    """What the model does: an embedding model (it pools) embeds; others complete, and call tools
-    (corral holds any model's tool calls to their schemas)."""
-    if d.architecture and f"{d.architecture}.pooling_type" in d.metadata:
-        return ["embedding"]
-    return ["completion", "tools"]
+    """What the model does (`ModelDetails.kind`): an embedding model embeds, a reranker (which
+    ollama has no word for) ranks; others complete, and call tools (corral holds any model's
+    tool calls to their schemas)."""
+    return {"embedding": ["embedding"], "rerank": ["rerank"]}.get(d.kind or "", ["completion", "tools"])
 
 
 def show(d: ModelDetails) -> dict[str, Any]:

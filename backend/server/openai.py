@@ -369,8 +369,10 @@ def _chat_logprobs(tokens: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> dic
                                           for top in t.top]} for t in tokens]}
 
 
-def model_card(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "corral"}
+def model_card(name: str, kind: str | None) -> dict[str, Any]:
+    """OpenAI's model object, and what the model serves (chat, embedding or rerank; null when its
+    header is unread), as llama-server adds its own fields beside OpenAI's."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "corral", "kind": kind}
 
 
 def embedding_response(body: EmbeddingRequest, result: Embeddings) -> dict[str, Any]:

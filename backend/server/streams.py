@@ -161,17 +161,24 @@ async def answer(request: Request, generation: GenerationRequest, shape: Shape, 
 
 async def embedding(request: Request, model: str, inputs: list[str], *, keep_alive: float | None,
                     api: str) -> Embeddings:
-    """Embed `inputs` with `model` for a route of any dialect, counted as in flight for the drain."""
+    """Embed `inputs` with `model` for a route of any dialect."""
+    return await pooled(request, model, api, lambda backend, ids: backend.embed(
+        model, inputs, keep_alive=keep_alive, api=api, **ids))
+
+
+async def pooled(request: Request, model: str, api: str,
+                 call: Callable[[Any, dict[str, str | None]], Awaitable[T]]) -> T:
+    """`call(backend, ids)`: an embeddings or reranking call on `model` with the request's ids,
+    counted as in flight for the drain, and counted in /metrics when refused."""
     state = state_of(request)
     request.scope["corral.model"] = model
     request_id, session_id = ids(request)
     state.check_accepting()
     flight = state.flight()
     try:
-        # Not raced against a disconnect: an embedding is one short batch in a worker thread
-        # that cancelling could not stop, and it holds no generation slot.
-        return await state.backend.embed(model, inputs, request_id=request_id, session_id=session_id,
-                                         keep_alive=keep_alive, api=api)
+        # Not raced against a disconnect: it is one short batch in a worker thread that
+        # cancelling could not stop, and it holds no generation slot.
+        return await call(state.backend, {"request_id": request_id, "session_id": session_id})
     except CorralError as exc:
         state.metrics.rejected(UNKNOWN_MODEL if isinstance(exc, ModelNotFound) else model, exc.http_status, api)
         raise

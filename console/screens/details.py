@@ -44,6 +44,13 @@ def format_count(n: int | None) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
+SERVES = {  # ModelInfo.kind, as a person reads it
+    "chat": "chat and completions (and embeddings)",
+    "embedding": "embeddings only: POST /v1/embeddings, ollama /api/embed",
+    "rerank": "reranking only: POST /v1/rerank",
+}
+
+
 def metadata_rows(m: ModelInfo) -> list[tuple[str, str]]:
     keep = "never expires" if m.keep_alive_s < 0 else format_duration(m.keep_alive_s)
     rows = [
@@ -52,6 +59,7 @@ def metadata_rows(m: ModelInfo) -> list[tuple[str, str]]:
         ("source", f"alias of {m.alias_of}" if m.alias_of else m.source),
         *([("short name", m.short_name)] if m.short_name else []),
         ("architecture", m.architecture or NA),
+        *([("serves", SERVES.get(m.kind, m.kind))] if m.kind else []),
         ("parameters", format_count(m.parameters)),
         ("quantization", m.quantization or NA),
         ("file size", format_bytes(m.file_size)),
