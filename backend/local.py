@@ -27,6 +27,7 @@ from .digests import Digests, describe
 from .liveconfig import LiveConfig
 from .errors import BadRequest
 from .events import Event, EventBus, RequestFinished
+from .inflight import RequestInfo, checked_canceller
 from .generation import Chunk, Embeddings, Grammar, SamplingFields, SamplingParams, sampling_params
 from .protocol import LoopThread, SyncBackend
 from .pull.record import PullRecord
@@ -167,6 +168,20 @@ class LocalBackend(LiveConfig):
     async def pin(self, name: str, pinned: bool = True) -> ModelInfo:
         await self.ready()
         return await self._call(self.manager.pin(name, pinned))
+
+    async def requests(self) -> list[RequestInfo]:
+        """Every request running or queued on a loaded model now (a request still waiting for
+        its model to load is in no engine yet, so not among them)."""
+        await self.ready()
+        return await self._call(_sync_value(self.manager.requests))
+
+    async def cancel_request(self, request_id: str, by: str = "python") -> list[RequestInfo]:
+        """Cancel the running or queued request with this id: its stream ends with finish reason
+        "cancelled" and its slot is free at the engine's next step; the request_finished event
+        names `by` (api, console, python or cli). NotFound when no request has the id."""
+        checked_canceller(by)
+        await self.ready()
+        return await self._call(_sync_value(lambda: self.manager.cancel_request(request_id, by)))
 
     async def unload_all(self) -> None:
         await self.ready()

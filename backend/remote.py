@@ -31,6 +31,7 @@ from .errors import (BudgetExceeded, CorralError, InsufficientDisk, ModelFileErr
                      ServerUnreachable)
 from .events import Dropped, Event, Notice, event_from_dict
 from .generation import Chunk, Embeddings
+from .inflight import RequestInfo, checked_canceller
 from .pull.status import PullStatus
 from .request import GenerationRequest, chat_request, completion_request
 from .server.anthropic import count_body
@@ -283,6 +284,15 @@ class RemoteBackend:
     async def pin(self, name: str, pinned: bool = True) -> ModelInfo:
         data = await self._request("POST", self._model_path(name, "pin" if pinned else "unpin"), model=name)
         return ModelInfo.from_dict(data)
+
+    async def requests(self) -> list[RequestInfo]:
+        return [RequestInfo.from_dict(r) for r in (await self._request("GET", "/api/requests"))["requests"]]
+
+    async def cancel_request(self, request_id: str, by: str = "python") -> list[RequestInfo]:
+        """Cancel a request on the server by id (DELETE /api/requests/{id}); NotFound when none has it."""
+        data = await self._request("DELETE", f"/api/requests/{quote(request_id, safe='')}",
+                                   params={"by": checked_canceller(by)})
+        return [RequestInfo.from_dict(r) for r in data["cancelled"]]
 
     async def unload_all(self) -> None:
         await self._request("POST", "/api/unload-all", timeout=self._waiting())
