@@ -9,7 +9,7 @@ from typing import Any
 from .errors import BadRequest
 
 RUNNING, QUEUED = "running", "queued"
-CANCELLERS = ("api", "console", "python", "cli")  # who may be named as a cancel's source
+CANCELLERS = ("api", "console", "python")  # who may be named as a cancel's source
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ class LocalBackend(LiveConfig):
     async def cancel_request(self, request_id: str, by: str = "python") -> list[RequestInfo]:
         """Cancel the running or queued request with this id: its stream ends with finish reason
         "cancelled" and its slot is free at the engine's next step; the request_finished event
-        names `by` (api, console, python or cli). NotFound when no request has the id."""
+        names `by` (api, console or python). NotFound when no request has the id."""
         checked_canceller(by)
         await self.ready()
         return await self._call(_sync_value(lambda: self.manager.cancel_request(request_id, by)))

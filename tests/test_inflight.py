@@ -86,7 +86,7 @@ def test_the_python_api_lists_and_refuses_clearly(backend: LocalBackend) -> None
     assert backend.sync.requests() == []
     with pytest.raises(NotFound, match=r"no running or queued request has id 'nope'.*GET /api/requests"):
         backend.sync.cancel_request("nope")
-    with pytest.raises(BadRequest, match="by = 'someone': must be one of api, console, python, cli"):
+    with pytest.raises(BadRequest, match="by = 'someone': must be one of api, console, python"):
         backend.sync.cancel_request("nope", by="someone")
 
 

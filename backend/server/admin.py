@@ -117,7 +117,7 @@ async def requests(request: Request) -> dict[str, Any]:
 
 async def cancel_request(request: Request, request_id: str, by: str = "api") -> dict[str, Any]:
     """DELETE /api/requests/{id}: end it with finish reason "cancelled" in its own dialect and free
-    its slot at the next step; `by` (api, console, python, cli) is named in its event."""
+    its slot at the next step; `by` (api, console, python) is named in its event."""
     cancelled = await state_of(request).backend.cancel_request(request_id, by)
     return {"cancelled": [r.to_dict() for r in cancelled]}
 
