@@ -536,7 +536,7 @@ class Manager(Admission, Reconfiguration):
                  for info in r.engine.cancel_id(request_id, by)]
         if not found:
             raise NotFound(f"no running or queued request has id {request_id!r}; it may have finished "
-                           "already. List those in flight with GET /api/requests")
+                           "already. List those in flight with GET /api/requests (backend.requests() in Python)")
         return found
 
     @contextlib.asynccontextmanager

@@ -348,6 +348,7 @@ class FakeBackend:
         return await self.models()
 
     async def requests(self) -> list[RequestInfo]:
+        self.calls.append(("requests",))
         return sorted(self.in_flight.values(), key=lambda r: (r.model, r.state == QUEUED, r.queue_position or 0))
 
     async def cancel_request(self, request_id: str, by: str = "python") -> list[RequestInfo]:
@@ -356,8 +357,7 @@ class FakeBackend:
         checked_canceller(by)
         info = self.in_flight.get(request_id)
         if info is None or request_id in self._cancelled:
-            raise NotFound(f"no running or queued request has id {request_id!r}; it may have finished "
-                           "already. List those in flight with GET /api/requests")
+            raise NotFound(f"no running or queued request has id {request_id!r}")
         if request_id in self._generating:
             self._cancelled[request_id] = by
         else:

@@ -63,6 +63,22 @@ async def test_w_lists_running_and_queued_requests_and_follows_the_poll() -> Non
         await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen))
 
 
+async def test_an_idle_console_does_not_ask_for_requests_every_poll() -> None:
+    """With nothing in flight the view asks once, when it opens; the polls after it only tell
+    it that nothing runs. A request showing up in a poll makes it ask again."""
+    app, backend = make_app(poll_interval=0.05)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_requests(pilot)
+        polls: list[object] = []
+        app.status_signal.subscribe(screen, polls.append)
+        await wait_for(pilot, lambda: len(polls) >= 10)
+        assert backend.calls.count(("requests",)) == 1
+        assert detail(app) == "nothing running or queued"
+        backend.add_request("run-1", MODEL)
+        await wait_for(pilot, lambda: bool(screen.requests))
+        assert backend.calls.count(("requests",)) >= 2
+
+
 async def test_x_asks_then_cancels_the_selected_request() -> None:
     app, backend = make_app(poll_interval=0.05)
     backend.add_request("run-1", MODEL)
