@@ -159,7 +159,7 @@ class EventLog(RichLog):
                         self._style("muted"))
         elif kind == "request_finished":
             failed = bool(e.error) or e.finish_reason == "error"
-            by = f" by {e.cancelled_by}" if getattr(e, "cancelled_by", None) else ""
+            by = f" by {e.cancelled_by}" if e.cancelled_by else ""
             line.append(f"request {e.request_id or '?'} {e.finish_reason}{by}",
                         self._style("error") if failed else None)
             speed = f", {e.tokens_per_s:.1f} tok/s" if e.tokens_per_s else ""
