@@ -10,9 +10,10 @@ import asyncio
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
+from corral.backend.errors import NotFound
 from corral.console.screens import ConfirmScreen, DashboardScreen, RequestsScreen
 from corral.console.screens.requests import COLUMNS, CHROME, widths
-from console_support import SIZE, log_text, make_app, ready, wait_for
+from console_support import SIZE, log_text, make_app, notifications, ready, wait_for
 from fake_backend import FakeBackend
 
 MODEL = "gemma-3-270m"
@@ -77,6 +78,21 @@ async def test_an_idle_console_does_not_ask_for_requests_every_poll() -> None:
         backend.add_request("run-1", MODEL)
         await wait_for(pilot, lambda: bool(screen.requests))
         assert backend.calls.count(("requests",)) >= 2
+
+
+async def test_a_failing_backend_is_said_once_not_every_poll() -> None:
+    app, backend = make_app(poll_interval=0.05)
+    backend.add_request("run-1", MODEL)
+
+    async def refused() -> list[object]:
+        backend.calls.append(("requests",))
+        raise NotFound("GET /api/requests: not found (a server older than this console)")
+
+    backend.requests = refused  # type: ignore[method-assign]
+    async with app.run_test(size=SIZE) as pilot:
+        await open_requests(pilot)
+        await wait_for(pilot, lambda: backend.calls.count(("requests",)) >= 5)
+        assert sum("older than this console" in n for n in notifications(app)) == 1
 
 
 async def test_x_asks_then_cancels_the_selected_request() -> None:

@@ -86,6 +86,7 @@ class RequestsScreen(Screen[None]):
     def __init__(self) -> None:
         super().__init__()
         self.requests: list[RequestInfo] = []
+        self._error: str | None = None  # the last fetch's failure, said once until a fetch works
 
     @property
     def corral(self) -> CorralApp:
@@ -114,14 +115,18 @@ class RequestsScreen(Screen[None]):
 
     @work(exclusive=True, group="requests", exit_on_error=False, name="requests")
     async def fetch_requests(self) -> None:
-        """Ask the backend for its requests; a failure is said in a notification, and the table
-        keeps what it showed until the next poll."""
+        """Ask the backend for its requests. A failure is said once in a notification (the next
+        poll retries, and a server too old for the route would fail every second); the table
+        keeps what it showed."""
         try:
             found = await self.corral.backend.requests()
         except Exception as error:  # noqa: BLE001 - shown to the operator; the next poll retries
-            self.notify(describe_error(error), title="requests unavailable", severity="error",
-                        timeout=8, markup=False)
+            message = describe_error(error)
+            if message != self._error:
+                self._error = message
+                self.notify(message, title="requests unavailable", severity="error", timeout=8, markup=False)
             return
+        self._error = None
         self.show_requests(found)
 
     def show_requests(self, found: list[RequestInfo]) -> None:
