@@ -33,7 +33,7 @@ from .events import Dropped, Event, Notice, event_from_dict
 from .generation import Chunk, Embeddings
 from .inflight import RequestInfo, checked_canceller
 from .pull.status import PullStatus
-from .request import GenerationRequest, chat_request, completion_request
+from .request import OWN_APIS, GenerationRequest, chat_request, completion_request
 from .server.anthropic import count_body
 from .server.openai import chunk_from_wire, wire_body
 from .versions import ConfigVersion
@@ -366,6 +366,8 @@ class RemoteBackend:
         body.update(stream=True, stream_options={"include_usage": True})
         chat = request.messages is not None
         headers = self._ids(request.request_id, request.session_id)
+        if request.api in OWN_APIS:
+            headers["X-Corral-Api"] = request.api
         final: Chunk | None = None
         answered = False
         verdict: str | None = None  # the response cache's, for the first chunk we yield

@@ -139,12 +139,14 @@ def test_ollama_stream_ends_with_done_reason_cancelled(default_server: Server, h
 
 
 def test_the_python_api_over_http_lists_and_cancels(default_server: Server, http: httpx.Client) -> None:
+    """RemoteBackend names its request's face (X-Corral-Api), so it is listed as python, not
+    as the OpenAI route it travels on."""
     remote = RemoteBackend(default_server.url)
     try:
         stream = remote.sync.complete(MODEL, "Once upon a time", max_tokens=MANY, ignore_eos=True, request_id="py-1")
         assert next(stream).finish_reason is None
         listed = remote.sync.requests()
-        assert [(r.request_id, r.model, r.api, r.state) for r in listed] == [("py-1", MODEL, "openai", "running")]
+        assert [(r.request_id, r.model, r.api, r.state) for r in listed] == [("py-1", MODEL, "python", "running")]
         assert [r.request_id for r in remote.sync.cancel_request("py-1", by="console")] == ["py-1"]
         assert [c.finish_reason for c in stream if c.finish_reason] == ["cancelled"]
     finally:
@@ -159,3 +161,6 @@ def test_an_unknown_id_is_a_404_that_says_what_to_do(http: httpx.Client) -> None
     assert "GET /api/requests" in error["message"]
     assert_error(http.delete("/api/requests/x", params={"by": "mallory"}), 400, "invalid_request", "by = 'mallory'")
     assert http.get("/api/requests").json() == {"requests": []}
+    bad = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1},
+                    headers={"x-corral-api": "mallory"})
+    assert_error(bad, 400, "invalid_request", "X-Corral-Api = 'mallory': must be one of console, python")
