@@ -27,6 +27,7 @@ _EXPORTS = {
     "Chunk": "generation", "Embeddings": "generation", "RequestStats": "generation",
     "SamplingParams": "generation", "Reranking": "generation", "Ranked": "generation",
     "CorralError": "errors", "Event": "events", "ModelInfo": "snapshot", "Status": "snapshot",
+    "RequestInfo": "inflight",
     "connect": "notebook", "print_stream": "notebook", "aprint_stream": "notebook",
     "recent_events": "notebook", "ModelTable": "display", "EventLog": "display",
 }
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from .errors import CorralError
     from .events import Event
     from .generation import Chunk, Embeddings, Ranked, RequestStats, Reranking, SamplingParams
+    from .inflight import RequestInfo
     from .notebook import aprint_stream, connect, print_stream, recent_events
     from .remote import RemoteBackend
     from .snapshot import ModelInfo, Status

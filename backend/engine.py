@@ -34,6 +34,7 @@ from .embedder import Embedder, in_own_thread
 from .errors import BadRequest, Cancelled, LoadFailed, QueueFull
 from .events import EventBus, RequestFinished, RequestStarted
 from .generation import Chunk, Decoding, RequestStats, TokenLogprob
+from .inflight import RequestInfo
 from .request import MAX_TOP_LOGPROBS
 from .samplers import GrammarDeadEnd, GrammarStats, Scratch, TokenSampler
 from .kvstore import PrefixStore, prefix_key
@@ -247,7 +248,7 @@ class Engine:
             )
         request = Queued(request_id or uuid.uuid4().hex, session_id, tokens, decoding,
                            Delivery(asyncio.get_running_loop()), TokenSampler(self.weights, decoding, self._scratch),
-                           api=api)
+                           api=api, model=self.model_name)
         with self._cv:
             refusal: Exception | None = None
             if self._closing:
@@ -269,6 +270,37 @@ class Engine:
         request.cancelled = True
         with self._cv:
             self._cv.notify()
+
+    def cancel_id(self, request_id: str, by: str) -> list[RequestInfo]:
+        """Cancel every running or queued request with this id (ids are unique unless a client
+        reuses its own X-Request-Id), as `by` asked; each ends with finish reason "cancelled" at
+        the next step. Returns them as they were; an empty list when none has the id."""
+        now = time.perf_counter()
+        with self._cv:
+            found = [seq.info(now) for seq in self._running.values() if self._mark(seq.request, request_id, by)]
+            found += [request.info(i, now) for i, request in enumerate(self._pending, 1)
+                      if self._mark(request, request_id, by)]
+            if found:
+                self._cv.notify()
+        return found
+
+    @staticmethod
+    def _mark(request: Queued, request_id: str, by: str) -> bool:
+        if request.id != request_id or request.cancelled:
+            return False
+        request.cancelled_by, request.cancelled = by, True
+        return True
+
+    def requests(self) -> list[RequestInfo]:
+        """The requests running and queued now, copied under the lock the scheduler takes only
+        between decodes, so a reader never waits for a step. Cancelled ones are left out: they
+        end at the next step."""
+        now = time.perf_counter()
+        with self._cv:
+            running = [seq for seq in self._running.values() if not seq.request.cancelled]
+            queued = [request for request in self._pending if not request.cancelled]
+        return ([seq.info(now) for seq in running]
+                + [request.info(i, now) for i, request in enumerate(queued, 1)])
 
     async def stream(self, tokens: list[int], decoding: Decoding, *, request_id: str | None = None,
                      session_id: str | None = None, api: str | None = None) -> AsyncIterator[Chunk]:
@@ -351,14 +383,16 @@ class Engine:
         and then shares them (slots.awaited_prefix). Whatever fails, every request not placed
         stays queued, so that the failure ends it rather than leaving its client waiting."""
         held: list[Queued] = []
+        if any(request.cancelled for request in self._pending):  # ends now, not once it reaches a slot
+            out: list[tuple[Delivery, Chunk]] = []
+            for request in [r for r in self._pending if r.cancelled]:
+                self._pending.remove(request)
+                self._drop(request, "cancelled", None, out)
+            self._deliver(out)
         try:
             while self._pending and self._slots.free:
                 request = self._pending[0]
-                if request.cancelled:
-                    out: list[tuple[Delivery, Chunk]] = []
-                    self._drop(self._pending.popleft(), "cancelled", None, out)
-                    self._deliver(out)
-                elif self._awaits_prefix(request):
+                if self._awaits_prefix(request):
                     held.append(self._pending.popleft())
                 else:
                     seq_id, cached = self._prefixes.place(request.tokens)
@@ -492,7 +526,7 @@ class Engine:
             api=seq.request.api, finish_reason=reason, prompt_tokens=stats.prompt_tokens,
             completion_tokens=stats.completion_tokens, ttft_s=stats.ttft_s,
             duration_s=stats.duration_s, tokens_per_s=stats.tokens_per_s, error=error,
-            cached_tokens=stats.cached_tokens,
+            cached_tokens=stats.cached_tokens, cancelled_by=seq.request.cancelled_by if reason == "cancelled" else None,
         ))
 
     def _drop(self, request: Queued, reason: str, error: str | None,
@@ -506,6 +540,7 @@ class Engine:
             model=self.model_name, request_id=request.id, session_id=request.session_id, api=request.api,
             finish_reason=reason, prompt_tokens=stats.prompt_tokens, completion_tokens=0, ttft_s=None,
             duration_s=waited, tokens_per_s=None, error=error,
+            cancelled_by=request.cancelled_by if reason == "cancelled" else None,
         ))
 
     def _finish_all(self, reason: str, error: str) -> None:

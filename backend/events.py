@@ -100,6 +100,7 @@ class RequestFinished(Event):
     cached_tokens: int = 0
     cached: bool = False  # answered from the response cache: nothing was decoded
     api: str | None = None  # which API the request came in by (GenerationRequest.api)
+    cancelled_by: str | None = None  # who cancelled it by id (api, console, python); None: its client left
 
 
 @dataclass(frozen=True, kw_only=True)

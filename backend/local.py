@@ -29,6 +29,7 @@ from .errors import BadRequest
 from .events import Event, EventBus, RequestFinished
 from .generation import (Chunk, Embeddings, Grammar, Ranked, Reranking, SamplingFields, SamplingParams,
                          sampling_params)
+from .inflight import RequestInfo, checked_canceller
 from .kinds import CHAT, EMBEDDING, FINISH_REASONS, RERANK, check_serves, model_kind
 from .protocol import LoopThread, SyncBackend
 from .pull.record import PullRecord
@@ -177,6 +178,20 @@ class LocalBackend(LiveConfig):
     async def pin(self, name: str, pinned: bool = True) -> ModelInfo:
         await self.ready()
         return await self._call(self.manager.pin(name, pinned))
+
+    async def requests(self) -> list[RequestInfo]:
+        """Every request running or queued on a loaded model now (a request still waiting for
+        its model to load is in no engine yet, so not among them)."""
+        await self.ready()
+        return await self._call(_sync_value(self.manager.requests))
+
+    async def cancel_request(self, request_id: str, by: str = "python") -> list[RequestInfo]:
+        """Cancel the running or queued request with this id: its stream ends with finish reason
+        "cancelled" and its slot is free at the engine's next step; the request_finished event
+        names `by` (api, console or python). NotFound when no request has the id."""
+        checked_canceller(by)
+        await self.ready()
+        return await self._call(_sync_value(lambda: self.manager.cancel_request(request_id, by)))
 
     async def unload_all(self) -> None:
         await self.ready()

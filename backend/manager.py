@@ -25,10 +25,11 @@ from .catalog import Catalog, CatalogEntry
 from .config import AliasConfig, ConfigError, ModelDefaults, Settings, default_pull_dir, parse_duration
 from .engine import Engine
 from .errors import (BadRequest, CorralError, FileRejected, IllegalTransition, LoadFailed, ModelBusy,
-                     ModelNotFound, ModelPinned, ModelUnusable)
+                     ModelNotFound, ModelPinned, ModelUnusable, NotFound)
 from .events import (EventBus, ModelLoaded, Notice, PinChanged, RequestFinished, StateChanged,
                      Subscription, wait_event)
 from .ggufmeta import GGUFInfo
+from .inflight import RequestInfo
 from .kinds import model_kind
 from .kvstore import PrefixStore
 from .loadplan import Planning
@@ -528,6 +529,20 @@ class Manager(Admission, Planning, Reconfiguration):
             self._transition(r, State.READY)
         else:
             self._notify()
+
+    def requests(self) -> list[RequestInfo]:
+        """Every request running or queued in a loaded model's engine, by model name."""
+        return [info for name in sorted(self._records) if (engine := self._records[name].engine) is not None
+                for info in engine.requests()]
+
+    def cancel_request(self, request_id: str, by: str) -> list[RequestInfo]:
+        """Cancel the request(s) with this id wherever they run or wait; NotFound if none does."""
+        found = [info for r in self._records.values() if r.engine is not None
+                 for info in r.engine.cancel_id(request_id, by)]
+        if not found:
+            raise NotFound(f"no running or queued request has id {request_id!r}; it may have finished "
+                           "already. List those in flight with GET /api/requests (backend.requests() in Python)")
+        return found
 
     @contextlib.asynccontextmanager
     async def lease(self, name: str, keep_alive: float | None = None) -> AsyncIterator[Lease]:

@@ -51,7 +51,7 @@ class Metrics:
             "corral_requests", "Requests by model and outcome: the finish reason "
             "(stop, length, cancelled, error; embeddings, rerank) of requests that ran, or the HTTP status of those "
             "refused before running (429, 400, 404, ...), and the API it came in by (openai, anthropic, "
-            "responses; python for the in-process API)", ["model", "status", "api"], registry=r)
+            "responses, ollama; console and python for corral's own console and scripts)", ["model", "status", "api"], registry=r)
         self.prompt_tokens = Counter("corral_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.cached_tokens = Counter("corral_prompt_tokens_cached", "Prompt tokens whose KV was reused "
                                      "from a slot's previous request instead of evaluated", ["model"], registry=r)

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .generation import Chunk, Embeddings, Reranking
+from .inflight import RequestInfo
 from .pull.status import PullStatus
 from .snapshot import LoadPlan, ModelDetails, ModelInfo, Status
 
@@ -48,6 +49,8 @@ class Backend(Protocol):
     async def rerank(self, model: str, query: str, documents: list[str], top_n: int | None = None,
                      **options: Any) -> Reranking: ...
     async def count_tokens(self, request: GenerationRequest) -> int: ...
+    async def requests(self) -> list[RequestInfo]: ...
+    async def cancel_request(self, request_id: str, by: str = "python") -> list[RequestInfo]: ...
     async def unload_all(self) -> None: ...
     async def rescan(self) -> list[ModelInfo]: ...
     def pull(self, source: str, *, name: str | None = None, sha256: str | None = None,
@@ -121,6 +124,12 @@ class SyncBackend:
 
     def pin(self, name: str, pinned: bool = True) -> ModelInfo:
         return self._run(self._backend.pin(name, pinned))
+
+    def requests(self) -> list[RequestInfo]:
+        return self._run(self._backend.requests())
+
+    def cancel_request(self, request_id: str, by: str = "python") -> list[RequestInfo]:
+        return self._run(self._backend.cancel_request(request_id, by))
 
     def complete(self, model: str, prompt: str, **options: Any) -> Iterator[Chunk]:
         return self._iterate(self._backend.complete(model, prompt, **options))

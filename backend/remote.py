@@ -31,8 +31,9 @@ from .errors import (BudgetExceeded, CorralError, InsufficientDisk, ModelFileErr
                      ServerUnreachable)
 from .events import Dropped, Event, Notice, event_from_dict
 from .generation import Chunk, Embeddings, Ranked, Reranking
+from .inflight import RequestInfo, checked_canceller
 from .pull.status import PullStatus
-from .request import GenerationRequest, chat_request, completion_request
+from .request import OWN_APIS, GenerationRequest, chat_request, completion_request
 from .server.anthropic import count_body
 from .server.openai import chunk_from_wire, wire_body
 from .versions import ConfigVersion
@@ -288,6 +289,15 @@ class RemoteBackend:
         data = await self._request("POST", self._model_path(name, "pin" if pinned else "unpin"), model=name)
         return ModelInfo.from_dict(data)
 
+    async def requests(self) -> list[RequestInfo]:
+        return [RequestInfo.from_dict(r) for r in (await self._request("GET", "/api/requests"))["requests"]]
+
+    async def cancel_request(self, request_id: str, by: str = "python") -> list[RequestInfo]:
+        """Cancel a request on the server by id (DELETE /api/requests/{id}); NotFound when none has it."""
+        data = await self._request("DELETE", f"/api/requests/{quote(request_id, safe='')}",
+                                   params={"by": checked_canceller(by)})
+        return [RequestInfo.from_dict(r) for r in data["cancelled"]]
+
     async def unload_all(self) -> None:
         await self._request("POST", "/api/unload-all", timeout=self._waiting())
 
@@ -360,6 +370,8 @@ class RemoteBackend:
         body.update(stream=True, stream_options={"include_usage": True})
         chat = request.messages is not None
         headers = self._ids(request.request_id, request.session_id)
+        if request.api in OWN_APIS:
+            headers["X-Corral-Api"] = request.api
         final: Chunk | None = None
         answered = False
         verdict: str | None = None  # the response cache's, for the first chunk we yield

@@ -87,6 +87,12 @@ class ResponseFormat:
     strict: bool = False
 
 
+# corral's own faces that reach a server through RemoteBackend: it names them in an X-Corral-Api
+# header, so the server lists and counts a console's or a script's request as such rather than
+# by the OpenAI route it travelled on.
+OWN_APIS = ("console", "python")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """A chat (`messages`) or a plain completion (`prompt`), with everything that shapes the

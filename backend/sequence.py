@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from .generation import Chunk, Decoding, RequestStats
+from .inflight import QUEUED, RUNNING, RequestInfo
 from .samplers import TokenSampler
 from .weights import ModelWeights
 
@@ -34,8 +35,15 @@ class Queued:
     sampler: TokenSampler
     api: str | None = None  # which API it came in by, for the events
     submitted: float = field(default_factory=time.perf_counter)
+    model: str = ""  # the engine's model name, for RequestInfo
     cancelled: bool = False
+    cancelled_by: str | None = None  # who cancelled it by id (inflight.CANCELLERS); None: its client left
     awaits: tuple[Sequence, int] | None = None  # a running sequence still evaluating this prompt's prefix
+
+    def info(self, position: int, now: float) -> RequestInfo:
+        """This request waiting at `position` (1: next) in its engine's queue."""
+        return RequestInfo(self.id, self.model, self.api, self.session_id, QUEUED, now - self.submitted,
+                           len(self.tokens), 0, None, position)
 
 
 class Sequence:
@@ -99,8 +107,14 @@ class Sequence:
         self.emitted = len(self.text)
         return out
 
-    def stats(self) -> RequestStats:
-        now = time.perf_counter()
+    def info(self, now: float) -> RequestInfo:
+        """This request as it runs; read from another thread, so only plain counters."""
+        request, stats = self.request, self.stats(now)
+        return RequestInfo(request.id, request.model, request.api, request.session_id, RUNNING, stats.duration_s,
+                           stats.prompt_tokens, stats.completion_tokens, stats.tokens_per_s, None)
+
+    def stats(self, now: float | None = None) -> RequestStats:
+        now = time.perf_counter() if now is None else now
         return RequestStats(
             prompt_tokens=len(self.request.tokens),
             completion_tokens=self.generated,

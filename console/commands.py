@@ -25,8 +25,9 @@ from corral.backend.errors import ConfigError
 DASHBOARD = "dashboard"
 PROMPT = "prompt"
 CONFIG = "config"
+REQUESTS = "requests"
 APP = "app"
-SCOPES = (DASHBOARD, PROMPT, CONFIG)
+SCOPES = (DASHBOARD, PROMPT, CONFIG, REQUESTS)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ COMMANDS: tuple[Command, ...] = (
             help="Quit (asks while requests are in flight)"),
     Command("corral.config", "c", "Config", "config",
             help="Configuration versions: reload the file, roll back to an earlier version"),
+    Command("corral.requests", "w", "Requests", "requests", show=False,
+            help="Requests running and queued on every loaded model, live; cancel one from there"),
     # Textual's Input binds ctrl+c to copy: stop is a priority binding so it wins.
     Command("corral.prompt.stop", "ctrl+c", "Stop", "stop", scope=PROMPT, priority=True,
             help="Stop the answer being streamed"),
@@ -92,6 +95,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("corral.config.rollback", "b", "Roll back", "rollback", scope=CONFIG, confirm=True,
             help="Apply the selected version again, as a new version, and write it to the file"),
     Command("corral.config.back", "escape", "Back", "back", scope=CONFIG,
+            help="Back to the dashboard"),
+    Command("corral.requests.cancel", "x", "Cancel request", "cancel", scope=REQUESTS, confirm=True,
+            help="Cancel the selected request: its client gets finish reason \"cancelled\" and its slot is freed"),
+    Command("corral.requests.back", "escape", "Back", "back", scope=REQUESTS,
             help="Back to the dashboard"),
 )
 

@@ -9,7 +9,8 @@
   force, evicting a failed model clears it);
 - `generate()` (and `complete()` / `chat()`, which build its request) streams a few fixed
   chunks (`token_delay` seconds apart, so a test can stop one half-way) and publishes request
-  events;
+  events; while it streams, `requests()` lists it and `cancel_request()` ends it with finish
+  reason "cancelled"; `add_request()` puts a fixed request in that list (for pictures);
 - `events()` is an async iterator fed by an asyncio.Queue per subscriber, with a replay
   ring for `after_seq`;
 - `status()` returns fixed HostStats (no GPU, gpu_note "no GPU (test)");
@@ -50,6 +51,7 @@ from corral.backend.events import (
     StateChanged,
 )
 from corral.backend.config import parse_duration
+from corral.backend.inflight import QUEUED, RUNNING, RequestInfo, checked_canceller
 from corral.backend.pull.status import PullStatus
 from corral.backend.snapshot import LoadPlan, ModelDetails, ModelInfo, Status
 from corral.backend.versions import ConfigVersion
@@ -131,6 +133,9 @@ class FakeBackend:
         self.reload_diff: tuple[str, ...] = ("defaults.keep_alive: 300.0 → 60.0",)
         self._pulls: dict[str, PullStatus] = {}  # running pulls by id
         self.pulled: set[str] = set()  # models its pull() added: the only ones remove() deletes
+        self.in_flight: dict[str, RequestInfo] = {}  # what requests() lists, by request id
+        self._generating: set[str] = set()  # ids of the requests generate() streams now
+        self._cancelled: dict[str, str] = {}  # generate()'s requests cancelled by id: who asked
 
     # -- test helpers -----------------------------------------------------------------------
 
@@ -160,6 +165,19 @@ class FakeBackend:
         if state != m.state:  # ready ⇄ busy is announced only when it flips
             return self._transition(name, state, **changes)
         return self._set(name, **changes)
+
+    def add_request(self, request_id: str, model: str, *, state: str = RUNNING, **fields: Any) -> RequestInfo:
+        """Pretend a request is in flight on `model` (it counts in the model's in_flight)."""
+        position = sum(1 for r in self.in_flight.values() if r.model == model and r.state == QUEUED) + 1
+        values: dict[str, Any] = dict(api="openai", session_id=None, age_s=3.0, prompt_tokens=12, tokens=40,
+                                      tokens_per_s=21.5, queue_position=position if state == QUEUED else None)
+        values.update(fields)
+        if state == QUEUED:
+            values.update(tokens=0, tokens_per_s=None)
+        info = RequestInfo(request_id, model, state=state, **values)
+        self.in_flight[request_id] = info
+        self.set_in_flight(model, self._get(model).in_flight + 1)
+        return info
 
     @property
     def subscribers(self) -> int:
@@ -280,21 +298,32 @@ class FakeBackend:
         self.publish(RequestStarted(model=model, request_id=request_id, prompt_tokens=4,
                                     queue_wait_s=0.0))
         pieces = ["Once", " upon", " a", " time"]
+        reason, sent = "length", 0
+        self.in_flight[request_id] = RequestInfo(request_id, model, request.api, request.session_id, RUNNING, 0.0,
+                                                 4, 0, None, None)
+        self._generating.add(request_id)
         try:
-            yield Chunk(pieces[0], cache=BYPASS, reasoning=self.thinking)
-            for piece in pieces[1:-1]:
-                await asyncio.sleep(self.token_delay)
-                yield Chunk(piece)
-            await asyncio.sleep(self.token_delay)
-            stats = RequestStats(prompt_tokens=4, completion_tokens=len(pieces), queue_wait_s=0.0,
-                                 ttft_s=0.01, duration_s=0.1)
-            yield Chunk(pieces[-1], finish_reason="length", stats=stats)
+            for i, piece in enumerate(pieces):
+                if i:
+                    await asyncio.sleep(self.token_delay)
+                if request_id in self._cancelled:
+                    reason = "cancelled"
+                    break
+                sent += 1
+                self.in_flight[request_id] = replace(self.in_flight[request_id], tokens=sent)
+                if sent < len(pieces):
+                    yield Chunk(piece, cache=BYPASS, reasoning=self.thinking) if i == 0 else Chunk(piece)
+            stats = RequestStats(prompt_tokens=4, completion_tokens=sent, queue_wait_s=0.0, ttft_s=0.01,
+                                 duration_s=0.1)
+            yield Chunk(pieces[-1] if reason == "length" else "", finish_reason=reason, stats=stats)
         finally:
+            self._generating.discard(request_id)
+            self.in_flight.pop(request_id, None)
             self.set_in_flight(model, max(0, self._get(model).in_flight - 1))
             self._set(model, last_used=self.now)
-            self.publish(RequestFinished(model=model, request_id=request_id, finish_reason="length",
-                                         prompt_tokens=4, completion_tokens=len(pieces),
-                                         ttft_s=0.01, duration_s=0.1, tokens_per_s=33.3))
+            self.publish(RequestFinished(model=model, request_id=request_id, finish_reason=reason,
+                                         prompt_tokens=4, completion_tokens=sent, ttft_s=0.01, duration_s=0.1,
+                                         tokens_per_s=33.3, cancelled_by=self._cancelled.pop(request_id, None)))
 
     async def events(self, after_seq: int | None = None) -> AsyncIterator[Event]:
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
@@ -341,6 +370,27 @@ class FakeBackend:
 
     async def rescan(self) -> list[ModelInfo]:
         return await self.models()
+
+    async def requests(self) -> list[RequestInfo]:
+        self.calls.append(("requests",))
+        return sorted(self.in_flight.values(), key=lambda r: (r.model, r.state == QUEUED, r.queue_position or 0))
+
+    async def cancel_request(self, request_id: str, by: str = "python") -> list[RequestInfo]:
+        """A streaming request ends at its next piece; one `add_request` made ends at once."""
+        self.calls.append(("cancel_request", request_id, by))
+        checked_canceller(by)
+        info = self.in_flight.get(request_id)
+        if info is None or request_id in self._cancelled:
+            raise NotFound(f"no running or queued request has id {request_id!r}")
+        if request_id in self._generating:
+            self._cancelled[request_id] = by
+        else:
+            del self.in_flight[request_id]
+            self.set_in_flight(info.model, max(0, self._get(info.model).in_flight - 1))
+            self.publish(RequestFinished(model=info.model, request_id=request_id, finish_reason="cancelled",
+                                         prompt_tokens=info.prompt_tokens, completion_tokens=info.tokens, ttft_s=None,
+                                         duration_s=info.age_s, tokens_per_s=None, api=info.api, cancelled_by=by))
+        return [info]
 
     async def pull(self, source: str, *, name: str | None = None, sha256: str | None = None,
                    directory: str | None = None) -> AsyncIterator[PullStatus]:

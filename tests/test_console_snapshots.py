@@ -53,15 +53,32 @@ async def _config_after_a_reload(pilot: Pilot) -> None:
     await pilot.pause()
 
 
+async def _requests_in_flight(pilot: Pilot) -> None:
+    """Two models' requests, running and queued, from four dialects; the cursor on the second."""
+    app = await ready(pilot)
+    backend = app.backend
+    backend.add_request("chatcmpl-7f3a9c2e41d8", "gemma-3-270m", api="openai", session_id="notebook-3",
+                        age_s=12.4, prompt_tokens=18, tokens=231, tokens_per_s=19.6)
+    backend.add_request("msg-b81f05", "gemma-3-270m", api="anthropic", age_s=4.2, tokens=37, tokens_per_s=18.9)
+    backend.add_request("0d9e4c7a55b34f0e9a1d2c3b4a5f6e7d", "gemma-3-270m", state="queued", api="ollama",
+                        age_s=1.1)
+    backend.add_request("console-2", "qwen2.5-0.5b-instruct", api="console", session_id="console-1",
+                        age_s=75.0, tokens=1, tokens_per_s=None)
+    await pilot.press("w")
+    await wait_for(pilot, lambda: len(getattr(app.screen, "requests", ())) == 4)
+    await pilot.press("down")
+    await pilot.pause()
+
+
 SNAPSHOTS = {"dashboard": _dashboard_after_a_load, "prompt": _prompt_after_an_answer, "help": _help,
-             "config": _config_after_a_reload}
+             "config": _config_after_a_reload, "requests": _requests_in_flight}
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
 @pytest.mark.parametrize("screen", list(SNAPSHOTS))
 def test_console_snapshots(screen: str, size: tuple[int, int], snap_compare: Callable[..., bool],
                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dashboard, prompt, help and config screens at both sizes: fixed models, host stats,
+    """Dashboard, prompt, help, config and requests screens at both sizes: fixed models, host stats,
     clock and time zone."""
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()

@@ -28,9 +28,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
+
+from support import SLOW, Server, slow_config, start_server
 
 WIDTH, HEIGHT = 120, 40
 SESSION = "corral"
@@ -208,8 +212,9 @@ def state_is(name: str, state: str) -> Callable[[str], bool]:
 # -- the test -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def console(tmp_path: Path, model_dir: Path) -> Iterator[Tmux]:
+def running_corral(tmp_path: Path, config: str, *args: str) -> Iterator[Tmux]:
+    """`corral *args` in a tmux pane, with `config` as its config file's text, isolated as the
+    module docstring says."""
     if shutil.which("tmux") is None:
         pytest.skip("tmux not installed: apt-get install tmux")
     corral = Path(sys.executable).with_name("corral")
@@ -218,26 +223,30 @@ def console(tmp_path: Path, model_dir: Path) -> Iterator[Tmux]:
 
     home = tmp_path / "home"
     xdg = tmp_path / "xdg-config"
-    home.mkdir()
+    home.mkdir(parents=True)
     xdg.mkdir()
-    config = tmp_path / "corral.toml"
-    config.write_text(
-        "include_default_model = false\n"
-        f"model_dirs = [{json.dumps(str(model_dir))}]\n"  # a JSON string is a TOML basic string
-        "\n[defaults]\nn_ctx = 256\nn_parallel = 2\nn_threads = 1\n",
-        encoding="utf-8",
-    )
+    path = tmp_path / "corral.toml"
+    path.write_text(config, encoding="utf-8")
     env = {key: value for key, value in os.environ.items()
            if not key.startswith("CORRAL_") and key not in ("TMUX", "TMUX_PANE")}
-    env.update(CORRAL_CONFIG=str(config), HOME=str(home), XDG_CONFIG_HOME=str(xdg),
+    env.update(CORRAL_CONFIG=str(path), HOME=str(home), XDG_CONFIG_HOME=str(xdg),
                LANG="C.UTF-8", LC_ALL="C.UTF-8")
 
     tmux = Tmux(tmp_path, env)
     try:
-        tmux.start([str(corral)], cwd=tmp_path)
+        tmux.start([str(corral), *args], cwd=tmp_path)
         yield tmux
     finally:
         tmux.kill()
+
+
+@pytest.fixture
+def console(tmp_path: Path, model_dir: Path) -> Iterator[Tmux]:
+    yield from running_corral(
+        tmp_path,
+        "include_default_model = false\n"
+        f"model_dirs = [{json.dumps(str(model_dir))}]\n"  # a JSON string is a TOML basic string
+        "\n[defaults]\nn_ctx = 256\nn_parallel = 2\nn_threads = 1\n")
 
 
 def test_console_in_a_real_terminal(console: Tmux) -> None:
@@ -304,3 +313,58 @@ def test_console_in_a_real_terminal(console: Tmux) -> None:
     assert raw, "pipe-pane recorded nothing: the raw-output check would be vacuous"
     raw_leaks = _leaks(raw)
     assert not raw_leaks, "llama.cpp log lines were written to the terminal:\n" + "\n".join(raw_leaks[:20])
+
+
+# -- the requests view, attached to a server ---------------------------------------------------
+
+
+@pytest.fixture
+def attached(tmp_path: Path, models: tuple[Path, Path]) -> Iterator[tuple[Tmux, Server]]:
+    """`corral attach` to a `corral serve` of the tiny models and the slow one (one slot)."""
+    server = start_server(tmp_path / "server", slow_config(tmp_path / "server", *models))
+    try:
+        for tmux in running_corral(tmp_path / "console", "include_default_model = false\n", "attach", server.url):
+            yield tmux, server
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def slow_slots(screen: str) -> str | None:
+    """The queue panel's `active/slots` of the slow model: `│ slow   waiting  active/1  oldest`."""
+    found = re.search(rf"│ {SLOW}\s+\d+\s+(\d+/1)\s", screen)
+    return found.group(1) if found else None
+
+
+def test_the_requests_view_cancels_a_streaming_answer(attached: tuple[Tmux, Server]) -> None:
+    """While a client streams a long answer, `w` shows it running; `x` and `y` cancel it: the
+    client's stream ends with finish reason "cancelled" and the slot is free again."""
+    console, server = attached
+    console.wait_for(lambda s: model_state(s, SLOW) == "available", timeout=START_TIMEOUT_S,
+                     description="the slow model in the table")
+
+    def long_answer() -> str | None:
+        body = {"model": SLOW, "prompt": "Once", "stream": True, "max_tokens": 4000, "ignore_eos": True}
+        finish = None
+        with server.http() as http, http.stream("POST", "/v1/completions", json=body,
+                                                headers={"x-request-id": "tmux-long"},
+                                                timeout=httpx.Timeout(30, read=120)) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    finish = json.loads(line[6:])["choices"][0]["finish_reason"] or finish
+        return finish
+
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(long_answer)
+        console.wait_for(lambda s: slow_slots(s) == "1/1", description="the slow model's slot in use")
+        console.send("w")
+        listed = console.wait_for(lambda s: re.search(r"tmux-long\s+running", s) is not None,
+                                  description="the request running in the requests view")
+        assert "openai" in listed and "1 running, 0 queued" in listed, listed
+        console.send("x")
+        console.wait_for("Cancel request tmux-long?", description="the cancel confirmation")
+        console.send("y")
+        console.wait_for("nothing running or queued", description="the request gone from the view")
+        assert answer.result(timeout=60) == "cancelled"
+    console.send("Escape")
+    screen = console.wait_for(lambda s: slow_slots(s) == "0/1", description="the slow model's slot free")
+    assert "tmux-long cancelled by console" in screen, screen

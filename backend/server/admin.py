@@ -115,6 +115,18 @@ async def unpin(request: Request, name: str) -> dict[str, Any]:
     return (await state_of(request).backend.pin(name, False)).to_dict()
 
 
+async def requests(request: Request) -> dict[str, Any]:
+    """GET /api/requests: every request running or queued on a loaded model."""
+    return {"requests": [r.to_dict() for r in await state_of(request).backend.requests()]}
+
+
+async def cancel_request(request: Request, request_id: str, by: str = "api") -> dict[str, Any]:
+    """DELETE /api/requests/{id}: end it with finish reason "cancelled" in its own dialect and free
+    its slot at the next step; `by` (api, console, python) is named in its event."""
+    cancelled = await state_of(request).backend.cancel_request(request_id, by)
+    return {"cancelled": [r.to_dict() for r in cancelled]}
+
+
 async def unload_all(request: Request) -> dict[str, Any]:
     await state_of(request).backend.unload_all()
     return {"ok": True}

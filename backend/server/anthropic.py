@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import BadRequest, Cancelled
+from ..errors import BadRequest
 from ..generation import MAX_STOP_CHARS, MAX_STOPS, Chunk, RequestStats, bounds, whole_calls
 from ..request import GenerationRequest, Message, Tool, ToolCall, ToolChoice, content_text
 from .openai import MAX_TOOLS
@@ -34,7 +34,9 @@ _ERROR_TYPES = {
     "request_too_large": "request_too_large", "queue_full": "rate_limit_error",
     "shutting_down": "overloaded_error", "server_unreachable": "overloaded_error",
 }
-_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+# "cancelled" is corral's own: a request cancelled by id (or by an unload) ends as a message
+# with what it had, not as an error, so a client keeps the partial answer and sees why it ended.
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "cancelled": "cancelled"}
 _TOOL_CHOICES: dict[str, Literal["none", "auto", "required"]] = {"auto": "auto", "any": "required",
                                                                   "tool": "required", "none": "none"}
 
@@ -197,8 +199,6 @@ def usage(stats: RequestStats | None) -> dict[str, int]:
 
 def _stop(last: Chunk) -> dict[str, str | None]:
     """`stop_reason` and `stop_sequence` of a finished answer."""
-    if last.finish_reason == "cancelled":
-        raise Cancelled("the request was cancelled before it finished")
     sequence = last.stats.stop_sequence if last.stats else None
     if last.finish_reason == "stop" and sequence is not None:
         return {"stop_reason": "stop_sequence", "stop_sequence": sequence}
@@ -261,10 +261,8 @@ class MessagesShape:
         return out
 
     def end(self, last: Chunk) -> str:
-        if last.finish_reason in ("error", "cancelled"):
-            message = last.error or ("the request was cancelled before it finished"
-                                     if last.finish_reason == "cancelled" else "generation failed")
-            return event("error", {"error": {"type": "api_error", "message": message}})
+        if last.finish_reason == "error":
+            return event("error", {"error": {"type": "api_error", "message": last.error or "generation failed"}})
         out = self._start(last.stats) + self.piece(last) + self._close()
         return (out + event("message_delta", {"delta": _stop(last),
                                               "usage": {"output_tokens": usage(last.stats)["output_tokens"]}})

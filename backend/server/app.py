@@ -167,6 +167,8 @@ def create_app(backend: Backend, *, api_key: str | None = None, ollama_port: int
         ("POST", "/api/models/{name:path}/pin", admin.pin),
         ("POST", "/api/models/{name:path}/unpin", admin.unpin),
         ("POST", "/api/unload-all", admin.unload_all),
+        ("GET", "/api/requests", admin.requests),
+        ("DELETE", "/api/requests/{request_id:path}", admin.cancel_request),
         ("POST", "/api/rescan", admin.rescan),
         ("POST", "/api/models/pull", admin.pull),
         ("GET", "/api/pulls", admin.pulls),

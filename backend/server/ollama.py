@@ -34,7 +34,9 @@ from .openai import MAX_TOOLS, KeepAlive, ToolSpec
 
 VERSION = "0.12.6"  # the ollama API whose shapes this module follows; clients gate features on it
 MEDIA_TYPE = "application/x-ndjson"
-_DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop"}
+# "cancelled" (by id, or by an unload) ends the answer like ollama's own "unload": done, with
+# what was generated, rather than an error line that would drop it.
+_DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop", "cancelled": "cancelled"}
 _NEUTRAL = {"mirostat": 0, "tfs_z": 1.0, "typical_p": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
             "repeat_last_n": 64, "penalize_newline": False}  # values that switch the option off
 _LOAD_TIME = {"num_batch": "n_batch", "num_gpu": "n_gpu_layers", "num_thread": "n_threads", "main_gpu": None,
@@ -382,8 +384,8 @@ class _Shape(ABC):
         return line({**self._object(chunk), "done": False}) if chunk.text or chunk.reasoning or chunk.logprobs else ""
 
     def end(self, last: Chunk) -> str:
-        if last.finish_reason in ("error", "cancelled"):
-            return line({"error": last.error or "the request was cancelled before it finished"})
+        if last.finish_reason == "error":
+            return line({"error": last.error or "generation failed"})
         out = self.piece(last)
         calls = _calls(self._calls)
         if calls:

@@ -315,7 +315,10 @@ def usage(last: Chunk) -> dict[str, Any]:
 
 _STATUS = {"stop": "completed", "tool_calls": "completed", "length": "incomplete", "cancelled": "cancelled",
            "error": "failed"}
-_FINAL_EVENT = {"completed": "response.completed", "incomplete": "response.incomplete"}  # else response.failed
+# Responses has no event of its own for a cancelled answer: it finished short, as an incomplete
+# one does, and says "cancelled" in its status.
+_FINAL_EVENT = {"completed": "response.completed", "incomplete": "response.incomplete",
+                "cancelled": "response.incomplete"}  # else response.failed
 
 
 class ResponsesShape:
@@ -391,8 +394,6 @@ class ResponsesShape:
             "metadata": body.metadata or {}, "usage": usage(last) if last is not None else None}
         if status == "incomplete":
             response["incomplete_details"] = {"reason": "max_output_tokens"}
-        elif last is not None and status in ("failed", "cancelled"):
-            response["error"] = {"code": "server_error",
-                                 "message": last.error or ("the request was cancelled" if status == "cancelled"
-                                                           else "generation failed")}
+        elif last is not None and (status == "failed" or last.error):  # a cancel by id is no error; an unload says why
+            response["error"] = {"code": "server_error", "message": last.error or "generation failed"}
         return response

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -26,10 +27,10 @@ from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from ..errors import CorralError, GenerationFailed, ModelNotFound
+from ..errors import BadRequest, CorralError, GenerationFailed, ModelNotFound
 from ..generation import Chunk, Embeddings
 from ..metrics import UNKNOWN_MODEL
-from ..request import GenerationRequest
+from ..request import OWN_APIS, GenerationRequest
 from .middleware import ids, read_json, state_of
 
 if TYPE_CHECKING:
@@ -82,6 +83,10 @@ def generation_route(body_type: type[B], bind: Callable[[B, ServerState], None] 
         request.scope["corral.model"] = body.model
         request_id, session_id = ids(request)
         generation = body.generation(request_id, session_id)
+        if (own := request.headers.get("x-corral-api")) is not None:
+            if own not in OWN_APIS:
+                raise BadRequest(f"X-Corral-Api = {own!r}: must be one of {', '.join(OWN_APIS)}")
+            generation = replace(generation, api=own)
         generation.validate()  # a bad request never reaches a model
         return await answer(request, generation, body.shape(request_id, session_id), stream=body.stream)
 

@@ -1,4 +1,4 @@
-"""Screens of the console: the dashboard, the prompt and config screens, and the modal
+"""Screens of the console: the dashboard, the prompt, config and requests screens, and the modal
 confirm, details, help and pull screens."""
 
 from .config import ConfigScreen
@@ -8,6 +8,7 @@ from .details import DetailsScreen
 from .help import HelpScreen
 from .prompt import Conversation, PromptScreen
 from .pull import PullScreen
+from .requests import RequestsScreen
 
 __all__ = ["ConfigScreen", "ConfirmScreen", "Conversation", "DashboardScreen", "DetailsScreen",
-           "HelpScreen", "PromptScreen", "PullScreen"]
+           "HelpScreen", "PromptScreen", "PullScreen", "RequestsScreen"]

@@ -27,6 +27,7 @@ from .config import ConfigScreen
 from .confirm import ConfirmScreen
 from .details import DetailsScreen
 from .prompt import PromptScreen
+from .requests import RequestsScreen
 
 if TYPE_CHECKING:
     from corral.backend.events import Event
@@ -317,6 +318,9 @@ class DashboardScreen(Screen[None]):
 
     def action_config(self) -> None:
         self.app.push_screen(ConfigScreen())
+
+    def action_requests(self) -> None:
+        self.app.push_screen(RequestsScreen())
 
     def action_filter(self) -> None:
         self._open_box("#filter")

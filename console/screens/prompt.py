@@ -258,7 +258,7 @@ class PromptScreen(Screen[None]):
         chat = self.conversation
         backend = self.corral.backend
         options: dict[str, Any] = dict(max_tokens=chat.max_tokens, temperature=chat.temperature,
-                                       session_id=chat.session_id)
+                                       session_id=chat.session_id, api="console")
         stats, finish, thought = None, None, 0
         try:
             stream = (backend.complete(self.model, chat.document(), **options) if self.completion

@@ -159,7 +159,8 @@ class EventLog(RichLog):
                         self._style("muted"))
         elif kind == "request_finished":
             failed = bool(e.error) or e.finish_reason == "error"
-            line.append(f"request {e.request_id or '?'} {e.finish_reason}",
+            by = f" by {e.cancelled_by}" if e.cancelled_by else ""
+            line.append(f"request {e.request_id or '?'} {e.finish_reason}{by}",
                         self._style("error") if failed else None)
             speed = f", {e.tokens_per_s:.1f} tok/s" if e.tokens_per_s else ""
             line.append(f"  {e.prompt_tokens}+{e.completion_tokens} tokens{speed}, "
