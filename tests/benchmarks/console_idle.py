@@ -15,8 +15,9 @@ The limits are under 2 % of a core (every run) and, with no model loaded, under 
 exit status is 1 when a figure is over its limit.
 
 Each run is isolated: HOME and the XDG folders point into a temporary folder, and the config
-file of its own (`--config`) turns the other tools' model stores off, so the user's config,
-warm-restart state (which would load models), pulls and stores stay out of the measurement.
+file of its own (`--config`, where $XDG_CONFIG_HOME puts it: the console watches its folder)
+turns the other tools' model stores off, so the user's config, warm-restart state (which would
+load models), pulls and stores stay out of the measurement.
 The pty's output is read and thrown away all along: a console whose terminal stops reading
 would block, and an idle console that wrote steadily would show here as CPU. Not part of the
 default test run (pyproject: norecursedirs = tests/benchmarks).
@@ -144,7 +145,8 @@ def measure(columns: int, rows: int, warmup: float, seconds: float, loaded: bool
         raise SystemExit(f"no `corral` next to {sys.executable}: pip install -e . first")
     with tempfile.TemporaryDirectory(prefix="corral-idle-") as tmp:
         home = Path(tmp)
-        config = home / "corral.toml"
+        config = home / "config" / "corral" / "config.toml"  # where $XDG_CONFIG_HOME puts it
+        config.parent.mkdir(parents=True)
         preload = f"preload = [{DEFAULT_MODEL!r}]\n" if loaded else ""
         config.write_text(f"include_default_model = true\n{preload}"
                           "[stores]\nollama = false\nhuggingface = false\nlmstudio = false\n", encoding="utf-8")
