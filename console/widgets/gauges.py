@@ -15,6 +15,7 @@ idle console that repainted on every poll cost a steady share of a core.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -201,6 +202,6 @@ class Trend(Widget):
         glyphs = drawn.lstrip(" ")
         text.append(drawn[:len(drawn) - len(glyphs)])
         line, empty = component_style(self, "trend--line"), component_style(self, "trend--empty")
-        for glyph in glyphs:
-            text.append(glyph, empty if glyph == "·" else line)
+        for gap, run in itertools.groupby(glyphs, key=lambda glyph: glyph == "·"):
+            text.append("".join(run), empty if gap else line)  # a span per run, not per column
         return text
