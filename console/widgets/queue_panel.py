@@ -3,9 +3,9 @@ under them, the loads waiting for their turn (loads go one at a time), next firs
 
 It draws from the same `ModelInfo` list as the models table (each status poll), so it costs
 nothing extra to keep current, and repaints only when a figure it shows changes (a loaded
-model's info changes every second: its keep-alive counts down); the columns fit the panel's width, shortening model names
-first, so it reads at 80 columns as well as at 160. Aliases share their base model's queue
-and load, so only base models get lines.
+model's info changes every second: its keep-alive counts down); the columns fit the panel's
+width, shortening model names first, so it reads at 80 columns as well as at 160. Aliases
+share their base model's queue and load, so only base models get lines.
 """
 
 from __future__ import annotations
