@@ -85,16 +85,21 @@ class Page:
     async def wait_for(self, expression: str, what: str, timeout: float, *, shown: str | None = None) -> Any:
         """The first truthy value of `expression`, evaluated until it has one; AssertionError
         naming `what` when `timeout` passes first, with the value of `shown` (what the page
-        showed instead) or else the last value."""
+        showed instead) or else the last value or error. An evaluation that fails counts as
+        not yet: while the page navigates, its old document is gone before the new one runs."""
         value: Any = None
         try:
             async with asyncio.timeout(timeout):
-                while not (value := await self.evaluate(expression)):
+                while True:
+                    try:
+                        if value := await self.evaluate(expression):
+                            return value
+                    except CdpError as error:
+                        value = error
                     await asyncio.sleep(POLL_S)
         except TimeoutError:
             seen = await self.evaluate(shown) if shown else value
             raise AssertionError(f"{what}: not within {timeout:.0f} s; the page shows:\n{seen}") from None
-        return value
 
     async def goto(self, url: str, timeout: float = START_TIMEOUT_S) -> None:
         """Open `url` and wait until the page and its scripts have loaded."""
