@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 CONFIG_SETTLE_S = 0.5  # a watched config file is read once it stayed the same this long
 CONFIG_SETTLE_TRIES = 8
+# How often the watcher's thread wakes to look for changes and for its stop: watchfiles'
+# default, 50 ms, is 20 wake-ups a second, each taking the GIL, in a console idle all day.
+# A change is read this much later at most, and close() waits up to this for the thread.
+WATCH_STEP_MS = 200
 
 
 class LiveConfig:
@@ -108,6 +112,7 @@ class LiveConfig:
             return
         await self.ready()
         async for changes in watchfiles.awatch(folder, watch_filter=lambda _, path: Path(path) == file,
+                                               recursive=False, step=WATCH_STEP_MS,
                                                stop_event=self._stop_watching):
             if changes:
                 with contextlib.suppress(ConfigError):  # already published as config_rejected

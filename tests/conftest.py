@@ -170,3 +170,9 @@ async def running() -> AsyncIterator[Any]:
     """Start managers (`await running(settings)` -> manager, recorder); all closed at the end."""
     async with managers.started() as start:
         yield start
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--web-screenshot", metavar="PNG", default=None,
+                     help="where test_web's browser test saves its screenshot of the console "
+                          "(README's docs/console-web.png); default: the test's tmp folder")

@@ -3,6 +3,10 @@ session filter, the table filter, the queue panel and the trends."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from corral.backend.events import LoadProgress, Notice, RequestFinished
 from corral.backend.telemetry import GPUStats
 from corral.console.app import CorralApp
@@ -91,6 +95,77 @@ async def test_sparklines_take_one_sample_per_telemetry_timestamp() -> None:
         app.action_refresh_status()
         await wait_for(pilot, lambda: list(cpu.samples) == [0.23, 1.0])
         assert str(cpu.render()).endswith("▃█")
+
+
+async def test_a_poll_repaints_only_what_it_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle console polls every second: a poll that changes nothing shown repaints
+    nothing (the GPU note's and the host bar's same text used to lay the whole screen out
+    again), and one that changes a figure repaints only the widget that shows it."""
+    from dataclasses import replace
+
+    from textual.widget import Widget
+
+    app, backend = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        repainted: set[str] = set()
+        real_refresh = Widget.refresh
+
+        def refresh(self: Widget, *regions: Any, **kwargs: Any) -> Widget:
+            repainted.add(f"{type(self).__name__}#{self.id}")
+            return real_refresh(self, *regions, **kwargs)
+
+        async def poll() -> set[str]:
+            repainted.clear()
+            before = app.status
+            app.action_refresh_status()
+            await wait_for(pilot, lambda: app.status is not before)
+            await pilot.pause()
+            return set(repainted)
+
+        await poll()  # the first status's own repaints (the table's second pass) are over after one more
+        monkeypatch.setattr(Widget, "refresh", refresh)
+        host = backend.host  # the same sample time: no new sparkline point
+        backend.host = replace(host, ram_used=host.ram_used + 4096, process_rss=host.process_rss + 4096)
+        assert await poll() == set()  # a few KiB moves neither a bar nor a figure
+        backend.host = replace(host, cpu_percent=55.0)
+        backend._set("qwen2.5-0.5b-instruct", ttl_left_s=186.0)  # counts down; its queue line is the same
+        assert await poll() == {"Gauge#gauge-cpu", "ModelsTable#models"}
+        backend._set("qwen2.5-0.5b-instruct", queued=2)
+        assert "QueuePanel#queues" in await poll()
+
+
+async def test_a_trend_repaints_when_its_line_changes_not_on_every_sample() -> None:
+    from textual.app import App, ComposeResult
+
+    from corral.console.widgets import Trend
+
+    class OneTrend(App[None]):
+        def compose(self) -> ComposeResult:
+            yield Trend("x", history=40)
+
+    app = OneTrend()
+    async with app.run_test(size=(12, 1)) as pilot:  # 10 columns for the line
+        trend = app.query_one(Trend)
+        for value in [0.0] * 40:
+            trend.push(value)
+        await pilot.pause()
+        repaints = 0
+        real_refresh = trend.refresh
+
+        def refresh(*args: Any, **kwargs: Any) -> Trend:
+            nonlocal repaints
+            repaints += 1
+            return real_refresh(*args, **kwargs)
+
+        trend.refresh = refresh  # type: ignore[method-assign]
+        for value in [0.01] * 20:  # full history, squeezed 4 to a column: the same line
+            trend.push(value)
+        assert repaints == 0
+        trend.push(1.0)
+        assert repaints == 1
+        await pilot.pause()
+        assert str(trend.render()) == "x ▁▁▁▁▁▁▁▁▁█"
 
 
 def test_a_trend_squeezes_its_history_keeping_peaks() -> None:

@@ -1,4 +1,5 @@
-"""`corral web`: the console served to a browser by textual-serve, in a real subprocess."""
+"""`corral web`: the console served to a browser by textual-serve, in a real subprocess; over
+textual-serve's websocket, and in Debian's headless `chromium` driven over the DevTools protocol."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import httpx
 import psutil
 import pytest
 
+from cdp import Page, chromium, chromium_path
 from ggufs import write_tiny_llama
 from support import clean_env, free_port, tiny_settings, write_config
 
@@ -69,7 +71,75 @@ def corral_web(tmp_path: Path, *args: str) -> Iterator[WebProcess]:
 def config(tmp_path: Path) -> Path:
     models = tmp_path / "models"
     write_tiny_llama(models / "tiny-web.gguf", name="tiny-web")
+    write_tiny_llama(models / "tiny-writer.gguf", name="tiny-writer")  # listed, never loaded
     return write_config(tmp_path / "corral.toml", tiny_settings(models))
+
+
+# Run in the page before textual-serve's script: keep the xterm.js terminal it builds
+# (`this.terminal = new Terminal(...)`) where the test can read its screen buffer, since the
+# terminal draws on a canvas and the DOM holds no text. `corralScreen()` is the visible screen.
+CAPTURE_TERMINAL = """
+Object.defineProperty(Object.prototype, "terminal", {
+  configurable: true,
+  set(value) {
+    Object.defineProperty(this, "terminal", {value, writable: true, configurable: true, enumerable: true});
+    if (value && value.buffer && value.buffer.active) window.corralTerminal = value;
+  },
+});
+window.corralScreen = () => {
+  const term = window.corralTerminal;
+  if (!term) return "";
+  const buffer = term.buffer.active, lines = [];
+  for (let y = 0; y < term.rows; y++) lines.push(buffer.getLine(buffer.viewportY + y)?.translateToString(true) ?? "");
+  return lines.join("\\n");
+};
+"""
+START_SHOWN = "getComputedStyle(document.querySelector('#start')).display !== 'none'"
+WIDTH, HEIGHT = 1280, 800
+
+
+def row_shows(name: str, *words: str) -> str:
+    """A page expression: the screen text once the line naming `name` holds every word, else false."""
+    row = f"(corralScreen().split('\\n').find(l => l.includes({name!r})) ?? '')"
+    return "(" + " && ".join(f"{row}.includes({word!r})" for word in words) + ") && corralScreen()"
+
+
+async def drive_console(page: Page, url: str, screenshot: Path) -> tuple[str, str]:
+    """Open the page with textual-serve's Start button, click it, wait for the models table,
+    press `l` and wait for the model to be ready; the screens before and after the key."""
+    await page.send("Page.addScriptToEvaluateOnNewDocument", source=CAPTURE_TERMINAL)
+    await page.goto(f"{url}/?delay=1")
+    await page.wait_for(START_SHOWN, "textual-serve's Start button", 10)
+    assert await page.evaluate("corralScreen().trim()") == ""  # nothing runs before the click
+    await page.click("#start")
+    listed = await page.wait_for(row_shows("tiny-web", "available"), "the models table listing tiny-web", 30,
+                                 shown="corralScreen()")
+    await page.evaluate("corralTerminal.focus()")
+    await page.press("l")
+    loaded = await page.wait_for(row_shows("tiny-web", "ready", "CPU"), "tiny-web ready after `l`", 30,
+                                 shown="corralScreen()")
+    await page.screenshot(screenshot)
+    return listed, loaded
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="needs a Chromium browser on PATH (Debian: apt-get install chromium)")
+@pytest.mark.timeout(120)
+def test_web_console_in_chromium_lists_and_loads_a_model(tmp_path: Path, config: Path,
+                                                          pytestconfig: pytest.Config) -> None:
+    screenshot = Path(pytestconfig.getoption("web_screenshot") or tmp_path / "web.png")
+
+    async def run(url: str) -> tuple[str, str]:
+        async with chromium(tmp_path / "chromium", width=WIDTH, height=HEIGHT) as page:
+            return await drive_console(page, url, screenshot)
+
+    with corral_web(tmp_path, "--config", str(config)) as web:
+        listed, loaded = asyncio.run(run(web.url))
+    assert "corral" in listed.splitlines()[0]  # the title bar, drawn in the browser's terminal
+    assert any(all(word in line for word in ("model", "state", "size", "quant", "placed")) for line in listed.splitlines())
+    assert "available" in next(line for line in loaded.splitlines() if "tiny-writer" in line)
+    png = screenshot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (WIDTH, HEIGHT)
 
 
 async def read_screen(url: str, wanted: str, timeout: float = 90.0) -> str:

@@ -43,6 +43,13 @@ def _fraction(part: float | None, whole: float | None) -> float | None:
     return part / whole
 
 
+def show_text(widget: Static, text: str) -> None:
+    """Put `text` in `widget` if it is not there already: `Static.update` lays the whole screen
+    out again even for the same text, and these are updated on every 1 Hz poll."""
+    if widget.content != text:
+        widget.update(text)
+
+
 class GpuRow(Vertical):
     """One GPU: name, utilisation and VRAM gauges, temperature and power; under them the
     sparklines of utilisation, VRAM and temperature (as a share of 100 °C)."""
@@ -65,7 +72,7 @@ class GpuRow(Vertical):
 
     def show(self, gpu: GPUStats, sample: bool) -> None:
         """Draw `gpu`; with `sample`, also add its figures to the sparklines."""
-        self.query_one(".gpu-gauges .gpu-name", Static).update(f"GPU{gpu.index} {gpu.name}")
+        show_text(self.query_one(".gpu-gauges .gpu-name", Static), f"GPU{gpu.index} {gpu.name}")
         util = gpu.util_percent
         vram = _fraction(gpu.mem_used, gpu.mem_total)
         self.query_one(".gpu-util", Gauge).set(
@@ -80,7 +87,7 @@ class GpuRow(Vertical):
         if gpu.power_w is not None:
             limit = f"/{gpu.power_limit_w:.0f}" if gpu.power_limit_w else ""
             extra.append(f"{gpu.power_w:.0f}{limit} W")
-        self.query_one(".gpu-gauges .gpu-extra", Static).update("  ".join(extra))
+        show_text(self.query_one(".gpu-gauges .gpu-extra", Static), "  ".join(extra))
 
 
 class GpuPanel(Vertical):
@@ -95,7 +102,7 @@ class GpuPanel(Vertical):
         if not gpus:
             for row in rows:
                 row.remove()
-            note_widget.update(note or "no GPU")
+            show_text(note_widget, note or "no GPU")
             note_widget.display = True
             return
         note_widget.display = False
@@ -151,8 +158,12 @@ class HostBar(Vertical):
         budget = self.query_one("#gauge-budget", Gauge)
         budget.set(_fraction(status.ram_reserved, status.ram_budget),
                    format_pair(status.ram_reserved, status.ram_budget))
-        budget.tooltip = f"RAM reserved by models / budget; {loaded}/{status.max_loaded} loaded"
-        self.border_subtitle = f"{loaded}/{status.max_loaded} models loaded"
+        tooltip = f"RAM reserved by models / budget; {loaded}/{status.max_loaded} loaded"
+        if budget.tooltip != tooltip:
+            budget.tooltip = tooltip
+        subtitle = f"{loaded}/{status.max_loaded} models loaded"
+        if self.border_subtitle != subtitle:  # setting it repaints, even to the same text
+            self.border_subtitle = subtitle
         self.query_one(GpuPanel).show(host.gpus, host.gpu_note, sample)
 
 
@@ -181,7 +192,7 @@ class LoadBar(Horizontal):
         if loading:
             first = loading[0]
             more = f" (+{len(loading) - 1})" if len(loading) > 1 else ""
-            self.query_one("#load-label", Static).update(f"loading {first.name}{more}")
+            show_text(self.query_one("#load-label", Static), f"loading {first.name}{more}")
             self.query_one(ProgressBar).update(progress=first.load_percent or 0)
 
 

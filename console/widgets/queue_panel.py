@@ -2,9 +2,10 @@
 under them, the loads waiting for their turn (loads go one at a time), next first.
 
 It draws from the same `ModelInfo` list as the models table (each status poll), so it costs
-nothing extra to keep current; the columns fit the panel's width, shortening model names
-first, so it reads at 80 columns as well as at 160. Aliases share their base model's queue
-and load, so only base models get lines.
+nothing extra to keep current, and repaints only when a figure it shows changes (a loaded
+model's info changes every second: its keep-alive counts down); the columns fit the panel's
+width, shortening model names first, so it reads at 80 columns as well as at 160. Aliases
+share their base model's queue and load, so only base models get lines.
 """
 
 from __future__ import annotations
@@ -53,9 +54,16 @@ class QueuePanel(Widget):
         own = backing_models(models)
         loaded = tuple(m for m in own if m.loaded or m.state == "unloading")
         waiting = tuple(sorted((m for m in own if is_waiting(m)), key=lambda m: m.load_position or 0))
-        if (loaded, waiting) != (self.models, self.waiting):
-            self.models, self.waiting = loaded, waiting
-            self.refresh(layout=True)
+        before = self._figures()
+        self.models, self.waiting = loaded, waiting
+        after = self._figures()
+        if after != before:
+            self.refresh(layout=len(after) != len(before))
+
+    def _figures(self) -> tuple[tuple[object, ...], ...]:
+        """What the panel shows, one tuple per line under the header."""
+        return (*((m.name, m.queued, m.active, m.n_parallel, format_wait(m.oldest_wait_s)) for m in self.models),
+                *((m.name, m.load_position) for m in self.waiting))
 
     def get_content_height(self, container: object, viewport: object, width: int) -> int:
         return 1 + max(1, len(self.models) + len(self.waiting))
