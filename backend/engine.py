@@ -265,6 +265,11 @@ class Engine:
             raise refusal
         return request
 
+    def parked_bytes(self) -> int:
+        """KV of idle sequences moved out of the cache beside it (prefixes.py): memory the model
+        holds beyond its estimate, up to [budgets] saved_kv_ram."""
+        return self._prefixes.parked_bytes()
+
     def cancel(self, request: Queued) -> None:
         """Ask the scheduler to drop `request`; it frees its sequence at the next step."""
         request.cancelled = True

@@ -265,7 +265,7 @@ class Manager(Admission, Planning, Reconfiguration):
             tokens_per_s=load.tokens_per_s if load else 0.0,
             estimate_bytes=r.estimate.total if r.estimate else None,
             estimate_detail=r.estimate.to_dict() if r.estimate else None,
-            measured_bytes=r.measured, measured_vram=r.measured_vram, load_seconds=r.load_seconds, load_percent=r.load_percent,
+            measured_bytes=r.measured, measured_vram=r.measured_vram, parked_bytes=r.parked_bytes, load_seconds=r.load_seconds, load_percent=r.load_percent,
             last_used=r.last_used, chat_template=r.template_source,
             has_chat_template=(r.own_template(meta.chat_template if meta else None) is not None) or (
                 None if meta is None else False),  # None: no header read yet, so unknown

@@ -39,6 +39,11 @@ class Prefixes:
         self.parked: list[Prefix] = []  # most recently parked first
         self.park_for = park_for  # a prefill of this many tokens moves the idle sequences out first
 
+    def parked_bytes(self) -> int:
+        """What the parked prefixes hold in memory; read from other threads (a snapshot of the
+        list, which the scheduler replaces rather than mutates in place when it drops many)."""
+        return sum(p.size for p in list(self.parked))
+
     def place(self, prompt: list[int]) -> tuple[int, int]:
         """A sequence for `prompt` holding the longest cached prefix of it (in the cache or
         parked), and how many prompt tokens that prefix covers; the other idle sequences are

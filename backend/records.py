@@ -111,13 +111,19 @@ class Record:
     @property
     def reserved(self) -> int:
         """What this model counts against the RAM budget: what it can reach under load (the
-        estimate), or what was measured right after its load where that is more. The measured
+        estimate), or what was measured right after its load where that is more, plus the KV it
+        has parked beside its cache now (up to [budgets] saved_kv_ram). The measured
         figure alone would undercount: compute pages are touched as graph shapes vary, and the
         embeddings context opens with the first embedding request."""
         if self.state not in RESIDENT:
             return 0
         planned = self.placement.ram if self.placement is not None else self.estimate.total if self.estimate else 0
-        return max(planned, self.measured or 0)
+        return max(planned, self.measured or 0) + self.parked_bytes
+
+    @property
+    def parked_bytes(self) -> int:
+        """Idle sequences' KV parked beside the cache: counted on top, as it comes and goes."""
+        return self.engine.parked_bytes() if self.engine is not None else 0
 
     def vram_on(self, gpu: int) -> int:
         """What this model counts against GPU `gpu`'s VRAM budget: measured once known."""

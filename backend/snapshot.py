@@ -129,6 +129,7 @@ class ModelInfo:
     store: StoreInfo | None = None  # what its store keeps beside the file (an ollama manifest)
     clashes: tuple[NameClash, ...] = ()  # other files under this name that lost the clash rule
     kv_types: str = "f16"  # the KV cache's element types: "f16", or K/V such as "q8_0/q8_0"
+    parked_bytes: int = 0  # idle sequences' KV parked beside its cache, counted against the budget too
     kind: str | None = None  # what it serves (kinds.py): chat, embedding or rerank; None: header unread
 
     _repr_html_ = repr_html  # Jupyter and Rich show a table (display.py)

@@ -94,7 +94,8 @@ async def test_a_free_conversation_is_kept_when_its_prefix_is_shared(tiny_gguf: 
         assert other.cached_tokens >= len(system)  # shared into another sequence ...
         held = [cells for cells, _ in engine.kv_cells().values() if cells]  # the last token has no KV yet
         assert held == [len(other_prompt) + 7] if parked else len(chat) + 7 in held  # ... and the conversation
-        # it came from parked beside the cache, or left in it
+        # it came from parked beside the cache, or left in it; parked KV is memory the budget counts
+        assert (engine.parked_bytes() > 0) == parked
         follow_up = chat + tokens(engine, answer) + tokens(engine, " upon once")
         text, stats = await greedy(engine, follow_up)
         assert stats.cached_tokens >= len(chat)  # ... so the conversation it came from is still whole

@@ -96,6 +96,8 @@ def memory_rows(m: ModelInfo) -> list[tuple[str, str]]:
                       for key, value in detail.items() if key != "total")
     estimate = format_bytes(m.estimate_bytes) + (f"  ({parts})" if parts else "")
     rows = [("estimate", estimate), ("measured", format_bytes(m.measured_bytes))]
+    if m.parked_bytes:
+        rows.append(("parked KV", f"{format_bytes(m.parked_bytes)} (idle conversations beside the cache)"))
     if m.measured_bytes is not None and m.estimate_bytes:
         rows.append(("measured/est.", f"{m.measured_bytes / m.estimate_bytes:.0%}"))
     if m.measured_vram:
