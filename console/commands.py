@@ -25,8 +25,9 @@ from corral.backend.errors import ConfigError
 DASHBOARD = "dashboard"
 PROMPT = "prompt"
 CONFIG = "config"
+FLEET = "fleet"
 APP = "app"
-SCOPES = (DASHBOARD, PROMPT, CONFIG)
+SCOPES = (DASHBOARD, PROMPT, CONFIG, FLEET)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,12 @@ COMMANDS: tuple[Command, ...] = (
             help="Apply the selected version again, as a new version, and write it to the file"),
     Command("corral.config.back", "escape", "Back", "back", scope=CONFIG,
             help="Back to the dashboard"),
+    Command("corral.fleet.load", "l", "Load here", "load", scope=FLEET,
+            help="Load the selected model on the selected node (fleet view)"),
+    Command("corral.fleet.evict", "e", "Evict here", "evict", scope=FLEET, confirm=True,
+            help="Evict the selected model from the selected node (fleet view)"),
+    Command("corral.fleet.pin", "p", "Pin/unpin here", "toggle_pin", scope=FLEET,
+            help="Pin or unpin the selected model on the selected node (fleet view)"),
 )
 
 COMMANDS_BY_ID: dict[str, Command] = {command.id: command for command in COMMANDS}
