@@ -178,6 +178,29 @@ else:
             anonymous.models.list()
         assert sorted(m.id for m in fleet.client.models.list().data) == ["m1", "m2", "m3", ONLY_A, SLOW]
 
+    def test_the_fleet_view_lists_both_nodes_and_their_models(fleet: Running) -> None:
+        from corral.console.screens.fleet import FleetApp
+
+        fleet.fresh()
+        fleet.run(fleet.fleet.load("b", "m2"))
+
+        async def look() -> tuple[list[str], dict[str, list[str]]]:
+            app = FleetApp(Fleet(fleet.settings.app), "corral")
+            async with app.run_test(size=(140, 30)) as pilot:
+                screen = app.fleet_screen
+                while not screen.snapshots or all(not m.loaded for s in screen.snapshots for m in s.status.models):
+                    await pilot.pause(0.1)
+                nodes = screen.query_one("#fleet-nodes")
+                models = screen.query_one("#fleet-models")
+                return ([str(nodes.get_row_at(i)[0]) for i in range(nodes.row_count)],
+                        {str(models.get_row_at(i)[0]): [str(c) for c in models.get_row_at(i)[1:]]
+                         for i in range(models.row_count)})
+
+        nodes, models = fleet.run(look())
+        assert nodes == ["a", "b"]
+        assert models["m2"] == ["-", "ready"] and models[ONLY_A] == ["-", ""] and models[SLOW] == ["-", ""]
+        assert sorted(models) == sorted(["m1", "m2", "m3", ONLY_A, SLOW])
+
     def _in_flight(fleet: Running, model: str) -> int:
         status = fleet.run(fleet.fleet.handle.status.remote(node="a"))
         return next(m.in_flight for m in status.models if m.name == model)
