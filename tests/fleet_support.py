@@ -32,9 +32,10 @@ def in_namespace() -> bool:
     return os.environ.get(INSIDE) == "1"
 
 
-def rerun_in_namespace(module: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def rerun_in_namespace(module: str, home: Path, timeout: float) -> subprocess.CompletedProcess[str]:
     """Run pytest on `module` inside a new user and network namespace with only loopback up,
-    where Ray falls back to 127.0.0.1; skips where that cannot be made."""
+    where Ray falls back to 127.0.0.1; skips where that cannot be made. `home` is the run's
+    HOME, where Ray keeps its token."""
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         pytest.skip("needs `unshare` and `ip` (util-linux, iproute2) for a loopback-only network namespace")
     probe = subprocess.run(["unshare", "-rn", "sh", "-c", "ip link set lo up"], capture_output=True, text=True)
@@ -42,7 +43,7 @@ def rerun_in_namespace(module: str, timeout: float) -> subprocess.CompletedProce
         pytest.skip(f"cannot make a loopback-only network namespace here: {probe.stderr.strip()}")
     command = f"ip link set lo up && exec {sys.executable} -m pytest -q -x -p no:cacheprovider {module}"
     return subprocess.run(["unshare", "-rn", "sh", "-c", command], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, INSIDE: "1"}, cwd=Path(__file__).parent.parent)
+                          env={**os.environ, INSIDE: "1", "HOME": str(home)}, cwd=Path(__file__).parent.parent)
 
 
 def make_nodes(root: Path) -> tuple[dict[str, Any], dict[str, float]]:

@@ -54,3 +54,13 @@ def test_the_fleet_view_imports_neither_ray_nor_llama_cpp() -> None:
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'llama_cpp'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_readme_fleet_file_is_valid() -> None:
+    import re
+    import tomllib
+
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    example = next(block for block in re.findall(r"```toml\n(.*?)```", text, re.S) if "[[nodes]]" in block)
+    fleet = fleet_from_dict(tomllib.loads(example))
+    assert [n.name for n in fleet.nodes] == ["gpu1", "gpu2"] and fleet.registry == "corral-registry"

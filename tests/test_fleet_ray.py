@@ -11,6 +11,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,9 +20,9 @@ from fleet_support import ONLY_A, SLOW, in_namespace, make_nodes, rerun_in_names
 
 if not in_namespace():
 
-    def test_fleet_in_a_loopback_namespace() -> None:
+    def test_fleet_in_a_loopback_namespace(tmp_path: Path) -> None:
         pytest.importorskip("ray.serve", reason="needs ray[serve] (the test extra installs it)")
-        done = rerun_in_namespace(__file__, timeout=300)
+        done = rerun_in_namespace(__file__, tmp_path, timeout=300)
         assert done.returncode == 0, f"{done.stdout[-12000:]}\n{done.stderr[-6000:]}"
 
 else:
