@@ -202,6 +202,16 @@ else:
         assert models["m2"] == ["-", "ready"] and models[ONLY_A] == ["-", ""] and models[SLOW] == ["-", ""]
         assert sorted(models) == sorted(["m1", "m2", "m3", ONLY_A, SLOW])
 
+    def test_every_nodes_events_reach_the_fleet(fleet: Running) -> None:
+        async def loaded_event() -> Any:
+            async for event in fleet.backend.events(after_seq=0):
+                if event.type == "loaded" and event.model == "m3":
+                    return event
+
+        fleet.run(fleet.fleet.load("b", "m3"))
+        event = fleet.run(asyncio.wait_for(loaded_event(), 10))
+        assert event.seq > 0 and event.measured_bytes > 0
+
     def _in_flight(fleet: Running, model: str) -> int:
         status = fleet.run(fleet.fleet.handle.status.remote(node="a"))
         return next(m.in_flight for m in status.models if m.name == model)

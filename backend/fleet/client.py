@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ray.exceptions import RayTaskError
 
 from ..errors import CorralError, NotSupported
+from ..events import event_from_dict
 from ..request import chat_request, completion_request
 from ..snapshot import ModelInfo, Status
 from ..telemetry import HostStats
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from ..request import GenerationRequest
 
 T = TypeVar("T")
+EVENTS_POLL_S = 0.5
 STATE_ORDER = ("busy", "ready", "loading", "unloading", "failed", "available")  # the best a fleet can say
 
 
@@ -196,8 +198,16 @@ class FleetBackend:
         raise self._per_node("config versions")
 
     async def events(self, after_seq: int | None = None) -> AsyncGenerator[Event, None]:
-        raise self._per_node("the event stream")
-        yield  # an async generator, as the protocol has it
+        """Every node's events as the registry numbers them, about a second late (each node
+        sends its own with its snapshot). `after_seq` resumes after an event already seen."""
+        seen = after_seq or 0
+        while True:
+            batch = await self.fleet.registry.events.remote(seen)
+            for data in batch:
+                seen = data["seq"]
+                yield event_from_dict(data)
+            if not batch:
+                await asyncio.sleep(EVENTS_POLL_S)
 
     async def ready(self) -> None:
         """Wait until a node has published its first snapshot."""

@@ -5,7 +5,7 @@ corral owns loading and eviction here; Ray owns the process, the routing hooks a
 transport. The replica never lets Ray unload a model (no `serve.multiplexed`): Ray's count-based
 LRU knows neither bytes nor streams in flight. Instead it reports what its manager holds
 (`record_routing_stats`, read by the fleet's request router) and publishes a snapshot to the
-registry each second for the console.
+registry each second for the console, with its events since the last one.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("corral.fleet")
 
 PUBLISH_S = 1.0
+EVENTS_HELD = 1000  # between two publishes; beyond that the oldest go
 EVICTION_CAUSES = ("budget", "max_loaded", "operator", "ttl")
 
 
@@ -50,6 +52,7 @@ class NodeReplica:
         self.backend = LocalBackend(config=config)
         self.counters = Counters()
         self._states: dict[str, str] = {}
+        self._outbox: deque[dict[str, Any]] = deque(maxlen=EVENTS_HELD)
         self._tasks: list[asyncio.Task[None]] = []
 
     def _claim(self) -> str:
@@ -72,9 +75,11 @@ class NodeReplica:
                            asyncio.create_task(self._publish(), name="corral-fleet-publish")]
 
     async def _count(self) -> None:
-        """Loads, evictions and each model's state, from the backend's own events."""
+        """Loads, evictions and each model's state, from the backend's own events, which go on
+        to the registry with the next snapshot."""
         async for event in self.backend.events():
             self._tally(event)
+            self._outbox.append(event.to_dict())
 
     def _tally(self, event: Event) -> None:
         if event.type == "loaded":
@@ -88,7 +93,9 @@ class NodeReplica:
         while True:
             try:
                 snapshot = NodeSnapshot(self.node, await self.backend.status(), Counters(**vars(self.counters)))
-                await self._registry.publish.remote(self.node, self._holder, snapshot.to_dict())
+                events = list(self._outbox)
+                self._outbox.clear()
+                await self._registry.publish.remote(self.node, self._holder, snapshot.to_dict(), events)
             except Exception:  # the registry restarting, a status that failed: try again next second
                 log.warning("node %s: could not publish its snapshot", self.node, exc_info=True)
             await asyncio.sleep(PUBLISH_S)

@@ -7,18 +7,22 @@ loses it, so a replacement replica on the same host takes the name over."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import ray
 
 NAMESPACE = "corral"
 STALE_S = 10.0
+EVENTS_KEPT = 4096
 
 
 class Registry:
     def __init__(self) -> None:
         self._claims: dict[str, tuple[str, float]] = {}  # node -> (holder, last heard, monotonic)
         self._snapshots: dict[str, dict[str, Any]] = {}
+        self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)  # every node's, in arrival order
+        self._seq = 0
 
     def claim(self, candidates: list[str], holder: str) -> str | None:
         """The first of `candidates` that `holder` already holds or that nobody live holds."""
@@ -34,14 +38,22 @@ class Registry:
                 return node
         return None
 
-    def publish(self, node: str, holder: str, snapshot: dict[str, Any]) -> bool:
-        """Keep `snapshot`; False when `holder` no longer holds `node` (it should stop)."""
+    def publish(self, node: str, holder: str, snapshot: dict[str, Any], events: list[dict[str, Any]]) -> bool:
+        """Keep `snapshot` and the node's events since its last one (numbered anew, fleet-wide);
+        False when `holder` no longer holds `node`."""
         held = self._claims.get(node)
         if held is None or held[0] != holder:
             return False
         self._claims[node] = (holder, time.monotonic())
         self._snapshots[node] = snapshot
+        for event in events:
+            self._seq += 1
+            self._events.append({**event, "seq": self._seq})
         return True
+
+    def events(self, after_seq: int = 0) -> list[dict[str, Any]]:
+        """The events kept with a number above `after_seq`, oldest first."""
+        return [event for event in self._events if event["seq"] > after_seq]
 
     def release(self, node: str, holder: str) -> None:
         if self._claims.get(node, ("",))[0] == holder:
