@@ -12,6 +12,7 @@ from corral.backend.errors import ConfigError
 from corral.console.app import CorralApp, create_app
 from corral.console.commands import COMMANDS, bindings_for
 from corral.console.screens import ConfigScreen, DashboardScreen, DetailsScreen, HelpScreen, PromptScreen
+from corral.console.screens.fleet import FleetScreen
 from corral.themes import THEMES
 from console_support import SIZE, make_app, open_prompt, ready, select, state, table, wait_for
 from fake_backend import FakeBackend
@@ -65,12 +66,13 @@ def test_cli_refuses_a_bad_console_config_naming_the_key(tmp_path: Path) -> None
 
 
 def test_one_command_table_feeds_the_bindings() -> None:
-    for scope in ("dashboard", "prompt", "config"):
+    for scope in ("dashboard", "prompt", "config", "fleet"):
         ids = [binding.id for binding in bindings_for(scope)]
         assert ids == [command.id for command in COMMANDS if command.scope == scope]
     assert DashboardScreen.BINDINGS == bindings_for("dashboard")
     assert PromptScreen.BINDINGS == bindings_for("prompt")
     assert ConfigScreen.BINDINGS == bindings_for("config")
+    assert FleetScreen.BINDINGS == bindings_for("fleet")
     keys = {command.id: command.key for command in COMMANDS}
     assert keys == {
         "corral.load": "l", "corral.evict": "e", "corral.pin": "p", "corral.unload_all": "u",
@@ -80,6 +82,7 @@ def test_one_command_table_feeds_the_bindings() -> None:
         "corral.prompt.clear": "ctrl+l", "corral.prompt.mode": "ctrl+t", "corral.session": "s",
         "corral.config": "c", "corral.pull": "g",
         "corral.config.reload": "r", "corral.config.rollback": "b", "corral.config.back": "escape",
+        "corral.fleet.load": "l", "corral.fleet.evict": "e", "corral.fleet.pin": "p",
     }
     [stop] = [b for b in bindings_for("prompt") if b.id == "corral.prompt.stop"]
     assert stop.priority  # Input binds ctrl+c to copy; stop must win
@@ -96,8 +99,8 @@ async def test_help_lists_the_command_table() -> None:
         rows = [help_table.get_row(command.id) for command in COMMANDS]
         assert [str(row[2]).rstrip("…") for row in rows] == [c.description for c in COMMANDS]
         assert [str(row[0]) for row in rows] == ["l", "e", "p", "⏎", "d", "/", "s", "g", "u", "r", "t", "?", "q",
-                                                 "c", "^c", "esc", "^l", "^t", "r", "b", "esc"]
-        assert [str(row[1]) for row in rows] == ["dashboard"] * 14 + ["prompt"] * 4 + ["config"] * 3
+                                                 "c", "^c", "esc", "^l", "^t", "r", "b", "esc", "l", "e", "p"]
+        assert [str(row[1]) for row in rows] == ["dashboard"] * 14 + ["prompt"] * 4 + ["config"] * 3 + ["fleet"] * 3
         assert str(help_table.get_row("corral.evict")[2]) == "Evict…"  # it asks first
         assert str(help_table.get_row("corral.load")[2]) == "Load"
         await pilot.press("escape")
