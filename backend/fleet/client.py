@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import ray
 from ray.exceptions import RayTaskError
 
 from ..errors import CorralError, NotSupported
@@ -20,7 +21,7 @@ from ..events import event_from_dict
 from ..request import chat_request, completion_request
 from ..snapshot import ModelInfo, Status
 from ..telemetry import HostStats
-from .carry import restored
+from .carry import CarriedError, restored
 from .registry import registry_actor
 from .report import NodeSnapshot
 
@@ -47,25 +48,57 @@ class Fleet:
     node deployment's handle."""
 
     def __init__(self, app: str, handle: Any = None, registry: str | None = None) -> None:
-        from ray import serve
-
         from .settings import REGISTRY_SUFFIX
 
         self.app = app
-        self.handle = handle if handle is not None else serve.get_deployment_handle("node", app_name=app)
+        self._handle = handle
         self.registry = registry_actor(registry or app + REGISTRY_SUFFIX)
+
+    @property
+    def handle(self) -> Any:
+        """The node deployment's handle, looked up at the first action (a view that only reads
+        needs none)."""
+        if self._handle is None:
+            from ray import serve
+
+            self._handle = serve.get_deployment_handle("node", app_name=self.app)
+        return self._handle
 
     async def nodes(self) -> list[NodeSnapshot]:
         return [NodeSnapshot.from_dict(data) for data in await self.registry.snapshots.remote()]
 
     async def load(self, node: str, model: str) -> ModelInfo:
-        return await _unwrapped(self.handle.load.remote(model, node=node))
+        return await self._on(node, "load", model)
 
     async def evict(self, node: str, model: str, *, force: bool = False) -> ModelInfo:
-        return await _unwrapped(self.handle.evict.remote(model, force, node=node))
+        return await self._on(node, "evict", model, force)
 
     async def pin(self, node: str, model: str, pinned: bool = True) -> ModelInfo:
-        return await _unwrapped(self.handle.pin.remote(model, pinned, node=node))
+        return await self._on(node, "pin", model, pinned)
+
+    async def _on(self, node: str, method: str, *args: Any) -> Any:
+        """Call `method` on `node`'s replica from a task inside the cluster: a console attached
+        through Ray Client (ray://) cannot keep a deployment handle of its own."""
+        global _on_node_task
+        if _on_node_task is None:
+            _on_node_task = ray.remote(num_cpus=0)(_on_node)
+        return await _unwrapped(_on_node_task.remote(self.app, node, method, args))
+
+
+_on_node_task: Any = None
+
+
+def _on_node(app: str, node: str, method: str, args: tuple[Any, ...]) -> Any:
+    """In a Ray task: the node replica's answer, or what it raised, as it raised it."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("node", app_name=app)
+    try:
+        return getattr(handle, method).remote(*args, node=node).result()
+    except RayTaskError as exc:
+        if isinstance(exc.cause, CarriedError):
+            raise exc.cause from None
+        raise
 
 
 class FleetBackend:
