@@ -77,7 +77,7 @@ class NodeReplica:
     async def _count(self) -> None:
         """Loads, evictions and each model's state, from the backend's own events, which go on
         to the registry with the next snapshot."""
-        async for event in self.backend.events():
+        async for event in self.backend.events(after_seq=0):  # from the start: preloads count too
             self._tally(event)
             self._outbox.append(event.to_dict())
 
@@ -95,7 +95,9 @@ class NodeReplica:
                 snapshot = NodeSnapshot(self.node, await self.backend.status(), Counters(**vars(self.counters)))
                 events = list(self._outbox)
                 self._outbox.clear()
-                await self._registry.publish.remote(self.node, self._holder, snapshot.to_dict(), events)
+                if not await self._registry.publish.remote(self.node, self._holder, snapshot.to_dict(), events):
+                    # the registry lost the claim (it was restarted, or this replica went quiet): claim again
+                    await self._registry.claim.remote([self.node], self._holder)
             except Exception:  # the registry restarting, a status that failed: try again next second
                 log.warning("node %s: could not publish its snapshot", self.node, exc_info=True)
             await asyncio.sleep(PUBLISH_S)
