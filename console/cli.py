@@ -85,9 +85,19 @@ def _parser() -> argparse.ArgumentParser:
                                                      "instead of running models itself")
     web.add_argument("--public-url", help="the address browsers reach this at, where not http://HOST:PORT (a proxy)")
 
-    attach = sub.add_parser("attach", help="open the console on a running `corral serve`")
-    attach.add_argument("url", help="the server, e.g. http://127.0.0.1:8377")
+    attach = sub.add_parser("attach", help="open the console on a running `corral serve`, or a fleet's view")
+    attach.add_argument("url", help="the server, e.g. http://127.0.0.1:8377; or ray://HOST:PORT for the fleet "
+                                    "view of a corral fleet on that Ray cluster")
+    attach.add_argument("--app", default="corral", help="with ray://: the fleet's name ([fleet] app)")
     attach.add_argument("--api-key", help="the server's key (default: $CORRAL_API_KEY)")
+
+    fleet = sub.add_parser("fleet", help="a corral fleet on Ray Serve: `fleet up` starts it, `fleet` shows it "
+                                         "(needs corral[ray])")
+    fleet.add_argument("action", nargs="?", choices=["up"], help="up: deploy the fleet on a running Ray cluster")
+    fleet.add_argument("--config", dest="fleet_config", metavar="FILE", help="fleet.toml (for `up`)")
+    fleet.add_argument("--address", default="auto", help="the Ray cluster (default: %(default)s, the one this host "
+                                                         "joined; ray://HOST:10001 from elsewhere)")
+    fleet.add_argument("--app", default="corral", help="the fleet's name, [fleet] app (default: %(default)s)")
 
     reload = sub.add_parser("reload", help="make a running `corral serve` read its config file again")
     _server_arguments(reload)
@@ -147,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "attach":
-            return _attach(args)
+            return _fleet_view(args, args.url) if args.url.startswith("ray://") else _attach(args)
+        if args.command == "fleet":
+            return _fleet_up(args) if args.action == "up" else _fleet_view(args, args.address)
         if args.command == "web":
             return _web(args)
         if args.command in ("reload", "config"):
@@ -454,6 +466,55 @@ def _attach(args: argparse.Namespace) -> int:
         create_app(backend, theme=console.theme, keymap=console.keymap).run()
     finally:
         asyncio.run(backend.aclose())
+    return 0
+
+
+def _ray() -> Any:
+    """Ray, or a clear word on how to install it: the fleet is an optional extra."""
+    from corral.backend.errors import CorralError
+
+    try:
+        import ray
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise CorralError("the fleet runs on Ray Serve, which is not installed: pip install 'corral[ray]'") from None
+    return ray
+
+
+def _fleet_up(args: argparse.Namespace) -> int:
+    """Deploy the fleet on the Ray cluster at --address and return; Ray keeps it running."""
+    from corral.backend.errors import ConfigError
+
+    if not args.fleet_config:
+        raise ConfigError("corral fleet up: name the fleet file with --config fleet.toml")
+    ray = _ray()
+    from corral.backend.fleet.deploy import up
+    from corral.backend.fleet.settings import read_fleet
+
+    settings = read_fleet(args.fleet_config)
+    warning = exposure_warning(settings.host, settings.api_key)
+    if warning:
+        print(f"corral fleet: warning: {warning}", file=sys.stderr, flush=True)
+    ray.init(address=args.address, namespace="corral", log_to_driver=False)
+    up(settings)
+    print(f"corral fleet: {settings.app} is up with {len(settings.nodes)} nodes; OpenAI API on "
+          f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}/v1", flush=True)
+    return 0
+
+
+def _fleet_view(args: argparse.Namespace, address: str) -> int:
+    """The console's fleet view: nodes, models by node, the operator's verbs on a chosen node."""
+    ray = _ray()
+    from corral.backend import load_settings
+    from corral.backend.fleet.client import Fleet
+    from corral.console.screens.fleet import FleetApp
+
+    theme = load_settings(args.config).console.theme
+    ray.init(address=address, namespace="corral", log_to_driver=False)
+    try:
+        FleetApp(Fleet(args.app), f"{args.app} on {address}", theme=theme).run()
+    finally:
+        ray.shutdown()
     return 0
 
 

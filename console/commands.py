@@ -26,8 +26,9 @@ DASHBOARD = "dashboard"
 PROMPT = "prompt"
 CONFIG = "config"
 REQUESTS = "requests"
+FLEET = "fleet"
 APP = "app"
-SCOPES = (DASHBOARD, PROMPT, CONFIG, REQUESTS)
+SCOPES = (DASHBOARD, PROMPT, CONFIG, REQUESTS, FLEET)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,12 @@ COMMANDS: tuple[Command, ...] = (
             help="Cancel the selected request: its client gets finish reason \"cancelled\" and its slot is freed"),
     Command("corral.requests.back", "escape", "Back", "back", scope=REQUESTS,
             help="Back to the dashboard"),
+    Command("corral.fleet.load", "l", "Load here", "load", scope=FLEET,
+            help="Load the selected model on the selected node (fleet view)"),
+    Command("corral.fleet.evict", "e", "Evict here", "evict", scope=FLEET, confirm=True,
+            help="Evict the selected model from the selected node (fleet view)"),
+    Command("corral.fleet.pin", "p", "Pin/unpin here", "toggle_pin", scope=FLEET,
+            help="Pin or unpin the selected model on the selected node (fleet view)"),
 )
 
 COMMANDS_BY_ID: dict[str, Command] = {command.id: command for command in COMMANDS}

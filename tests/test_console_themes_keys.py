@@ -12,6 +12,7 @@ from corral.backend.errors import ConfigError
 from corral.console.app import CorralApp, create_app
 from corral.console.commands import COMMANDS, bindings_for
 from corral.console.screens import ConfigScreen, DashboardScreen, DetailsScreen, HelpScreen, PromptScreen, RequestsScreen
+from corral.console.screens.fleet import FleetScreen
 from corral.themes import THEMES
 from console_support import SIZE, make_app, open_prompt, ready, select, state, table, wait_for
 from fake_backend import FakeBackend
@@ -65,13 +66,14 @@ def test_cli_refuses_a_bad_console_config_naming_the_key(tmp_path: Path) -> None
 
 
 def test_one_command_table_feeds_the_bindings() -> None:
-    for scope in ("dashboard", "prompt", "config", "requests"):
+    for scope in ("dashboard", "prompt", "config", "requests", "fleet"):
         ids = [binding.id for binding in bindings_for(scope)]
         assert ids == [command.id for command in COMMANDS if command.scope == scope]
     assert DashboardScreen.BINDINGS == bindings_for("dashboard")
     assert PromptScreen.BINDINGS == bindings_for("prompt")
     assert ConfigScreen.BINDINGS == bindings_for("config")
     assert RequestsScreen.BINDINGS == bindings_for("requests")
+    assert FleetScreen.BINDINGS == bindings_for("fleet")
     keys = {command.id: command.key for command in COMMANDS}
     assert keys == {
         "corral.load": "l", "corral.evict": "e", "corral.pin": "p", "corral.unload_all": "u",
@@ -82,6 +84,7 @@ def test_one_command_table_feeds_the_bindings() -> None:
         "corral.config": "c", "corral.pull": "g",
         "corral.config.reload": "r", "corral.config.rollback": "b", "corral.config.back": "escape",
         "corral.requests": "w", "corral.requests.cancel": "x", "corral.requests.back": "escape",
+        "corral.fleet.load": "l", "corral.fleet.evict": "e", "corral.fleet.pin": "p",
     }
     [stop] = [b for b in bindings_for("prompt") if b.id == "corral.prompt.stop"]
     assert stop.priority  # Input binds ctrl+c to copy; stop must win
@@ -98,9 +101,9 @@ async def test_help_lists_the_command_table() -> None:
         rows = [help_table.get_row(command.id) for command in COMMANDS]
         assert [str(row[2]).rstrip("…") for row in rows] == [c.description for c in COMMANDS]
         assert [str(row[0]) for row in rows] == ["l", "e", "p", "⏎", "d", "/", "s", "g", "u", "r", "t", "?", "q",
-                                                 "c", "w", "^c", "esc", "^l", "^t", "r", "b", "esc", "x", "esc"]
+                                                 "c", "w", "^c", "esc", "^l", "^t", "r", "b", "esc", "x", "esc", "l", "e", "p"]
         assert [str(row[1]) for row in rows] == (["dashboard"] * 15 + ["prompt"] * 4 + ["config"] * 3
-                                                 + ["requests"] * 2)
+                                                 + ["requests"] * 2 + ["fleet"] * 3)
         assert str(help_table.get_row("corral.evict")[2]) == "Evict…"  # it asks first
         assert str(help_table.get_row("corral.load")[2]) == "Load"
         await pilot.press("escape")
