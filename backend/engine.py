@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import llama_cpp
 
+from . import llamalog
 from .chat import ChatTemplate
 from .embedder import Embedder, in_own_thread
 from .errors import BadRequest, Cancelled, LoadFailed, QueueFull
@@ -36,6 +37,7 @@ from .generation import Chunk, Decoding, RequestStats, TokenLogprob
 from .request import MAX_TOP_LOGPROBS
 from .samplers import GrammarDeadEnd, GrammarStats, Scratch, TokenSampler
 from .kvstore import PrefixStore, prefix_key
+from .modellog import ModelLog
 from .prefixes import Prefixes
 from .sequence import Delivery, Queued, Sequence
 from .slots import SlotCache, awaited_prefix
@@ -82,8 +84,9 @@ class Engine:
 
     def __init__(self, weights: ModelWeights, settings: ContextSettings, *, model_name: str,
                  bus: EventBus | None = None, template: ChatTemplate | None = None,
-                 prefixes: PrefixStore | None = None) -> None:
+                 prefixes: PrefixStore | None = None, model_log: ModelLog | None = None) -> None:
         self.weights = weights.retain()
+        self.model_log = model_log  # the model's ring of llama.cpp lines: this engine's threads add theirs
         self.settings = settings
         self.model_name = model_name
         self.bus = bus
@@ -163,6 +166,10 @@ class Engine:
 
     def close(self) -> None:
         """Cancel everything, stop the thread, free the context and release the weights."""
+        with llamalog.attributed(self.model_log):
+            self._close()
+
+    def _close(self) -> None:
         with self._cv:
             if self._closing:
                 return
@@ -203,6 +210,10 @@ class Engine:
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Blocking: pooled vectors from a second context on the same weights, made on first use."""
+        with llamalog.attributed(self.model_log):
+            return self._embed(texts)
+
+    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         with self._embedder_lock:
             if self._closing:
                 raise Cancelled(f"model {self.model_name!r} is unloading")
@@ -293,6 +304,10 @@ class Engine:
     # -- scheduler thread ------------------------------------------------------------------
 
     def _run(self, warmup: bool) -> None:
+        with llamalog.attributed(self.model_log):
+            self._schedule(warmup)
+
+    def _schedule(self, warmup: bool) -> None:
         try:
             if warmup:
                 self._warmup()

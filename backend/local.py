@@ -28,6 +28,7 @@ from .liveconfig import LiveConfig
 from .errors import BadRequest
 from .events import Event, EventBus, RequestFinished
 from .generation import Chunk, Embeddings, Grammar, SamplingFields, SamplingParams, sampling_params
+from .modellog import LogLine
 from .protocol import LoopThread, SyncBackend
 from .pull.record import PullRecord
 from .pull.registry import Pulls
@@ -151,6 +152,12 @@ class LocalBackend(LiveConfig):
         return await asyncio.to_thread(describe, name, entry.path, self.digests, n_ctx=n_ctx,
                                        chat_template=template, alias_of=alias_of, source=entry.source,
                                        known_digest=entry.digest, store=entry.store)
+
+    async def logs(self, name: str) -> list[LogLine]:
+        """llama.cpp's lines of `name`'s loads and runs, oldest first (the last LOG_LINES of
+        them), kept across a failed load; ModelNotFound for a name the catalog lacks."""
+        await self.ready()
+        return await self._call(_sync_value(lambda: self.manager.logs(name)))
 
     def _file_of(self, name: str) -> tuple[CatalogEntry, int, str | None, str | None]:
         """On the backend loop: the model's catalog entry, its n_ctx, the template its chats take

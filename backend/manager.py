@@ -31,6 +31,7 @@ from .events import (EventBus, ModelLoaded, Notice, PinChanged, RequestFinished,
 from .ggufmeta import GGUFInfo
 from .kvstore import PrefixStore
 from .memory import MemoryEstimate, default_ram_budget, estimate, process_rss
+from .modellog import LogLine
 from .admission import Admission, close_and_trim
 from .reconfig import Reconfiguration, catalog_for
 from .warmstate import WarmState
@@ -227,6 +228,11 @@ class Manager(Admission, Reconfiguration):
             raise ModelNotFound(name, [*self._records, *self._aliases])
         return record
 
+    def logs(self, name: str) -> list[LogLine]:
+        """llama.cpp's lines of `name`'s loads and runs (its base model's, for an alias), oldest
+        first, with corral's line where each load starts and where one failed."""
+        return self.record(name).log.lines()
+
     def alias(self, name: str) -> AliasConfig | None:
         return self._aliases.get(name)
 
@@ -372,6 +378,7 @@ class Manager(Admission, Reconfiguration):
         return r.entry.info if r.entry.usable else None
 
     def _fail(self, r: Record, message: str, cause: str) -> None:
+        r.log.add("corral", f"load failed: {message}")
         r.error = message
         r.load_percent = None
         self._transition(r, State.FAILED, message, cause)

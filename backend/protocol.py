@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .generation import Chunk, Embeddings
+from .modellog import LogLine
 from .pull.status import PullStatus
 from .snapshot import ModelDetails, ModelInfo, Status
 
@@ -38,6 +39,7 @@ class Backend(Protocol):
     async def status(self) -> Status: ...
     async def load(self, name: str, keep_alive: float | str | None = None) -> ModelInfo: ...
     async def details(self, name: str) -> ModelDetails: ...
+    async def logs(self, name: str) -> list[LogLine]: ...
     async def evict(self, name: str, *, force: bool = False) -> ModelInfo: ...
     async def pin(self, name: str, pinned: bool = True) -> ModelInfo: ...
     def complete(self, model: str, prompt: str, **options: Any) -> AsyncIterator[Chunk]: ...
@@ -109,6 +111,9 @@ class SyncBackend:
 
     def details(self, name: str) -> ModelDetails:
         return self._run(self._backend.details(name))
+
+    def logs(self, name: str) -> list[LogLine]:
+        return self._run(self._backend.logs(name))
 
     def evict(self, name: str, *, force: bool = False) -> ModelInfo:
         return self._run(self._backend.evict(name, force=force))

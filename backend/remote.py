@@ -31,6 +31,7 @@ from .errors import (BudgetExceeded, CorralError, InsufficientDisk, ModelFileErr
                      ServerUnreachable)
 from .events import Dropped, Event, Notice, event_from_dict
 from .generation import Chunk, Embeddings
+from .modellog import LogLine
 from .pull.status import PullStatus
 from .request import GenerationRequest, chat_request, completion_request
 from .server.anthropic import count_body
@@ -273,6 +274,10 @@ class RemoteBackend:
         """The server's details of `name`'s file; hashing a big file the first time takes a while."""
         data = await self._request("GET", self._model_path(name), timeout=self._waiting(), model=name)
         return ModelDetails.from_dict(data)
+
+    async def logs(self, name: str) -> list[LogLine]:
+        data = await self._request("GET", self._model_path(name, "logs"), model=name)
+        return [LogLine.from_dict(line) for line in data["lines"]]
 
     async def evict(self, name: str, *, force: bool = False) -> ModelInfo:
         data = await self._request("POST", self._model_path(name, "evict"),

@@ -1,13 +1,14 @@
 """Screens of the console: the dashboard, the prompt and config screens, and the modal
-confirm, details, help and pull screens."""
+confirm, details, log, help and pull screens."""
 
 from .config import ConfigScreen
 from .confirm import ConfirmScreen
 from .dashboard import DashboardScreen
 from .details import DetailsScreen
 from .help import HelpScreen
+from .logs import LogScreen
 from .prompt import Conversation, PromptScreen
 from .pull import PullScreen
 
 __all__ = ["ConfigScreen", "ConfirmScreen", "Conversation", "DashboardScreen", "DetailsScreen",
-           "HelpScreen", "PromptScreen", "PullScreen"]
+           "HelpScreen", "LogScreen", "PromptScreen", "PullScreen"]

@@ -18,8 +18,10 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from ..commands import DETAILS, bindings_for
 from ..widgets.gauges import NA, format_bytes, format_duration
 from ..widgets.models_table import state_label
+from .logs import LogScreen
 
 if TYPE_CHECKING:
     from corral.backend.snapshot import ModelInfo, RequestPercentiles, Status
@@ -126,10 +128,12 @@ def details_table(m: ModelInfo) -> Table:
 
 
 class DetailsScreen(ModalScreen[None]):
-    """The details of one model, kept current while open."""
+    """The details of one model, kept current while open; `l` opens its log view."""
 
+    SCOPE = DETAILS
     BINDINGS = [
         Binding("escape,q,d", "close", "Close", id="corral.details.close"),
+        *bindings_for(DETAILS),
     ]
 
     def __init__(self, model: ModelInfo) -> None:
@@ -143,7 +147,7 @@ class DetailsScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="details-box", classes="dialog-box") as box:
             box.border_title = self.model.name
-            box.border_subtitle = "esc to close"
+            box.border_subtitle = "l: llama.cpp log · esc to close"
             yield Static(details_table(self.model), id="details-body")
 
     def on_mount(self) -> None:
@@ -155,6 +159,9 @@ class DetailsScreen(ModalScreen[None]):
         if model is not None and model != self.model:
             self.model = model
             self.query_one("#details-body", Static).update(details_table(model))
+
+    def action_logs(self) -> None:
+        self.app.push_screen(LogScreen(self.model))
 
     def action_close(self) -> None:
         self.dismiss(None)
