@@ -278,7 +278,7 @@ class ConsoleSettings(_Strict):
     """The console's look and keys (`corral` and `corral attach`)."""
 
     theme: str | None = Field(None, min_length=1, description="corral-dark, corral-light, corral-contrast, "
-                                                              "or any Textual theme")
+                                                              "a theme file's name, or any Textual theme")
     keymap: Annotated[dict[str, str], AfterValidator(_check_keymap)] = Field(default_factory=dict)
 
 
