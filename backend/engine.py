@@ -35,7 +35,7 @@ from .errors import BadRequest, Cancelled, LoadFailed, QueueFull
 from .events import EventBus, RequestFinished, RequestStarted
 from .generation import Chunk, Decoding, RequestStats, TokenLogprob
 from .request import MAX_TOP_LOGPROBS
-from .samplers import GrammarDeadEnd, GrammarStats, Scratch, TokenSampler
+from .samplers import GrammarDeadEnd, GrammarStats, Scratch, TokenSampler, prepare_loop_guard
 from .kvstore import PrefixStore, prefix_key
 from .modellog import ModelLog
 from .prefixes import Prefixes
@@ -123,6 +123,7 @@ class Engine:
         self._embedder_lock = threading.Lock()
         self._embed_waiting = 0
         self._scratch = Scratch(weights.n_vocab)
+        prepare_loop_guard(weights)
         self.failure: str | None = None
         self.on_failure: Callable[[str], None] | None = None  # set by the manager; any thread
 

@@ -27,7 +27,7 @@ from .digests import Digests, describe
 from .liveconfig import LiveConfig
 from .errors import BadRequest
 from .events import Event, EventBus, RequestFinished
-from .generation import Chunk, Embeddings, Grammar, SamplingFields, SamplingParams, sampling_params
+from .generation import LOOP_GUARD, Chunk, Embeddings, Grammar, SamplingFields, SamplingParams, sampling_params
 from .modellog import LogLine
 from .protocol import LoopThread, SyncBackend
 from .pull.record import PullRecord
@@ -391,13 +391,14 @@ class LocalBackend(LiveConfig):
 
     def _with_defaults(self, model: str, options: dict[str, Any]) -> dict[str, Any]:
         """The request's options over the alias's defaults over the model's (config `params`)
-        over its store's (an ollama manifest's params), read from the settings current as the
-        request starts."""
+        over its store's (an ollama manifest's params) over the loop guard where the config turns
+        it on (`[sampling] loop_guard`), read from the settings current as the request starts."""
         settings = self.settings
         alias = settings.alias_for(model)
         base = alias.model if alias else model
         entry, store = settings.model_config_for(base), self._store_of(base)
-        defaults = {**{k: v for k, v in (store.defaults if store else {}).items() if k in SamplingFields.model_fields},
+        defaults = {**(LOOP_GUARD if settings.sampling.loop_guard else {}),
+                    **{k: v for k, v in (store.defaults if store else {}).items() if k in SamplingFields.model_fields},
                     **(entry.params.options() if entry else {}), **(alias.params.options() if alias else {})}
         return {**defaults, **{k: v for k, v in options.items() if v is not None}}
 
