@@ -41,13 +41,14 @@ def is_coherent(text: str, *, min_words: int = 8, min_common: float = 0.5) -> bo
 
 
 def repeated_sentences(text: str) -> int:
-    """How many sentences (split at . ! ? and new lines, case folded) say again one said before:
-    the measure of a model looping ("While I was looking for a place." sixteen times is 15)."""
+    """How many sentences or lines (split at . ! ? and new lines, case and spaces folded) say
+    again one said before: the measure of a model looping ("While I was looking for a place."
+    sixteen times is 15; so is a bare "*" on sixteen lines)."""
     seen: set[str] = set()
     repeats = 0
     for sentence in re.split(r"[.!?\n]+", text.lower()):
         sentence = " ".join(sentence.split())
-        if len(sentence) > 3:
+        if sentence:
             repeats += sentence in seen
             seen.add(sentence)
     return repeats
