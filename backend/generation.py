@@ -55,10 +55,11 @@ LIMITS: dict[str, Limit] = {
 
 
 # Sampling that keeps a base model from looping. At the console's temperature (0.7) the
-# default model (gemma-3-270m, a base model) repeated sentences in 7 of 18 completions of
-# 200 tokens (49 repeated sentences in all; one answer was 17 of its 21 sentences again);
-# with these, none did (tests/benchmarks/sampling_loops.py). They are the prompt screen's
-# defaults, and the API's where `[sampling] loop_guard` is on and a request sets none of them.
+# default model (gemma-3-270m, a base model) said a sentence again 3 or more times in 5 of 18
+# completions of 200 tokens (33 repeated sentences in all; in an earlier run 7 of 18 and 49,
+# one answer being 17 of its 21 sentences again); with these, no sentence came twice
+# (tests/benchmarks/sampling_loops.py). They are the prompt screen's defaults, and the API's
+# where `[sampling] loop_guard` is on and a request sets none of them.
 LOOP_GUARD: dict[str, float | int] = {"repeat_penalty": 1.1, "dry_multiplier": 0.8, "dry_base": 1.75,
                                       "dry_allowed_length": 2, "dry_penalty_last_n": 256}
 
