@@ -28,7 +28,9 @@ logger = logging.getLogger("corral.llama")
 
 # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous line)
 _LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
-_NAMES = {0: "debug", 1: "debug", 2: "info", 3: "warning", 4: "error"}  # llama.cpp's own, for a ModelLog
+# llama.cpp's own level names, for a ModelLog; it keeps the lines llama.cpp's tools print by
+# default (info and up): the debug ones are ~90 % of a load's and some 20 a decode step
+_NAMES = {2: "info", 3: "warning", 4: "error"}
 _CONT = 5
 
 _local = threading.local()
@@ -55,8 +57,8 @@ def _emit(ggml_level: int, text: str) -> None:
     if capture is not None:
         capture.lines.append((level, text))
     sink: ModelLog | None = getattr(_local, "sink", None)
-    if sink is not None:
-        sink.add(_NAMES.get(ggml_level, "debug"), text)
+    if sink is not None and ggml_level in _NAMES:
+        sink.add(_NAMES[ggml_level], text)
 
 
 def _on_log(level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None:

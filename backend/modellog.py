@@ -16,15 +16,16 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# One load of the default model logs about 1,500 lines (most of them llama.cpp's info-level
-# tensor and metadata listing): the ring holds a whole load and what a few runs add after it.
+# One load of the default model logs about 150 lines at info level and up (its metadata, the
+# tensors' buffers, the context; the debug lines are left out): the ring holds many loads and
+# whatever warnings their runs add.
 LOG_LINES = 3000
 
 
 @dataclass(frozen=True)
 class LogLine:
-    """One whole line: when it was logged, llama.cpp's level ("debug", "info", "warning",
-    "error"; "corral" for corral's own marker where a load starts) and its text."""
+    """One whole line: when it was logged, llama.cpp's level ("info", "warning", "error";
+    "corral" for corral's lines where a load starts and where one failed) and its text."""
 
     ts: float
     level: str

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from ..app import CorralApp
 
-LEVELS = ("debug", "info", "warning", "error", "corral")
+LEVELS = ("info", "warning", "error", "corral")
 
 
 class ModelLogView(RichLog):
@@ -57,11 +57,12 @@ class ModelLogView(RichLog):
         self.show(lines)
 
     def _line(self, line: LogLine) -> Text:
-        level = line.level if line.level in LEVELS else "debug"
+        level = line.level if line.level in LEVELS else "info"
+        style = component_style(self, f"model-log--{level}")
         text = Text(no_wrap=False)
         text.append(format_clock(line.ts), component_style(self, "model-log--time"))
-        text.append(f"  {level:<7}  ", component_style(self, f"model-log--{level}"))
-        text.append(line.text, component_style(self, f"model-log--{level}") if level != "debug" else "")
+        text.append(f"  {level:<7}  ", style)
+        text.append(line.text, style)
         return text
 
 
