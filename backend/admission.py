@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from . import llamalog
 from .engine import ContextSettings, Engine
 from .errors import BudgetExceeded, LoadFailed
 from .events import LoadProgress, Notice
@@ -66,7 +67,13 @@ class Admission:
                           "Lower n_gpu_layers, n_ctx or n_parallel, or free the GPU")
 
     def _open(self: Manager, r: Record, placement: Placement) -> Engine:
-        """Blocking: weights, context, warmup, scheduler thread. Runs in a worker thread."""
+        """Blocking: weights, context, warmup, scheduler thread. Runs in a worker thread, whose
+        llama.cpp lines go to the model's log, after a line saying which load they belong to."""
+        r.log.add("corral", f"loading {r.entry.path} ({placement.reason})")
+        with llamalog.attributed(r.log):
+            return self._open_engine(r, placement)
+
+    def _open_engine(self: Manager, r: Record, placement: Placement) -> Engine:
         s = r.settings
         last = [-1]
 
@@ -87,7 +94,7 @@ class Admission:
                 n_ctx=s.n_ctx, n_parallel=s.n_parallel, n_batch=s.n_batch,
                 n_threads=s.n_threads or physical_cores(), flash_attn=s.flash_attn, max_queue=s.max_queue,
                 type_k=s.type_k, type_v=s.type_v, n_ubatch=s.n_ubatch or s.n_batch,
-            ), model_name=r.name, bus=self.bus, template=template, prefixes=self.prefixes)
+            ), model_name=r.name, bus=self.bus, template=template, prefixes=self.prefixes, model_log=r.log)
         finally:
             weights.release()  # the engine holds its own reference
         try:

@@ -290,11 +290,19 @@ def _check_keymap(keymap: dict[str, str]) -> dict[str, str]:
     return keymap
 
 
+class SamplingSettings(_Strict):
+    """How requests that leave sampling options unset are sampled."""
+
+    loop_guard: bool = Field(False, description="give requests that set no repeat_penalty / dry_* options the "
+                                                "console's loop guard (a repetition penalty and DRY); off, they "
+                                                "sample with none, so API answers stay what clients expect")
+
+
 class ConsoleSettings(_Strict):
     """The console's look and keys (`corral` and `corral attach`)."""
 
     theme: str | None = Field(None, min_length=1, description="corral-dark, corral-light, corral-contrast, "
-                                                              "or any Textual theme")
+                                                              "a theme file's name, or any Textual theme")
     keymap: Annotated[dict[str, str], AfterValidator(_check_keymap)] = Field(default_factory=dict)
 
 
@@ -308,6 +316,7 @@ class Settings(_Strict):
     budgets: Budgets = Budgets()
     server: ServerSettings = ServerSettings()
     cache: CacheSettings = CacheSettings()
+    sampling: SamplingSettings = SamplingSettings()
     console: ConsoleSettings = ConsoleSettings()
     stores: StoresSettings = StoresSettings()
     models: list[ModelConfig] = Field(default_factory=list)

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import llama_cpp
 
+from . import llamalog
 from .chat import ChatTemplate
 from .embedder import Embedder, in_own_thread
 from .errors import BadRequest, Cancelled, LoadFailed, QueueFull
@@ -36,8 +37,9 @@ from .events import EventBus, RequestFinished, RequestStarted
 from .generation import Chunk, Decoding, RequestStats, TokenLogprob
 from .inflight import RequestInfo
 from .request import MAX_TOP_LOGPROBS
-from .samplers import GrammarDeadEnd, GrammarStats, Scratch, TokenSampler
+from .samplers import GrammarDeadEnd, GrammarStats, Scratch, TokenSampler, prepare_loop_guard
 from .kvstore import PrefixStore, prefix_key
+from .modellog import ModelLog
 from .prefixes import Prefixes
 from .sequence import Delivery, Queued, Sequence
 from .slots import SlotCache, awaited_prefix
@@ -86,8 +88,9 @@ class Engine:
 
     def __init__(self, weights: ModelWeights, settings: ContextSettings, *, model_name: str,
                  bus: EventBus | None = None, template: ChatTemplate | None = None,
-                 prefixes: PrefixStore | None = None) -> None:
+                 prefixes: PrefixStore | None = None, model_log: ModelLog | None = None) -> None:
         self.weights = weights.retain()
+        self.model_log = model_log  # the model's ring of llama.cpp lines: this engine's threads add theirs
         self.settings = settings
         self.model_name = model_name
         self.bus = bus
@@ -124,6 +127,7 @@ class Engine:
         self._embedder_lock = threading.Lock()
         self._embed_waiting = 0
         self._scratch = Scratch(weights.n_vocab)
+        prepare_loop_guard(weights)
         self.failure: str | None = None
         self.on_failure: Callable[[str], None] | None = None  # set by the manager; any thread
 
@@ -167,6 +171,10 @@ class Engine:
 
     def close(self) -> None:
         """Cancel everything, stop the thread, free the context and release the weights."""
+        with llamalog.attributed(self.model_log):
+            self._close()
+
+    def _close(self) -> None:
         with self._cv:
             if self._closing:
                 return
@@ -216,14 +224,16 @@ class Engine:
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Blocking: pooled vectors from a second context on the same weights."""
-        return self._the_embedder().embed(texts)
+        with llamalog.attributed(self.model_log):
+            return self._the_embedder().embed(texts)
 
     def rerank(self, query: str, documents: list[str]) -> tuple[list[float], int]:
         """Blocking: a reranker's score per document, from a second context on the same weights."""
-        return self._the_embedder().rerank(query, documents)
+        with llamalog.attributed(self.model_log):
+            return self._the_embedder().rerank(query, documents)
 
     def _the_embedder(self) -> Embedder:
-        """The embeddings (or reranking) context, made on first use."""
+        """The embeddings (or reranking) context, made on first use (its lines go to the model's log)."""
         with self._embedder_lock:
             if self._closing:
                 raise Cancelled(f"model {self.model_name!r} is unloading")
@@ -349,6 +359,10 @@ class Engine:
     # -- scheduler thread ------------------------------------------------------------------
 
     def _run(self, warmup: bool) -> None:
+        with llamalog.attributed(self.model_log):
+            self._schedule(warmup)
+
+    def _schedule(self, warmup: bool) -> None:
         try:
             if warmup:
                 self._warmup()

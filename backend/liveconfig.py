@@ -27,6 +27,14 @@ CONFIG_SETTLE_TRIES = 8
 WATCH_STEP_MS = 200
 
 
+
+def welcome_message(file: Path, folder_exists: bool) -> str:
+    """The first run's line: where the config file would go and how models come in."""
+    later = "" if folder_exists else " (after making its folder, run `corral reload` or restart)"
+    return (f"Welcome: no config file yet, so corral runs on its defaults; {file} is read when it "
+            f"appears{later}. Models: .gguf files in model_dirs, `corral pull hf://owner/repo:Q4_K_M` "
+            "(g in the console), and what ollama, the Hugging Face cache and LM Studio keep, where it is")
+
 class LiveConfig:
     async def reload_config(self: LocalBackend, source: str = "api") -> ConfigVersion:
         """Read the config file again and apply what changed; an invalid file changes nothing
@@ -103,11 +111,7 @@ class LiveConfig:
 
         folder = file.parent
         if not file.exists():  # a first run: say where things go, not that something is missing
-            later = "" if folder.is_dir() else " (after making its folder, run `corral reload` or restart)"
-            self.bus.publish(Notice(level="info", message=(
-                f"Welcome: no config file yet, so corral runs on its defaults; {file} is read when it "
-                f"appears{later}. Models: .gguf files in model_dirs, `corral pull hf://owner/repo:Q4_K_M` "
-                "(g in the console), and what ollama, the Hugging Face cache and LM Studio keep, where it is")))
+            self.bus.publish(Notice(level="info", message=welcome_message(file, folder.is_dir())))
         if not folder.is_dir():
             return
         await self.ready()

@@ -7,7 +7,9 @@ collected callback makes later llama.cpp calls fail in strange ways.
 
 llama.cpp reports *why* a load failed only in these lines (`llama_model_load_from_file`
 returns NULL for every corrupt file), so a thread can `capture()` the lines logged while it
-loads and put the errors into the exception it raises.
+loads and put the errors into the exception it raises. A thread that loads or runs a model
+also names that model's `ModelLog` with `attributed()`, and every line it logs meanwhile goes
+into that ring as well (the console's log view).
 """
 
 from __future__ import annotations
@@ -20,10 +22,15 @@ from contextlib import contextmanager
 
 import llama_cpp
 
+from .modellog import ModelLog
+
 logger = logging.getLogger("corral.llama")
 
 # ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous line)
 _LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+# llama.cpp's own level names, for a ModelLog; it keeps the lines llama.cpp's tools print by
+# default (info and up): the debug ones are ~90 % of a load's and some 20 a decode step
+_NAMES = {2: "info", 3: "warning", 4: "error"}
 _CONT = 5
 
 _local = threading.local()
@@ -43,11 +50,15 @@ class _Capture:
         return found[-limit:]
 
 
-def _emit(level: int, text: str) -> None:
+def _emit(ggml_level: int, text: str) -> None:
+    level = _LEVELS.get(ggml_level, logging.DEBUG)
     logger.log(level, "%s", text)
     capture: _Capture | None = getattr(_local, "capture", None)
     if capture is not None:
         capture.lines.append((level, text))
+    sink: ModelLog | None = getattr(_local, "sink", None)
+    if sink is not None and ggml_level in _NAMES:
+        sink.add(_NAMES[ggml_level], text)
 
 
 def _on_log(level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None:
@@ -56,9 +67,9 @@ def _on_log(level: int, text: bytes | None, _user_data: ctypes.c_void_p) -> None
         return
     chunk = text.decode("utf-8", errors="replace")
     pending: str = getattr(_local, "pending", "")
-    pending_level: int = getattr(_local, "pending_level", logging.DEBUG)
+    pending_level: int = getattr(_local, "pending_level", 1)  # llama.cpp's level of the line being joined
     if level != _CONT:
-        pending_level = _LEVELS.get(level, logging.DEBUG)
+        pending_level = level
     pending += chunk
     *lines, pending = pending.split("\n")
     for line in lines:
@@ -90,3 +101,15 @@ def capture() -> Iterator[_Capture]:
         yield current
     finally:
         _local.capture = previous
+
+
+@contextmanager
+def attributed(sink: ModelLog | None) -> Iterator[None]:
+    """Add this thread's llama.cpp lines to `sink` (one model's ring) for the duration of the
+    block; None adds them nowhere."""
+    previous = getattr(_local, "sink", None)
+    _local.sink = sink
+    try:
+        yield
+    finally:
+        _local.sink = previous

@@ -27,10 +27,11 @@ from .digests import Digests, describe
 from .liveconfig import LiveConfig
 from .errors import BadRequest
 from .events import Event, EventBus, RequestFinished
-from .generation import (Chunk, Embeddings, Grammar, Ranked, Reranking, SamplingFields, SamplingParams,
-                         sampling_params)
+from .generation import (LOOP_GUARD, Chunk, Embeddings, Grammar, Ranked, Reranking, SamplingFields,
+                         SamplingParams, sampling_params)
 from .inflight import RequestInfo, checked_canceller
 from .kinds import CHAT, EMBEDDING, FINISH_REASONS, RERANK, check_serves, model_kind
+from .modellog import LogLine
 from .protocol import LoopThread, SyncBackend
 from .pull.record import PullRecord
 from .pull.registry import Pulls
@@ -162,6 +163,12 @@ class LocalBackend(LiveConfig):
         budget, what would be evicted, or why it cannot fit and what would; nothing changes."""
         await self.ready()
         return await self._call(self.manager.plan(name, overrides))
+
+    async def logs(self, name: str) -> list[LogLine]:
+        """llama.cpp's lines of `name`'s loads and runs, oldest first (the last LOG_LINES of
+        them), kept across a failed load; ModelNotFound for a name the catalog lacks."""
+        await self.ready()
+        return await self._call(_sync_value(lambda: self.manager.logs(name)))
 
     def _file_of(self, name: str) -> tuple[CatalogEntry, int, str | None, str | None]:
         """On the backend loop: the model's catalog entry, its n_ctx, the template its chats take
@@ -449,13 +456,14 @@ class LocalBackend(LiveConfig):
 
     def _with_defaults(self, model: str, options: dict[str, Any]) -> dict[str, Any]:
         """The request's options over the alias's defaults over the model's (config `params`)
-        over its store's (an ollama manifest's params), read from the settings current as the
-        request starts."""
+        over its store's (an ollama manifest's params) over the loop guard where the config turns
+        it on (`[sampling] loop_guard`), read from the settings current as the request starts."""
         settings = self.settings
         alias = settings.alias_for(model)
         base = alias.model if alias else model
         entry, store = settings.model_config_for(base), self._store_of(base)
-        defaults = {**{k: v for k, v in (store.defaults if store else {}).items() if k in SamplingFields.model_fields},
+        defaults = {**(LOOP_GUARD if settings.sampling.loop_guard else {}),
+                    **{k: v for k, v in (store.defaults if store else {}).items() if k in SamplingFields.model_fields},
                     **(entry.params.options() if entry else {}), **(alias.params.options() if alias else {})}
         return {**defaults, **{k: v for k, v in options.items() if v is not None}}
 

@@ -34,6 +34,7 @@ from .kinds import model_kind
 from .kvstore import PrefixStore
 from .loadplan import Planning
 from .memory import MemoryEstimate, default_ram_budget, estimate, process_rss
+from .modellog import LogLine
 from .admission import Admission, close_and_trim
 from .reconfig import Reconfiguration, catalog_for
 from .warmstate import WarmState
@@ -230,6 +231,11 @@ class Manager(Admission, Planning, Reconfiguration):
             raise ModelNotFound(name, [*self._records, *self._aliases])
         return record
 
+    def logs(self, name: str) -> list[LogLine]:
+        """llama.cpp's lines of `name`'s loads and runs (its base model's, for an alias), oldest
+        first, with corral's line where each load starts and where one failed."""
+        return self.record(name).log.lines()
+
     def alias(self, name: str) -> AliasConfig | None:
         return self._aliases.get(name)
 
@@ -378,6 +384,7 @@ class Manager(Admission, Planning, Reconfiguration):
         return r.entry.info if r.entry.usable else None
 
     def _fail(self, r: Record, message: str, cause: str) -> None:
+        r.log.add("corral", f"load failed: {message}")
         r.error = message
         r.load_percent = None
         self._transition(r, State.FAILED, message, cause)

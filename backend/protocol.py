@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .generation import Chunk, Embeddings, Reranking
 from .inflight import RequestInfo
+from .modellog import LogLine
 from .pull.status import PullStatus
 from .snapshot import LoadPlan, ModelDetails, ModelInfo, Status
 
@@ -40,6 +41,7 @@ class Backend(Protocol):
     async def load(self, name: str, keep_alive: float | str | None = None) -> ModelInfo: ...
     async def details(self, name: str) -> ModelDetails: ...
     async def plan(self, name: str, **overrides: Any) -> LoadPlan: ...
+    async def logs(self, name: str) -> list[LogLine]: ...
     async def evict(self, name: str, *, force: bool = False) -> ModelInfo: ...
     async def pin(self, name: str, pinned: bool = True) -> ModelInfo: ...
     def complete(self, model: str, prompt: str, **options: Any) -> AsyncIterator[Chunk]: ...
@@ -118,6 +120,9 @@ class SyncBackend:
 
     def plan(self, name: str, **overrides: Any) -> LoadPlan:
         return self._run(self._backend.plan(name, **overrides))
+
+    def logs(self, name: str) -> list[LogLine]:
+        return self._run(self._backend.logs(name))
 
     def evict(self, name: str, *, force: bool = False) -> ModelInfo:
         return self._run(self._backend.evict(name, force=force))

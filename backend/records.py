@@ -18,6 +18,7 @@ from .config import ModelDefaults
 from .engine import Engine
 from .errors import ConfigError
 from .memory import MemoryEstimate
+from .modellog import ModelLog
 from .placement import Placement
 from .snapshot import RequestPercentiles
 
@@ -78,6 +79,7 @@ class Record:
     unload_task: asyncio.Task[None] | None = None
     template_source: str | None = None
     priority: int = 0
+    log: ModelLog = field(default_factory=ModelLog)  # llama.cpp's lines of its loads and runs
     chat_format: str | None = None
     chat_template: str | None = None
     recent: deque[RequestSample] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))

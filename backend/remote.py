@@ -32,6 +32,7 @@ from .errors import (BudgetExceeded, CorralError, InsufficientDisk, ModelFileErr
 from .events import Dropped, Event, Notice, event_from_dict
 from .generation import Chunk, Embeddings, Ranked, Reranking
 from .inflight import RequestInfo, checked_canceller
+from .modellog import LogLine
 from .pull.status import PullStatus
 from .request import OWN_APIS, GenerationRequest, chat_request, completion_request
 from .server.anthropic import count_body
@@ -278,6 +279,10 @@ class RemoteBackend:
     async def plan(self, name: str, **overrides: Any) -> LoadPlan:
         params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in overrides.items()}
         return LoadPlan.from_dict(await self._request("GET", self._model_path(name, "plan"), params=params, model=name))
+
+    async def logs(self, name: str) -> list[LogLine]:
+        data = await self._request("GET", self._model_path(name, "logs"), model=name)
+        return [LogLine.from_dict(line) for line in data["lines"]]
 
     async def evict(self, name: str, *, force: bool = False) -> ModelInfo:
         data = await self._request("POST", self._model_path(name, "evict"),

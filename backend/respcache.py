@@ -40,7 +40,8 @@ HIT, STALE, MISS, BYPASS = "hit", "stale", "miss", "bypass"
 STORABLE = frozenset({"stop", "length", "tool_calls"})  # a cancelled or failed request's text is not an answer
 # What a greedy request's text depends on: the engine's greedy sampler ignores temperature,
 # top_p, top_k, min_p and seed, so requests differing only in those share one entry.
-GREEDY_FIELDS = ("max_tokens", "repeat_penalty", "stop", "ignore_eos")
+GREEDY_FIELDS = ("max_tokens", "repeat_penalty", "dry_multiplier", "dry_base", "dry_allowed_length",
+                 "dry_penalty_last_n", "stop", "ignore_eos")
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ import numpy as np
 
 from . import llamalog
 from .errors import BadRequest
-from .generation import Decoding, Grammar, SamplingParams, TokenLogprob, TopLogprob
+from .generation import LOOP_GUARD, Decoding, Grammar, SamplingParams, TokenLogprob, TopLogprob
 from .weights import ModelWeights, init_backend
 
 log = logging.getLogger("corral.engine")
@@ -70,14 +70,27 @@ class GrammarStats:
     resolved: list[int] = field(default_factory=lambda: [0] * (len(TIERS) + 1))  # per tier; last: all tokens
 
 
-def make_chain(params: SamplingParams, n_vocab: int) -> llama_cpp.llama_sampler_p | None:
-    """A llama.cpp sampler chain, or None for plain greedy (numpy argmax is ~30x cheaper)."""
-    if params.greedy and params.repeat_penalty == 1.0:
+# llama.cpp's default DRY sequence breakers (common.h): a repeated run stops at these, so a
+# new line or a quotation does not count as repeating what came before it
+DRY_BREAKERS = (b"\n", b":", b'"', b"*")
+_DRY_BREAKERS = (ctypes.c_char_p * len(DRY_BREAKERS))(*DRY_BREAKERS)
+REPEAT_LAST_N = 64  # tokens the repetition penalty looks back over (llama.cpp's default)
+
+
+def make_chain(params: SamplingParams, weights: ModelWeights) -> llama_cpp.llama_sampler_p | None:
+    """A llama.cpp sampler chain, or None for plain greedy (numpy argmax is ~30x cheaper).
+    Penalties come first, as in llama.cpp's common sampler, so greedy honours them too."""
+    if params.greedy and not params.penalised:
         return None
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
     if params.repeat_penalty != 1.0:
-        add(llama_cpp.llama_sampler_init_penalties(n_vocab, 64, params.repeat_penalty, 0.0, 0.0))
+        add(llama_cpp.llama_sampler_init_penalties(weights.n_vocab, REPEAT_LAST_N, params.repeat_penalty, 0.0, 0.0))
+    if params.dry_multiplier > 0 and params.dry_penalty_last_n > 0:
+        dry = (params.dry_multiplier, params.dry_base, params.dry_allowed_length, params.dry_penalty_last_n)
+        prototype = weights.prototype(("dry", *dry), lambda: llama_cpp.llama_sampler_init_dry(
+            weights.vocab, *dry, _DRY_BREAKERS, len(DRY_BREAKERS)))
+        add(llama_cpp.llama_sampler_clone(prototype))
     if params.greedy:
         add(llama_cpp.llama_sampler_init_greedy())
         return chain
@@ -90,6 +103,14 @@ def make_chain(params: SamplingParams, n_vocab: int) -> llama_cpp.llama_sampler_
     seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
     add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
     return chain
+
+
+def prepare_loop_guard(weights: ModelWeights) -> None:
+    """Make the loop guard's DRY prototype now, on the loading thread, so that no request pays
+    for it (requests make their samplers on the event loop, in `Engine.submit`)."""
+    chain = make_chain(SamplingParams(temperature=0.0, **LOOP_GUARD), weights)
+    if chain is not None:
+        llama_cpp.llama_sampler_free(chain)
 
 
 def check_grammar(grammar: Grammar) -> None:
@@ -278,7 +299,7 @@ class TokenSampler:
         self.held = False  # whether the grammar held the last token chosen
         self._grammar: llama_cpp.llama_sampler_p | None = None
         self._triggers = _compile_triggers(decoding.grammar.triggers) if decoding.grammar else []
-        self._chain = make_chain(decoding.params, weights.n_vocab)
+        self._chain = make_chain(decoding.params, weights)
         try:
             if decoding.grammar is not None:
                 self._grammar = new_grammar(weights, decoding.grammar)

@@ -124,6 +124,7 @@ class ModelWeights:
         self.recurrent = bool(llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
         self._refs = 1
         self._lock = threading.Lock()
+        self._prototypes: dict[tuple[object, ...], llama_cpp.llama_sampler_p] = {}
 
     @property
     def handle(self) -> llama_cpp.llama_model_p:
@@ -136,11 +137,23 @@ class ModelWeights:
             self._refs += 1
         return self
 
+    def prototype(self, key: tuple[object, ...], make: Callable[[], llama_cpp.llama_sampler_p]) -> llama_cpp.llama_sampler_p:
+        """A sampler kept for these weights' life, to be cloned (llama_sampler_clone) per
+        request: DRY reads the whole vocabulary when it is made (110 ms on the default model's
+        262,144 tokens) and a clone costs 0.07 ms. `make` runs once per `key`."""
+        with self._lock:
+            if key not in self._prototypes:
+                self._prototypes[key] = make()
+            return self._prototypes[key]
+
     def release(self) -> None:
         with self._lock:
             self._refs -= 1
             free = self._refs == 0
         if free:
+            for sampler in self._prototypes.values():
+                llama_cpp.llama_sampler_free(sampler)
+            self._prototypes.clear()
             llama_cpp.llama_model_free(self._model)
             self._model = None
 

@@ -32,6 +32,7 @@ from textual.worker import Worker, WorkerState
 from corral.backend.errors import ConfigError
 from corral.backend.events import wait_event
 from corral.themes import DEFAULT_THEME, THEMES
+from corral.themes.files import load_user_themes
 
 from .commands import APP, bindings_for, checked_keymap
 from .errors import describe_error
@@ -86,7 +87,7 @@ class CorralApp(App[None]):
     COMMANDS = App.COMMANDS | {CommandTableProvider}
 
     def __init__(self, backend: Backend, *, theme: str | None = None,
-                 keymap: Mapping[str, str] | None = None,
+                 keymap: Mapping[str, str] | None = None, themes_dir: Path | None = None,
                  clock: Callable[[], float] | None = None, poll_interval: float = 1.0) -> None:
         super().__init__()
         self.backend = backend
@@ -105,6 +106,11 @@ class CorralApp(App[None]):
         self.pull_status: PullStatus | None = None  # the console's running pull (PullScreen shows it)
         for item in THEMES:
             self.register_theme(item)
+        user = load_user_themes(themes_dir, set(self.available_themes)) if themes_dir else None
+        for item in user.themes if user else ():
+            self.register_theme(item)
+        self.theme_cycle = [item.name for item in (*THEMES, *(user.themes if user else ()))]  # what `t` steps through
+        self.theme_problems = user.problems if user else []  # notified once the app runs
         name = theme or DEFAULT_THEME
         if name not in self.available_themes:
             known = ", ".join(sorted(self.available_themes))
@@ -117,6 +123,8 @@ class CorralApp(App[None]):
     # -- startup and the two readers ---------------------------------------------------------
 
     def on_mount(self) -> None:
+        for problem in self.theme_problems:  # a broken theme file costs that theme, never the console
+            self.notify(problem, title="theme file left out", severity="error", timeout=20)
         self._consume_events()
         self._poll_status()
 
@@ -307,7 +315,7 @@ class CorralApp(App[None]):
         self._wake.set()
 
     def action_next_theme(self) -> None:
-        names = [item.name for item in THEMES]
+        names = self.theme_cycle
         index = names.index(self.theme) if self.theme in names else -1
         self.theme = names[(index + 1) % len(names)]
         self.notify(f"theme: {self.theme}", timeout=2)
@@ -360,9 +368,12 @@ class CorralApp(App[None]):
 
 
 def create_app(backend: Backend, *, theme: str | None = None, keymap: Mapping[str, str] | None = None,
+               themes_dir: Path | None = None,
                clock: Callable[[], float] | None = None, poll_interval: float = 1.0) -> CorralApp:
     """Build the console for `backend`. `theme` and `keymap` come from the config's [console]
-    section (an unknown theme or command id is a ConfigError naming the key); `clock` (unix
+    section (an unknown theme or command id is a ConfigError naming the key); `themes_dir`
+    holds the user's theme files (themes/files.py), which `theme` may name; `clock` (unix
     seconds) drives relative times such as "last used", so tests can freeze it;
     `poll_interval` is the status refresh period."""
-    return CorralApp(backend, theme=theme, keymap=keymap, clock=clock, poll_interval=poll_interval)
+    return CorralApp(backend, theme=theme, keymap=keymap, themes_dir=themes_dir, clock=clock,
+                     poll_interval=poll_interval)

@@ -463,7 +463,7 @@ def _attach(args: argparse.Namespace) -> int:
     console = load_settings(args.config).console  # the look and keys are this machine's
     backend = RemoteBackend(args.url, api_key=args.api_key or os.environ.get("CORRAL_API_KEY") or None)
     try:
-        create_app(backend, theme=console.theme, keymap=console.keymap).run()
+        create_app(backend, theme=console.theme, keymap=console.keymap, themes_dir=_themes_dir(args)).run()
     finally:
         asyncio.run(backend.aclose())
     return 0
@@ -518,13 +518,20 @@ def _fleet_view(args: argparse.Namespace, address: str) -> int:
     return 0
 
 
+def _themes_dir(args: argparse.Namespace) -> Path:
+    """The user's theme files: `themes/` beside the config file (on this machine, attached too)."""
+    from corral.backend.config import config_source
+
+    return config_source(args.config).file.parent / "themes"
+
+
 def _console(args: argparse.Namespace) -> int:
     from corral.console.app import create_app
 
     backend = _backend(args, lasting=True)
     console = backend.settings.console
     try:
-        create_app(backend, theme=console.theme, keymap=console.keymap).run()
+        create_app(backend, theme=console.theme, keymap=console.keymap, themes_dir=_themes_dir(args)).run()
     finally:
         backend.close()
     return 0

@@ -27,8 +27,9 @@ PROMPT = "prompt"
 CONFIG = "config"
 REQUESTS = "requests"
 FLEET = "fleet"
+DETAILS = "details"
 APP = "app"
-SCOPES = (DASHBOARD, PROMPT, CONFIG, REQUESTS, FLEET)
+SCOPES = (DASHBOARD, PROMPT, CONFIG, REQUESTS, FLEET, DETAILS)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("corral.prompt.mode", "ctrl+t", "Chat/completion", "toggle_mode", scope=PROMPT,
             help="Switch between chat (the model's chat template) and completion (the text continued "
                  "as it is): a model without a template of its own opens in completion"),
+    Command("corral.details.logs", "l", "Log", "logs", scope=DETAILS,
+            help="llama.cpp's own lines of the model's loads and runs, newest last: why a load failed"),
     Command("corral.config.reload", "r", "Reload", "reload", scope=CONFIG,
             help="Read the config file again and apply what changed (a new version)"),
     Command("corral.config.rollback", "b", "Roll back", "rollback", scope=CONFIG, confirm=True,

@@ -38,3 +38,17 @@ def is_coherent(text: str, *, min_words: int = 8, min_common: float = 0.5) -> bo
     if printable < 0.9 * len(text):
         return False
     return sum(w in COMMON for w in found) / len(found) >= min_common
+
+
+def repeated_sentences(text: str) -> int:
+    """How many sentences or lines (split at . ! ? and new lines, case and spaces folded) say
+    again one said before: the measure of a model looping ("While I was looking for a place."
+    sixteen times is 15; so is a bare "*" on sixteen lines)."""
+    seen: set[str] = set()
+    repeats = 0
+    for sentence in re.split(r"[.!?\n]+", text.lower()):
+        sentence = " ".join(sentence.split())
+        if sentence:
+            repeats += sentence in seen
+            seen.add(sentence)
+    return repeats

@@ -5,6 +5,8 @@
   yielding to the event loop between steps, so a UI sees every stage;
 - a model named in `failures` ("broken" by default) fails its load half-way: it ends in
   state failed with the reason kept in `ModelInfo.error`, and `load()` raises LoadFailed;
+- `logs()` gives each model's lines: a few of llama.cpp's per load (LOAD_LINES) and, for a
+  failed load, its reason as an error line;
 - `evict()`, `pin()` and `unload_all()` follow the manager's rules (a pinned model needs
   force, evicting a failed model clears it);
 - `generate()` (and `complete()` / `chat()`, which build its request) streams a few fixed
@@ -52,6 +54,7 @@ from corral.backend.events import (
 )
 from corral.backend.config import parse_duration
 from corral.backend.inflight import QUEUED, RUNNING, RequestInfo, checked_canceller
+from corral.backend.modellog import LogLine
 from corral.backend.pull.status import PullStatus
 from corral.backend.snapshot import LoadPlan, ModelDetails, ModelInfo, Status
 from corral.backend.versions import ConfigVersion
@@ -60,6 +63,13 @@ from corral.backend.telemetry import GPUStats, HostStats
 FIXED_NOW = 1_750_000_000.0  # 2025-06-15 15:06:40 UTC
 MiB = 1024**2
 GiB = 1024**3
+LOAD_LINES = (  # what llama.cpp logs at the start of every load, shortened
+    "llama_model_loader: loaded meta data with 35 key-value pairs and 236 tensors from /models/{name}.gguf",
+    "llama_model_loader: - kv   0:                       general.architecture str              = llama",
+    "print_info: file format = GGUF V3 (latest)",
+    "print_info: file type   = Q4_K - Medium",
+    "load_tensors: loading model tensors, this can take a while... (mmap = true)",
+)
 BROKEN_REASON = "llama_model_load: error loading model: tensor 'blk.0.attn_q.weight' data is out of bounds"
 
 
@@ -136,6 +146,7 @@ class FakeBackend:
         self.in_flight: dict[str, RequestInfo] = {}  # what requests() lists, by request id
         self._generating: set[str] = set()  # ids of the requests generate() streams now
         self._cancelled: dict[str, str] = {}  # generate()'s requests cancelled by id: who asked
+        self._logs: dict[str, list[LogLine]] = {}  # llama.cpp's lines per model, as logs() gives them
 
     # -- test helpers -----------------------------------------------------------------------
 
@@ -221,8 +232,13 @@ class FakeBackend:
             return m
         self._transition(name, "loading", error=None, load_percent=0, measured_bytes=None)
         reason = self.failures.get(name)
+        log = self._logs.setdefault(name, [])
+        log.append(LogLine(self.now, "corral", f"loading {m.path} (no GPU (test): CPU)"))
+        log += [LogLine(self.now, "info", text.format(name=name)) for text in LOAD_LINES]
         for percent in range(0, 101, 5):
             if reason is not None and percent > 40:
+                log.append(LogLine(self.now, "error", reason))
+                log.append(LogLine(self.now, "corral", f"load failed: model {name!r}: {reason}"))
                 self._transition(name, "failed", reason, error=reason, load_percent=None)
                 raise LoadFailed(f"model {name!r}: {reason}")
             self._set(name, load_percent=percent)
@@ -236,6 +252,12 @@ class FakeBackend:
         self.publish(ModelLoaded(model=name, seconds=1.25, estimate_bytes=estimate,
                                  measured_bytes=measured))
         return self._transition(name, "ready")
+
+    async def logs(self, name: str) -> list[LogLine]:
+        """The lines its loads logged: a few of llama.cpp's per load and, for a failure, its
+        reason as an error line."""
+        self._get(name)
+        return list(self._logs.get(name, []))
 
     async def details(self, name: str) -> ModelDetails:
         """Details from the model's ModelInfo; there is no file, so the digest is of its name."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from corral.backend.generation import LOOP_GUARD
 from corral.backend.request import GenerationRequest
 from corral.console.app import CorralApp
 from corral.console.screens import DashboardScreen, PromptScreen
@@ -34,6 +35,9 @@ async def test_prompt_streams_the_answer_and_shows_ttft_and_speed() -> None:
         assert (request.model, [(m.role, m.content) for m in request.messages]) == (
             "qwen2.5-0.5b-instruct", [("user", "hello")])
         assert request.options["max_tokens"] == 256 and request.options["temperature"] == 0.7
+        assert {k: request.options[k] for k in LOOP_GUARD} == LOOP_GUARD  # a base model must not loop
+        assert app.screen.query_one("#param-repeat-penalty").value == str(LOOP_GUARD["repeat_penalty"])
+        assert app.screen.query_one("#param-dry-multiplier").value == str(LOOP_GUARD["dry_multiplier"])
         assert request.session_id.startswith("console-")
 
 
@@ -45,6 +49,9 @@ async def test_prompt_parameters_and_history_go_with_the_next_question() -> None
         await wait_for(pilot, lambda: len(transcript(app)) == 3)
         app.screen.query_one("#param-temperature").value = "0"
         app.screen.query_one("#param-max-tokens").value = "32"
+        app.screen.query_one("#param-repeat-penalty").value = "1"
+        app.screen.query_one("#param-dry-multiplier").value = "1.5"
+        app.screen.query_one("#param-dry-multiplier").value = "-2"  # invalid: the last valid value stays
         app.screen.query_one("#param-system").value = "Be brief."
         app.screen.query_one("#param-max-tokens").value = "not a number"  # invalid: the last valid value stays
         app.screen.query_one("#prompt-input").focus()
@@ -53,6 +60,7 @@ async def test_prompt_parameters_and_history_go_with_the_next_question() -> None
         request = sent(backend)[-1]  # gemma-3-270m has no chat template: a completion of the whole text
         assert request.prompt == "Be brief.\none\nOnce upon a time\ntwo"
         assert (request.options["temperature"], request.options["max_tokens"]) == (0.0, 32)
+        assert (request.options["repeat_penalty"], request.options["dry_multiplier"]) == (1.0, 1.5)
         # the history stays with the model for the session: back to the dashboard and in again
         await pilot.press("escape")
         await wait_for(pilot, lambda: isinstance(app.screen, DashboardScreen))

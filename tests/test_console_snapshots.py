@@ -4,14 +4,21 @@ __snapshots__/test_console_snapshots/ are what each screen must look like."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from textual.pilot import Pilot
 
-from corral.console.screens import HelpScreen
-from console_support import (make_app, open_config, open_prompt, ready, reload_once, select, send, state,
+from corral.backend.events import Notice
+from corral.backend.liveconfig import welcome_message
+from corral.console.screens import DetailsScreen, HelpScreen, LogScreen
+from corral.console.screens.logs import ModelLogView
+from corral.console.widgets.models_table import KEPT_VISIBLE
+from console_support import (log_text, make_app, open_config, open_prompt, ready, reload_once, select, send, state,
                              table, transcript, wait_for)
+from fake_backend import FakeBackend, default_models, model_info
 
 
 async def _dashboard_after_a_load(pilot: Pilot) -> None:
@@ -70,21 +77,78 @@ async def _requests_in_flight(pilot: Pilot) -> None:
     await pilot.pause()
 
 
+async def _log_after_a_failed_load(pilot: Pilot) -> None:
+    """The model that fails to load, its details, and `l`: llama.cpp's lines, the error last."""
+    app = await ready(pilot)
+    await select(pilot, "broken")
+    await pilot.press("l")
+    await wait_for(pilot, lambda: state(app, "broken") == "failed")
+    await pilot.press("d")
+    await wait_for(pilot, lambda: isinstance(app.screen, DetailsScreen))
+    await pilot.press("l")
+    await wait_for(pilot, lambda: isinstance(app.screen, LogScreen) and bool(app.screen.query_one(ModelLogView).shown))
+    app.clear_notifications()  # the failure's toast would cover the log's last lines
+    await pilot.pause()
+
+
+async def _first_run(pilot: Pilot) -> None:
+    """A fresh machine: the default model alone, and the welcome line as the only event."""
+    app = await ready(pilot)
+    await wait_for(pilot, lambda: "Welcome: no config file yet" in log_text(app))
+    await pilot.pause()
+
+
+def _crowded_app() -> FakeBackend:
+    """Names from other tools' stores far longer than 80 columns allow, beside a load at 100 %."""
+    long = [model_info("hf.co/bartowski/Meta-Llama-3.1-8B-Instruct-GGUF:Q4_K_M", source="huggingface",
+                       state="loading", load_percent=100),
+            model_info("qwen2.5-coder:32b-instruct-q4_K_M-with-a-long-tag", source="ollama", state="loading",
+                       load_percent=7),
+            model_info("a-rather-long-alias-name-for-a-model", alias_of="hf.co/bartowski/Meta-Llama-3.1-8B-"
+                       "Instruct-GGUF:Q4_K_M", state="loading", load_percent=100)]
+    return FakeBackend([*default_models()[:2], *long])
+
+
+async def _crowded(pilot: Pilot) -> None:
+    app = await ready(pilot)
+    await pilot.pause()
+    models = table(app)
+    shown = sum(models.columns[key].get_render_width(models) for key in ("name", *KEPT_VISIBLE))
+    assert shown <= models.scrollable_content_region.width
+
+
+def _first_run_app() -> FakeBackend:
+    backend = FakeBackend([replace(default_models()[0], state="available", pinned=False, measured_bytes=None,
+                                   load_seconds=None, last_used=None, tokens_per_s=0.0, chat_template=None)])
+    backend.publish(Notice(level="info", message=welcome_message(
+        Path("/home/operator/.config/corral/config.toml"), folder_exists=False)))
+    return backend
+
+
 SNAPSHOTS = {"dashboard": _dashboard_after_a_load, "prompt": _prompt_after_an_answer, "help": _help,
-             "config": _config_after_a_reload, "requests": _requests_in_flight}
+             "config": _config_after_a_reload, "requests": _requests_in_flight, "logs": _log_after_a_failed_load,
+             "first_run": _first_run}
+BACKENDS: dict[str, Callable[[], FakeBackend]] = {"first_run": _first_run_app}
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
 @pytest.mark.parametrize("screen", list(SNAPSHOTS))
 def test_console_snapshots(screen: str, size: tuple[int, int], snap_compare: Callable[..., bool],
                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dashboard, prompt, help, config and requests screens at both sizes: fixed models, host stats,
-    clock and time zone."""
+    """Dashboard, prompt, help, config, requests, log view and first run at both sizes: fixed
+    models, host stats, clock and time zone."""
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
-    app, _ = make_app()
+    app, _ = make_app(BACKENDS.get(screen, FakeBackend)())
     try:
         assert snap_compare(app, terminal_size=size, run_before=SNAPSHOTS[screen])
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_at_80_columns_long_names_give_way_to_the_state(snap_compare: Callable[..., bool]) -> None:
+    """Store-qualified names and an alias of one are cut with "…" (a short store name kept);
+    "loading 100%" stays whole; the footer leads with the prompt key and keeps the help key."""
+    app, _ = make_app(_crowded_app())
+    assert snap_compare(app, terminal_size=(80, 24), run_before=_crowded)

@@ -66,7 +66,7 @@ def test_cli_refuses_a_bad_console_config_naming_the_key(tmp_path: Path) -> None
 
 
 def test_one_command_table_feeds_the_bindings() -> None:
-    for scope in ("dashboard", "prompt", "config", "requests", "fleet"):
+    for scope in ("dashboard", "prompt", "config", "requests", "fleet", "details"):
         ids = [binding.id for binding in bindings_for(scope)]
         assert ids == [command.id for command in COMMANDS if command.scope == scope]
     assert DashboardScreen.BINDINGS == bindings_for("dashboard")
@@ -85,6 +85,7 @@ def test_one_command_table_feeds_the_bindings() -> None:
         "corral.config.reload": "r", "corral.config.rollback": "b", "corral.config.back": "escape",
         "corral.requests": "w", "corral.requests.cancel": "x", "corral.requests.back": "escape",
         "corral.fleet.load": "l", "corral.fleet.evict": "e", "corral.fleet.pin": "p",
+        "corral.details.logs": "l",
     }
     [stop] = [b for b in bindings_for("prompt") if b.id == "corral.prompt.stop"]
     assert stop.priority  # Input binds ctrl+c to copy; stop must win
@@ -101,8 +102,9 @@ async def test_help_lists_the_command_table() -> None:
         rows = [help_table.get_row(command.id) for command in COMMANDS]
         assert [str(row[2]).rstrip("…") for row in rows] == [c.description for c in COMMANDS]
         assert [str(row[0]) for row in rows] == ["l", "e", "p", "⏎", "d", "/", "s", "g", "u", "r", "t", "?", "q",
-                                                 "c", "w", "^c", "esc", "^l", "^t", "r", "b", "esc", "x", "esc", "l", "e", "p"]
-        assert [str(row[1]) for row in rows] == (["dashboard"] * 15 + ["prompt"] * 4 + ["config"] * 3
+                                                 "c", "w", "^c", "esc", "^l", "^t", "l", "r", "b", "esc", "x", "esc",
+                                                 "l", "e", "p"]
+        assert [str(row[1]) for row in rows] == (["dashboard"] * 15 + ["prompt"] * 4 + ["details"] + ["config"] * 3
                                                  + ["requests"] * 2 + ["fleet"] * 3)
         assert str(help_table.get_row("corral.evict")[2]) == "Evict…"  # it asks first
         assert str(help_table.get_row("corral.load")[2]) == "Load"

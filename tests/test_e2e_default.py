@@ -11,7 +11,7 @@ from typing import Any
 import psutil
 import pytest
 
-from coherence import is_coherent
+from coherence import is_coherent, repeated_sentences
 from corral.backend.local import LocalBackend
 from corral.backend.catalog import DEFAULT_MODEL_NAME, default_model_path
 from corral.backend.config import settings_from_dict
@@ -55,6 +55,23 @@ def test_once_upon_a_time_is_coherent_and_matches_the_reference_loop(backend: Lo
 def test_random_weights_fail_the_same_coherence_check(tiny_gguf: Any) -> None:
     """The check above could not pass on noise."""
     assert not is_coherent(greedy_reference(str(tiny_gguf("noise")), PROMPT, 40))
+
+
+def test_the_prompt_screens_defaults_keep_the_default_model_from_looping(backend: LocalBackend, loaded: Any) -> None:
+    """Completion of "Tell me a story" from seed 1, as the prompt screen sends it (its
+    conversation's options, 200 tokens): sampled at temperature 0.7 alone (the screen's
+    defaults before the loop guard) the model writes a bare "*" line after line; with the
+    loop guard it tells a story. Requests run one at a time, so the seed fixes the text."""
+    from corral.console.screens.prompt import Conversation
+
+    options = {**Conversation(DEFAULT_MODEL_NAME).options(), "max_tokens": 200, "ignore_eos": True, "seed": 1}
+    del options["session_id"]
+    plain = backend.sync.text(DEFAULT_MODEL_NAME, "Tell me a story", max_tokens=200, temperature=0.7, seed=1,
+                              ignore_eos=True, cache=False)
+    guarded = backend.sync.text(DEFAULT_MODEL_NAME, "Tell me a story", cache=False, **options)
+    assert repeated_sentences(plain) >= 10, plain  # the case loops without the guard
+    assert repeated_sentences(guarded) <= 2, guarded
+    assert is_coherent(guarded), guarded
 
 
 def test_memory_estimate_is_within_ten_percent_of_measured(loaded: Any) -> None:

@@ -103,6 +103,12 @@ async def plan(request: Request, name: str) -> dict[str, Any]:
     return (await state_of(request).backend.plan(name, **dict(request.query_params))).to_dict()
 
 
+async def logs(request: Request, name: str) -> dict[str, Any]:
+    """llama.cpp's lines of a model's loads and runs: GET /api/models/{name}/logs."""
+    lines = await state_of(request).backend.logs(name)
+    return {"model": name, "lines": [line.to_dict() for line in lines]}
+
+
 async def evict(request: Request, name: str, force: bool = False) -> dict[str, Any]:
     return (await state_of(request).backend.evict(name, force=force)).to_dict()
 

@@ -177,6 +177,7 @@ def create_app(backend: Backend, *, api_key: str | None = None, ollama_port: int
         ("GET", "/metrics", admin.metrics),
         ("GET", "/api/events", admin.events),
         ("GET", "/api/models/{name:path}/plan", admin.plan),
+        ("GET", "/api/models/{name:path}/logs", admin.logs),
         ("GET", "/api/models/{name:path}", admin.details),
         # ollama: under /ollama here, at its own paths on the ollama port
         *((method, ollama_routes.PREFIX + path, handler) for method, path, handler in ollama_routes.routes),

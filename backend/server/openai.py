@@ -158,7 +158,7 @@ class _Generation(_Body, SamplingFields):
         max_tokens = self.max_completion_tokens or self.max_tokens
         if max_tokens is not None:
             options["max_tokens"] = max_tokens
-        for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "stop", "ignore_eos"):
+        for name in (*(f for f in SamplingFields.model_fields if f != "max_tokens"), "ignore_eos"):
             value = getattr(self, name)
             if value is not None:
                 options[name] = value

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from rich.markup import escape
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from corral.backend.telemetry import GPUStats, HostStats
 
     from ..app import CorralApp
+
+COMPACT_FOOTER_BELOW = 100  # columns
 
 
 def _fraction(part: float | None, whole: float | None) -> float | None:
@@ -231,6 +233,11 @@ class DashboardScreen(Screen[None]):
             queue.border_title = "queues"
             yield queue
         yield Footer()
+
+    def on_resize(self, event: events.Resize) -> None:
+        """Below COMPACT_FOOTER_BELOW columns the footer drops its spacing, so the prompt key,
+        which leads it, and the help key still fit at 80 columns."""
+        self.query_one(Footer).compact = event.size.width < COMPACT_FOOTER_BELOW
 
     def on_mount(self) -> None:
         app = self.corral

@@ -21,8 +21,10 @@ from textual.widgets import Static
 
 from corral.backend.errors import CorralError
 
+from ..commands import DETAILS, bindings_for
 from ..widgets.gauges import NA, format_bytes, format_duration
 from ..widgets.models_table import state_label
+from .logs import LogScreen
 
 if TYPE_CHECKING:
     from corral.backend.snapshot import LoadPlan, ModelInfo, RequestPercentiles, Status
@@ -164,10 +166,12 @@ def details_table(m: ModelInfo, plan: LoadPlan | str | None = None) -> Table:
 
 
 class DetailsScreen(ModalScreen[None]):
-    """The details of one model, kept current while open."""
+    """The details of one model, kept current while open; `l` opens its log view."""
 
+    SCOPE = DETAILS
     BINDINGS = [
         Binding("escape,q,d", "close", "Close", id="corral.details.close"),
+        *bindings_for(DETAILS),
     ]
 
     def __init__(self, model: ModelInfo) -> None:
@@ -183,7 +187,7 @@ class DetailsScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="details-box", classes="dialog-box") as box:
             box.border_title = self.model.name
-            box.border_subtitle = "esc to close"
+            box.border_subtitle = "l: llama.cpp log · esc to close"
             yield Static(details_table(self.model, self.plan), id="details-body")
 
     def on_mount(self) -> None:
@@ -212,6 +216,9 @@ class DetailsScreen(ModalScreen[None]):
         except CorralError as exc:
             self.plan = f"cannot plan: {exc.message}"
         self._redraw()
+
+    def action_logs(self) -> None:
+        self.app.push_screen(LogScreen(self.model))
 
     def action_close(self) -> None:
         self.dismiss(None)

@@ -1,8 +1,8 @@
 """The prompt screen: chat with one model, or have it continue text, its answer streaming in
 as it is generated.
 
-The conversation (turns, the temperature / max tokens / system prompt used, and the mode)
-lives on the app, one per model, so leaving the screen and coming back later in the session
+The conversation (turns, the temperature / max tokens / repetition penalty / DRY multiplier /
+system prompt used, and the mode) lives on the app, one per model, so leaving the screen and coming back later in the session
 shows it again. Each answer streams in a worker, through `backend.chat` in chat mode or
 `backend.complete` in completion mode; `ctrl+c` or `esc` cancels that worker, which closes
 the backend's stream and so frees the model's slot at its next decode step. The partial
@@ -12,6 +12,10 @@ from the stats the last chunk carries.
 A model without a chat template of its own (a base model, such as the default gemma-3-270m:
 its chats would go through a fallback template it was never trained on) opens in completion
 mode, and the screen says so; `ctrl+t` switches between the modes.
+
+A base model at temperature 0.7 loops (the same sentence over and over), so answers here are
+sampled with the loop guard (generation.LOOP_GUARD: a repetition penalty and llama.cpp's DRY
+sampler); its two strengths are fields of their own, and 1 and 0 turn them off.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 from textual import on
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.validation import Integer, Number
 from textual.widgets import Footer, Header, Input, Label, Static
 from textual.worker import Worker, WorkerState
+
+from corral.backend.generation import LIMITS, LOOP_GUARD
 
 from ..commands import COMMANDS_BY_ID, PROMPT, bindings_for
 from ..errors import describe_error
@@ -60,6 +66,8 @@ class Conversation:
     turns: list[Turn] = field(default_factory=list)
     temperature: float = 0.7
     max_tokens: int = 256
+    repeat_penalty: float = float(LOOP_GUARD["repeat_penalty"])
+    dry_multiplier: float = float(LOOP_GUARD["dry_multiplier"])
     system: str = ""
     completion: bool | None = None  # the mode the operator chose; None: as the model suggests
     session_id: str = field(default_factory=lambda: f"console-{secrets.token_hex(4)}")
@@ -69,6 +77,12 @@ class Conversation:
         keeps what it had said; an empty one is left out)."""
         system = [{"role": "system", "content": self.system}] if self.system.strip() else []
         return system + [{"role": t.role, "content": t.text} for t in self.turns if t.text]
+
+    def options(self) -> dict[str, Any]:
+        """The sampling options answers are sent with: the fields, over the rest of the guard."""
+        return {**LOOP_GUARD, "max_tokens": self.max_tokens, "temperature": self.temperature,
+                "repeat_penalty": self.repeat_penalty, "dry_multiplier": self.dry_multiplier,
+                "session_id": self.session_id}
 
     def document(self) -> str:
         """The text a completion continues: the system prompt, then every turn with text, a
@@ -163,7 +177,7 @@ class PromptScreen(Screen[None]):
                     yield TurnView(turn)
                     if turn.note:
                         yield NoteView(turn.note)
-            with Vertical(id="params") as params:
+            with VerticalScroll(id="params") as params:
                 params.border_title = "parameters"
                 yield Label("temperature")
                 yield Input(str(chat.temperature), id="param-temperature", type="number",
@@ -171,6 +185,12 @@ class PromptScreen(Screen[None]):
                 yield Label("max tokens")
                 yield Input(str(chat.max_tokens), id="param-max-tokens", type="integer",
                             validators=[Integer(minimum=1, maximum=MAX_TOKENS)])
+                yield Label("repeat penalty")
+                yield Input(str(chat.repeat_penalty), id="param-repeat-penalty", type="number",
+                            validators=[Number(minimum=1, maximum=LIMITS["repeat_penalty"].le)])
+                yield Label("DRY multiplier")
+                yield Input(str(chat.dry_multiplier), id="param-dry-multiplier", type="number",
+                            validators=[Number(minimum=0, maximum=LIMITS["dry_multiplier"].le)])
                 yield Label("system prompt")
                 yield Input(chat.system, id="param-system", placeholder="none")
         yield Static(self._mode_line(), id="prompt-mode", markup=False)
@@ -220,11 +240,15 @@ class PromptScreen(Screen[None]):
         chat = self.conversation
         if event.input.id == "param-system":
             chat.system = event.value
-        elif event.validation_result is None or event.validation_result.is_valid:
-            if event.input.id == "param-temperature" and event.value:
+        elif event.value and (event.validation_result is None or event.validation_result.is_valid):
+            if event.input.id == "param-temperature":
                 chat.temperature = float(event.value)
-            elif event.input.id == "param-max-tokens" and event.value:
+            elif event.input.id == "param-max-tokens":
                 chat.max_tokens = int(event.value)
+            elif event.input.id == "param-repeat-penalty":
+                chat.repeat_penalty = float(event.value)
+            elif event.input.id == "param-dry-multiplier":
+                chat.dry_multiplier = float(event.value)
 
     # -- sending and streaming ---------------------------------------------------------------
 
@@ -257,8 +281,7 @@ class PromptScreen(Screen[None]):
         """Append each chunk to the answer as it arrives; note the stats at the end."""
         chat = self.conversation
         backend = self.corral.backend
-        options: dict[str, Any] = dict(max_tokens=chat.max_tokens, temperature=chat.temperature,
-                                       session_id=chat.session_id, api="console")
+        options: dict[str, Any] = {**chat.options(), "api": "console"}
         stats, finish, thought = None, None, 0
         try:
             stream = (backend.complete(self.model, chat.document(), **options) if self.completion

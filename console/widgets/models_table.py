@@ -9,6 +9,10 @@ An alias (a virtual model over a base model's weights) is a row of its own, name
 `alias → base`, that mirrors its base's state; a model read from another tool's store names
 that store after its name (`llama3.2:3b · ollama`); a load waiting behind another load shows
 as `waiting #N`, N being its place in the line.
+
+The name column gives way first: a name longer than the room left beside the state, size,
+quant and memory columns is cut with "…" (the store or base model after it kept while they
+are short), so the state column, "loading 100%" included, is always whole at 80 columns.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from dataclasses import replace
 from typing import Any
 
 from rich.text import Text
+from textual.binding import Binding
 from textual.widgets import DataTable
 from textual.widgets.data_table import CellDoesNotExist, RowDoesNotExist
 
 from corral.backend.snapshot import STORE_SOURCES, ModelInfo
 
+from ..commands import COMMANDS_BY_ID
 from .gauges import NA, component_style, format_ago, format_bytes, format_duration
 
 STATES = ("available", "loading", "ready", "busy", "unloading", "failed", "waiting")
@@ -31,7 +37,7 @@ STATES = ("available", "loading", "ready", "busy", "unloading", "failed", "waiti
 # (key, header, fixed width or None for auto)
 COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("name", "model", None),
-    ("state", "state", 11),
+    ("state", "state", 12),  # "loading 100%", "waiting #12"
     ("size", "size", 9),
     ("quant", "quant", 7),
     ("memory", "mem est/meas", 17),
@@ -43,6 +49,8 @@ COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("last_used", "last used", 9),
 )
 COLUMN_KEYS = tuple(key for key, _, _ in COLUMNS)
+KEPT_VISIBLE = ("state", "size", "quant", "memory")  # the columns a long name must not push away
+NAME_MIN = 16  # the name column never gets narrower than this
 
 _UNITS = (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
 
@@ -97,8 +105,19 @@ def backing_models(models: Iterable[ModelInfo]) -> list[ModelInfo]:
     return [m for m in models if m.alias_of is None]
 
 
+_PROMPT = COMMANDS_BY_ID["corral.prompt"]
+
+
 class ModelsTable(DataTable[Text]):
-    """A DataTable of `ModelInfo`, keyed by model name."""
+    """A DataTable of `ModelInfo`, keyed by model name.
+
+    The table's own enter (select the row, which opens the prompt screen) shadows the
+    dashboard's binding of the same key, and the footer shows the focused widget's bindings
+    first: so the table carries the prompt command's key, name and id (a keymap remaps both),
+    and the prompt key leads the footer where it always fits, 80 columns included."""
+
+    BINDINGS = [Binding(_PROMPT.key, "select_cursor", _PROMPT.description, id=_PROMPT.id,
+                        tooltip=_PROMPT.help)]
 
     COMPONENT_CLASSES = DataTable.COMPONENT_CLASSES | {
         *(f"models-table--{state}" for state in STATES),
@@ -117,10 +136,25 @@ class ModelsTable(DataTable[Text]):
         self._all: dict[str, ModelInfo] = {}  # every model the backend listed, in its order
         self._models: dict[str, ModelInfo] = {}  # the rows shown: those the filter lets through
         self._cells: dict[str, dict[str, Text]] = {}
+        self._name_room: int | None = None  # cells the name column may take; None: no size yet
 
     def on_mount(self) -> None:
         for key, header, width in COLUMNS:
             self.add_column(header, key=key, width=width)
+
+    def on_resize(self) -> None:
+        room = self.name_room()
+        if room != self._name_room:
+            self._name_room = room
+            self._rebuild(self.models)  # add_row measures the columns again; update_cell does not
+
+    def name_room(self) -> int | None:
+        """How wide the name column may be so the KEPT_VISIBLE columns stay in view."""
+        width = self.scrollable_content_region.width
+        if width <= 0:
+            return None
+        others = sum(w + 2 * self.cell_padding for key, _, w in COLUMNS if key in KEPT_VISIBLE and w)
+        return max(NAME_MIN, width - others - 2 * self.cell_padding)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -214,9 +248,14 @@ class ModelsTable(DataTable[Text]):
         if keep is not None and keep in self._models:
             self.select(keep)
         # DataTable paints the rows that fit its first, smaller region before its auto-width
-        # name column has grown, and keeps those lines (seen with Textual 8.2): repaint the
-        # whole table once the new layout has settled.
-        self.call_after_refresh(self.refresh)
+        # name column has grown, and keeps those lines in its render caches, whose keys do not
+        # hold the column widths (seen with Textual 8.2): once the new layout has settled,
+        # drop them and repaint the whole table.
+        self.call_after_refresh(self._repaint)
+
+    def _repaint(self) -> None:
+        self._clear_caches()
+        self.refresh()
 
     def _render_row(self, model: ModelInfo, *, force: bool = False) -> None:
         old = self._cells.get(model.name, {})
@@ -262,10 +301,18 @@ class ModelsTable(DataTable[Text]):
 
     def _name_cell(self, m: ModelInfo) -> Text:
         """The name; an alias names its base model too (`alias → base`), a model from another
-        tool's store that store (`name · ollama`)."""
-        name = Text(m.name, self._style("name"))
+        tool's store that store (`name · ollama`). Cut to the name column's room: the name
+        gives way before a short suffix does."""
+        suffix = Text()
         if m.alias_of:
-            name.append(f" → {m.alias_of}", self._style("alias"))
+            suffix.append(f" → {m.alias_of}", self._style("alias"))
         elif m.source in STORE_SOURCES:
-            name.append(f" · {m.source}", self._style("store"))
+            suffix.append(f" · {m.source}", self._style("store"))
+        room = self._name_room
+        name = Text(m.name, self._style("name"))
+        if room is not None and name.cell_len + suffix.cell_len > room and suffix.cell_len <= room // 2:
+            name.truncate(room - suffix.cell_len, overflow="ellipsis")
+        name.append_text(suffix)
+        if room is not None:
+            name.truncate(room, overflow="ellipsis")
         return name
