@@ -34,7 +34,7 @@ from support import (HELLO, TINY, WRAPPER, Server, StubBackend, assert_error, re
 
 KEY = "k3y-for-the-security-tests"
 PATH_PARAMS = {"name": "tiny-a", "number": "1", "response_id": "resp_unknown", "digest": "sha256-0",
-               "pull_id": "0123456789ab"}
+               "pull_id": "0123456789ab", "request_id": "req-unknown"}
 
 
 def guarded_routes() -> list[tuple[str, str]]:
