@@ -27,7 +27,7 @@ _SERVED_BY = {CHAT: (CHAT,), EMBEDDING: (CHAT, EMBEDDING), RERANK: (RERANK,)}
 _WHAT = {  # what a model of each kind is, and what it serves instead
     CHAT: "is a chat model: it generates text (chat and completions) and embeddings",
     EMBEDDING: "is an embedding model: it makes embeddings (POST /v1/embeddings, ollama's /api/embed)",
-    RERANK: "is a reranker: it scores documents against a query (POST /v1/rerank) and makes no embeddings",
+    RERANK: "is a reranker: it scores documents against a query (POST /v1/rerank)",
 }
 _ASKED = {CHAT: "cannot chat or complete text; use a chat model",
           EMBEDDING: "cannot make embeddings; use an embedding model",
