@@ -524,10 +524,15 @@ def test_null_stop_means_no_stop_strings(http: httpx.Client) -> None:
 
 
 def test_arbitrary_methods_cannot_grow_the_metrics(http: httpx.Client) -> None:
-    for i in range(5):
-        http.request(f"X{i}YZ", "/nothing")
+    """Counted as "other", or refused before the app where uvicorn parses with httptools
+    (installed beside Ray), which answers an unknown method with its own 400."""
+    statuses = {http.request(f"X{i}YZ", "/nothing").status_code for i in range(5)}
     text = http.get("/metrics").text
-    assert "X0YZ" not in text and 'method="other"' in text
+    assert "X0YZ" not in text
+    if statuses == {400}:  # httptools refused them: they never reached the app
+        assert 'method="other"' not in text
+    else:
+        assert 'method="other"' in text
 
 
 # -- live configuration --------------------------------------------------------------------------
