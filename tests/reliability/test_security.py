@@ -129,7 +129,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, models: tuple[Path, Path])
 def test_no_model_outside_the_configured_folders_can_be_loaded(guarded: Server) -> None:
     evil = guarded.stdout.parent / "outside" / "evil.gguf"
     model_dir = Path(guarded.stdout.parent.parent)  # any folder: the names below go nowhere real
-    names = [str(evil), f"../outside/{evil.name}", "../../../../../../etc/passwd", f"tiny-a/../../outside/evil",
+    names = [str(evil), f"../outside/{evil.name}", "../../../../../../etc/passwd", "tiny-a/../../outside/evil",
              "%2e%2e%2foutside%2fevil", "..%2f..%2fetc%2fpasswd", "evil", f"file://{evil}", "~/evil.gguf",
              f"{model_dir}/../evil"]
     with guarded.http() as http:
