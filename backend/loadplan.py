@@ -22,14 +22,12 @@ from .config import ModelDefaults, check_model_values
 from .errors import BadRequest, ModelUnusable
 from .memory import MemoryEstimate, format_bytes
 from .placement import GPURoom
-from .snapshot import Eviction, LoadPlan
+from .snapshot import PLANNABLE, Eviction, LoadPlan
 from .records import RESIDENT
 
 if TYPE_CHECKING:
     from .manager import Manager
 
-# the settings a plan may try other values of (all decide how a model is built)
-PLANNABLE = ("n_ctx", "n_parallel", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn", "n_gpu_layers")
 SMALLEST_CTX = 512
 
 

@@ -222,6 +222,10 @@ class Status:
         )
 
 
+# the settings a plan may try other values of (all decide how a model is built)
+PLANNABLE = ("n_ctx", "n_parallel", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn", "n_gpu_layers")
+
+
 @dataclass(frozen=True)
 class Eviction:
     model: str

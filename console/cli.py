@@ -317,8 +317,9 @@ def _plan(args: argparse.Namespace) -> int:
     """Exit status 0 when the model fits (evicting or not), 2 when it cannot."""
     import json
 
-    names = ("n_ctx", "n_parallel", "n_batch", "n_ubatch", "type_k", "type_v", "n_gpu_layers", "flash_attn")
-    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    from corral.backend.snapshot import PLANNABLE
+
+    overrides = {name: getattr(args, name) for name in PLANNABLE if getattr(args, name) is not None}
     with _pull_backend(args) as backend:
         plan = backend.sync.plan(args.model, **overrides)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.render())

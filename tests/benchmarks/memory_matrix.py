@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from .peers import default_model_path, log
-from .report import write_json
+from .report import proc_status_bytes, write_json
+from tests.support import write_config
 
 TOLERANCE = 0.10
 PROMPT_FILL = 0.9  # of each slot's share of n_ctx
@@ -45,29 +46,18 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven tall ships sail 
          "skies and market traders count copper coins beside the river").split()
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def _text(rng: random.Random, words: int) -> str:
     return " ".join(f"{rng.choice(WORDS)}{rng.randint(0, 99) if rng.random() < 0.3 else ''}" for _ in range(words))
 
 
 def _config(folder: Path, model: Path, cell: dict[str, Any]) -> Path:
-    config = folder / "config.toml"
-    config.write_text(
-        "include_default_model = false\n"
-        "[stores]\nollama = false\nhuggingface = false\nlmstudio = false\n"
-        '[budgets]\nram_bytes = "64GiB"\n[cache]\nenabled = false\n'
-        f'[[models]]\nname = "m"\npath = "{model}"\nn_ctx = {cell["n_ctx"]}\n'
-        f'n_parallel = {cell["n_parallel"]}\nn_batch = 512\nn_ubatch = {cell["n_ubatch"]}\n'
-        f'type_k = "{cell["kv"]}"\ntype_v = "{cell["kv"]}"\nn_threads = {cell["threads"]}\n'
-        "n_gpu_layers = 0\n")
-    return config
+    return write_config(folder / "config.toml", {
+        "include_default_model": False,
+        "stores": {"ollama": False, "huggingface": False, "lmstudio": False},
+        "budgets": {"ram_bytes": "64GiB"}, "cache": {"enabled": False},
+        "models": [{"name": "m", "path": str(model), "n_ctx": cell["n_ctx"], "n_parallel": cell["n_parallel"],
+                    "n_batch": 512, "n_ubatch": cell["n_ubatch"], "type_k": cell["kv"], "type_v": cell["kv"],
+                    "n_threads": cell["threads"], "n_gpu_layers": 0}]})
 
 
 def run_cell(model: Path, cell: dict[str, Any]) -> dict[str, Any]:
@@ -81,9 +71,9 @@ def run_cell(model: Path, cell: dict[str, Any]) -> dict[str, Any]:
     with LocalBackend(config=str(_config(folder, model, cell))) as backend:
         sync = backend.sync
         sync.models()
-        baseline = _status_kib("VmRSS")
+        baseline = proc_status_bytes("VmRSS")
         info = sync.load("m")
-        loaded = _status_kib("VmRSS") - baseline
+        loaded = proc_status_bytes("VmRSS") - baseline
 
         def messages(words: int) -> tuple[Message, ...]:
             return (Message(role="user", content=_text(rng, words)),)
@@ -113,10 +103,10 @@ def run_cell(model: Path, cell: dict[str, Any]) -> dict[str, Any]:
 
         started = time.perf_counter()
         sync.run(wave(PROMPT_FILL, embed=False))
-        after_prefill = _status_kib("VmHWM") - baseline
+        after_prefill = proc_status_bytes("VmHWM") - baseline
         sync.run(wave(PROMPT_FILL / 2, embed=True))
         seconds = time.perf_counter() - started
-        peak = _status_kib("VmHWM") - baseline
+        peak = proc_status_bytes("VmHWM") - baseline
         detail = info.estimate_detail or {}
     return {**cell, "estimate": info.estimate_bytes, "estimate_detail": detail, "loaded": loaded,
             "peak_prefill": after_prefill, "peak": peak, "error": info.estimate_bytes / peak - 1,

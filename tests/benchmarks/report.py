@@ -269,6 +269,15 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def proc_status_bytes(field: str, pid: int | str = "self") -> int:
+    """A size from /proc/<pid>/status in bytes: VmRSS (resident now) or VmHWM (the peak so far)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/status has no {field}")
+
+
 def write_json(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))

@@ -41,6 +41,7 @@ import psutil
 
 from corral.console import bench
 from tests.benchmarks.peers import corral_command
+from tests.benchmarks.report import proc_status_bytes
 from tests.support import write_config
 
 MODEL = "gemma-3-270m"
@@ -127,12 +128,6 @@ def warm(url: str) -> None:
         response.raise_for_status()
 
 
-def high_water_mark(pid: int) -> int:
-    """The process's peak resident set so far (the kernel's VmHWM), in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-
-
 def loaded_estimate(url: str) -> int:
     """What the server's loaded models are estimated to reach under load, together."""
     with httpx.Client(base_url=url, trust_env=False, timeout=30) as client:
@@ -197,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                     url, "--model", MODEL, "--duration", args.duration, "--concurrency", str(2 * args.slots),
                     "--report-every", args.report_every, "--json", str(report_path)]))
             end = ProcessFigures.of(proc.pid)
-            peak = high_water_mark(proc.pid)
+            peak = proc_status_bytes("VmHWM", proc.pid)
             estimate = loaded_estimate(url)
             if status != 0:
                 print(f"corral bench ended with status {status}", file=sys.stderr)
